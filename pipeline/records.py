@@ -1,0 +1,108 @@
+"""The output record: every input column, plus `response` and `error` with an explicit Arrow schema.
+
+Exactly one of `response` and `error` is non-null per row. `response` is the endpoint's response body
+and `error` the `error` object of its error body, field for field, with one exception Parquet forces:
+vLLM's `stop_reason` is a string (the matched stop string) or an integer (the matched stop token id),
+and a column has one type, so the integer lands in `stop_token_id` and `stop_reason` holds strings
+only. `response_body()` turns a record back into the exact JSON body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+LOGPROBS_TYPE = pa.struct([
+    pa.field("text_offset", pa.list_(pa.int64())),
+    pa.field("token_logprobs", pa.list_(pa.float64())),
+    pa.field("tokens", pa.list_(pa.string())),
+    pa.field("top_logprobs", pa.list_(pa.map_(pa.string(), pa.float64()))),
+])
+CHOICE_TYPE = pa.struct([
+    pa.field("index", pa.int64()),
+    pa.field("text", pa.string()),
+    pa.field("logprobs", LOGPROBS_TYPE),
+    pa.field("finish_reason", pa.string()),
+    pa.field("stop_reason", pa.string()),
+    pa.field("stop_token_id", pa.int64()),
+])
+USAGE_TYPE = pa.struct([
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("total_tokens", pa.int64()),
+])
+RESPONSE_TYPE = pa.struct([
+    pa.field("id", pa.string()),
+    pa.field("object", pa.string()),
+    pa.field("created", pa.int64()),
+    pa.field("model", pa.string()),
+    pa.field("choices", pa.list_(CHOICE_TYPE)),
+    pa.field("system_fingerprint", pa.string()),
+    pa.field("usage", USAGE_TYPE),
+])
+ERROR_TYPE = pa.struct([
+    pa.field("message", pa.string()),
+    pa.field("type", pa.string()),
+    pa.field("param", pa.string()),
+    pa.field("code", pa.int64()),
+])
+RESULT_FIELDS = (pa.field("response", RESPONSE_TYPE), pa.field("error", ERROR_TYPE))
+RESULT_COLUMNS = tuple(f.name for f in RESULT_FIELDS)
+
+
+def output_schema(input_schema: pa.Schema) -> pa.Schema:
+    """The output schema: the input's columns unchanged, then `response` and `error`."""
+    clashes = [name for name in RESULT_COLUMNS if name in input_schema.names]
+    if clashes:
+        raise ValueError(f"input columns {clashes} clash with the output's result columns; rename them")
+    return pa.schema(list(input_schema) + list(RESULT_FIELDS), metadata=input_schema.metadata)
+
+
+def _record_logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    top = [None if t is None else list(t.items()) for t in logprobs["top_logprobs"]]
+    return {**logprobs, "top_logprobs": top}
+
+
+def response_record(body: dict[str, Any]) -> dict[str, Any]:
+    """A response body as an Arrow-ready dict (see the module docstring for `stop_reason`)."""
+    choices = []
+    for choice in body["choices"]:
+        reason = choice.get("stop_reason")
+        token_stop = isinstance(reason, int) and not isinstance(reason, bool)
+        choices.append({
+            "index": choice["index"],
+            "text": choice["text"],
+            "logprobs": _record_logprobs(choice.get("logprobs")),
+            "finish_reason": choice.get("finish_reason"),
+            "stop_reason": None if token_stop else reason,
+            "stop_token_id": reason if token_stop else None,
+        })
+    return {**{k: body.get(k) for k in RESPONSE_TYPE.names}, "choices": choices}
+
+
+def response_body(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's `response` (as read back with to_pylist) turned into the endpoint's JSON body."""
+    body = dict(record)
+    choices = []
+    for choice in record["choices"]:
+        choice = dict(choice)
+        token_id = choice.pop("stop_token_id")
+        if token_id is not None:
+            choice["stop_reason"] = token_id
+        if choice["logprobs"] is not None:
+            lp = dict(choice["logprobs"])
+            lp["top_logprobs"] = [None if t is None else dict(t) for t in lp["top_logprobs"]]
+            choice["logprobs"] = lp
+        choices.append(choice)
+    body["choices"] = choices
+    return body
+
+
+def result_arrays(answers: list[tuple[dict | None, dict | None]]) -> tuple[pa.Array, pa.Array]:
+    """Arrow arrays for the `response` and `error` columns of a batch of (response, error) answers."""
+    responses = [None if r is None else response_record(r) for r, _ in answers]
+    errors = [e for _, e in answers]
+    return pa.array(responses, type=RESPONSE_TYPE), pa.array(errors, type=ERROR_TYPE)
