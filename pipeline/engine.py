@@ -15,12 +15,12 @@ import os
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Callable
 
-from pydantic import PrivateAttr, ValidationError
+from pydantic import PrivateAttr, ValidationError, model_validator
 
 from pipeline.config import EngineConfig
-from pipeline.protocol import error_body
+from pipeline.protocol import REQUEST_FIELDS, error_body
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,6 @@ class CompletionEngine:
         """Start an engine. `sampling_defaults` holds temperature, top_p and max_tokens defaults."""
         if cfg.resolved_device() == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gb))
-        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
         from vllm.entrypoints.openai.models.protocol import BaseModelPath
         from vllm.entrypoints.openai.models.serving import OpenAIServingModels
         from vllm.renderers.online_renderer import OnlineRenderer
@@ -101,7 +100,8 @@ class CompletionEngine:
         renderer = OnlineRenderer(model_config=engine.model_config, renderer=engine.renderer,
                                   request_logger=None, chat_template=None,
                                   chat_template_content_format="auto")
-        serving = OpenAIServingCompletion(engine, models, online_renderer=renderer, request_logger=None)
+        serving = _batch_serving_class()(engine, models, online_renderer=renderer, request_logger=None)
+        serving.create_error_response = _naming_param(serving.create_error_response)
         return cls(engine, serving, served_name, sampling_defaults["max_tokens"], time.monotonic() - t0)
 
     @property
@@ -132,7 +132,7 @@ class CompletionEngine:
             if not isinstance(exc, VLLMClientError):
                 # The server answers raw ValueErrors with 400 too; log them so a bug stays visible.
                 log.warning("request answered with an error from %s: %s", type(exc).__name__, exc)
-            result = create_error_response(exc)
+            result = _naming_param(create_error_response)(exc)
         if isinstance(result, CompletionResponse):
             return Answer(response=result.model_dump(mode="json"))
         if self._engine.errored:
@@ -141,6 +141,27 @@ class CompletionEngine:
 
     def shutdown(self) -> None:
         self._engine.shutdown()
+
+
+def _naming_param(create_error_response: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap vLLM's error builder so a validation error names its field in `param`.
+
+    The product's rule (completions-semantics.md) is that every 400 names the field; vLLM's server
+    leaves `param` null for some sampling checks ("n must be at least 1, got 0."). vLLM words those
+    messages as "<field> must/cannot ...", so a message that starts with a request field's name
+    names that field. Everything else in the body stays the server's.
+    """
+    from vllm.exceptions import VLLMValidationError
+
+    def create(message: Any, *args: Any, **kwargs: Any) -> Any:
+        response = create_error_response(message, *args, **kwargs)
+        if isinstance(message, VLLMValidationError) and response.error.param is None:
+            field = str(message).split(" ", 1)[0]
+            if field in REQUEST_FIELDS:
+                response.error.param = field
+        return response
+
+    return create
 
 
 @functools.cache
@@ -153,9 +174,32 @@ def _batch_request_class() -> type:
     minimum; only the tokenizer-side check must not see the default as a request.
     """
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
 
     class BatchCompletionRequest(CompletionRequest):
         _max_tokens_defaulted: bool = PrivateAttr(False)
+
+        @model_validator(mode="after")
+        def _no_echo_with_stream(self) -> "BatchCompletionRequest":
+            # NIM documents that echo and stream cannot be combined; the pinned server allows it.
+            if self.echo and self.stream:
+                raise VLLMValidationError("echo is not supported with stream; set one of them to false.",
+                                          parameter="echo", value=True)
+            return self
+
+        @model_validator(mode="after")
+        def _no_empty_prompts(self) -> "BatchCompletionRequest":
+            # The pinned server accepts [""] (a BOS-only prompt); the spec's rule is a non-empty list
+            # of non-empty strings.
+            if isinstance(self.prompt, list):
+                if not self.prompt:  # the server's words, with `param` naming the field
+                    raise VLLMValidationError("You must pass at least one prompt", parameter="prompt")
+                empty = [i for i, p in enumerate(self.prompt) if isinstance(p, str) and not p]
+                if empty:
+                    raise VLLMValidationError(
+                        f"prompt must not contain empty strings (empty at index {empty[0]}).",
+                        parameter="prompt", value="")
+            return self
 
         def use_default_max_tokens(self, default: int) -> None:
             self.max_tokens = default
@@ -171,6 +215,39 @@ def _batch_request_class() -> type:
                 self.max_tokens = requested
 
     return BatchCompletionRequest
+
+
+@functools.cache
+def _batch_serving_class() -> type:
+    """vLLM's completion handler, rejecting an explicit max_tokens that does not fit the context.
+
+    The pinned server silently shortens such a request to the context left; the product's rule
+    (completions-semantics.md, which wins where the server and NIM's documents disagree) is a 400.
+    An omitted max_tokens is a default and is still shortened, never rejected.
+    """
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.exceptions import VLLMValidationError
+
+    class BatchServingCompletion(OpenAIServingCompletion):
+        async def render_completion_request(self, request: Any) -> Any:
+            inputs = await super().render_completion_request(request)
+            if isinstance(inputs, list) and not getattr(request, "_max_tokens_defaulted", False) \
+                    and request.max_tokens:
+                context = self.model_config.max_model_len
+                for engine_input in inputs:
+                    prompt_len = self._extract_prompt_len(engine_input)
+                    if prompt_len + request.max_tokens > context:
+                        return self.create_error_response(VLLMValidationError(
+                            f"You passed {prompt_len} input tokens and requested "
+                            f"{request.max_tokens} output tokens. However, the model's context "
+                            f"length is only {context} tokens, resulting in a maximum input "
+                            f"length of {max(context - request.max_tokens, 0)} tokens. Please "
+                            "reduce the length of the input prompt or the number of requested "
+                            "output tokens.",
+                            parameter="max_tokens", value=request.max_tokens))
+            return inputs
+
+    return BatchServingCompletion
 
 
 def validation_error_body(exc: ValidationError) -> dict[str, Any]:

