@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    import ray
+
+    ray.shutdown()  # flush the actors' logs first, so the summary is the last thing printed
     print("\n== job summary ==\n" + summary.render(), flush=True)
     return EXIT_OK if summary.rows_out == summary.rows_in else EXIT_FAILED
 

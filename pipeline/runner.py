@@ -30,6 +30,9 @@ class EngineActor:
     """A Ray Data actor hosting one vLLM engine; batches are answered concurrently on its event loop."""
 
     def __init__(self, config: JobConfig, schema: pa.Schema, stats: Any = None) -> None:
+        # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
+        # VLLM_LOGGING_LEVEL=INFO in the job's environment.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from pipeline.engine import CompletionEngine
         from pipeline.tiny_model import resolve_model
 
@@ -41,6 +44,12 @@ class EngineActor:
             config.defaults.sampling_defaults())
         if stats is not None:
             stats.add.remote("engine_startup_s", self._engine.startup_s)
+
+    def __del__(self) -> None:
+        # Ray Data deletes the UDF when it retires the actor: stop the engine before the process goes.
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
