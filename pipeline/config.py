@@ -87,8 +87,22 @@ class RequestDefaults(_Strict):
         return dict(self.model_extra or {})
 
 
+class InputConfig(_Strict):
+    path: str = Field(description="Parquet file, folder or glob; any pyarrow filesystem URI.")
+    body_column: str | None = Field(None, description=(
+        "A column holding each row's whole /v1/completions body (a JSON string or a struct). Columns "
+        "named after request fields, when non-null, override the body's fields."))
+
+    @field_validator("path")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
 class JobConfig(_Strict):
-    input: str = Field(description="Parquet file, folder or glob of prompts (a `prompt` column).")
+    input: InputConfig = Field(description="Where the prompts are; a plain string is the path.")
     output: str = Field(description="Folder the records and the summary are written to.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -97,7 +111,12 @@ class JobConfig(_Strict):
         "Ray cluster to join (`auto` inside `ray job submit`). None: use the job's cluster when run by "
         "`ray job submit`, else start a local Ray in-process."))
 
-    @field_validator("input", "output")
+    @field_validator("input", mode="before")
+    @classmethod
+    def _path_shorthand(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v
+
+    @field_validator("output")
     @classmethod
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
@@ -115,8 +134,12 @@ def _set_key(data: dict[str, Any], dotted: str, raw: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
-def load_config(path: str | None, overrides: list[str] = (), **direct: str | None) -> JobConfig:
-    """Read YAML, apply `key.sub=value` overrides and direct flags, validate. Raises ConfigError."""
+def load_config(path: str | None, overrides: list[str] = (), *, input: str | None = None,
+                output: str | None = None) -> JobConfig:
+    """Read YAML, apply `key.sub=value` overrides and the --input/--output flags, validate.
+
+    Raises ConfigError naming every bad key.
+    """
     data: dict[str, Any] = {}
     if path:
         try:
@@ -132,7 +155,11 @@ def load_config(path: str | None, overrides: list[str] = (), **direct: str | Non
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: write it as key.subkey=value")
         _set_key(data, key.strip(), value)
-    data.update({k: v for k, v in direct.items() if v is not None})
+    if input is not None:
+        section = data.get("input")
+        data["input"] = {**section, "path": input} if isinstance(section, dict) else input
+    if output is not None:
+        data["output"] = output
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:

@@ -6,6 +6,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from pipeline.config import InputConfig
+
 
 class InputError(ValueError):
     """The input cannot be read as a prompt dataset. The message says what to fix."""
@@ -20,8 +22,9 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def check_input(uri: str) -> tuple[pa.Schema, int]:
+def check_input(config: InputConfig) -> tuple[pa.Schema, int]:
     """Open the input's Parquet metadata (no rows), check it holds prompts; returns (schema, rows)."""
+    uri = config.path
     fs, path = _filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -33,10 +36,14 @@ def check_input(uri: str) -> tuple[pa.Schema, int]:
         raise InputError(f"input {uri} cannot be read as Parquet: {exc}") from None
     if not dataset.files:
         raise InputError(f"input {uri} holds no Parquet files")
-    if "prompt" not in schema.names:
+    columns = ", ".join(schema.names) or "none"
+    if config.body_column is not None and config.body_column not in schema.names:
+        raise InputError(f"input {uri} has no `{config.body_column}` column (input.body_column); "
+                         f"its columns: {columns}")
+    if config.body_column is None and "prompt" not in schema.names:
         raise InputError(
-            f"input {uri} has no `prompt` column (columns: {', '.join(schema.names) or 'none'}); "
-            "add one holding a string or a list of strings")
+            f"input {uri} has no `prompt` column (columns: {columns}); add one holding a string or a "
+            "list of strings, or name a column of request bodies with input.body_column")
     try:
         rows = dataset.count_rows()
     except (pa.ArrowInvalid, OSError) as exc:

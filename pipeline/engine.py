@@ -176,6 +176,10 @@ def _batch_request_class() -> type:
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.exceptions import VLLMValidationError
 
+    class _PlainValidationError(VLLMValidationError):
+        def __str__(self) -> str:  # the message alone, as the server words this error
+            return Exception.__str__(self)
+
     class BatchCompletionRequest(CompletionRequest):
         _max_tokens_defaulted: bool = PrivateAttr(False)
 
@@ -193,7 +197,7 @@ def _batch_request_class() -> type:
             # of non-empty strings.
             if isinstance(self.prompt, list):
                 if not self.prompt:  # the server's words, with `param` naming the field
-                    raise VLLMValidationError("You must pass at least one prompt", parameter="prompt")
+                    raise _PlainValidationError("You must pass at least one prompt", parameter="prompt")
                 empty = [i for i, p in enumerate(self.prompt) if isinstance(p, str) and not p]
                 if empty:
                     raise VLLMValidationError(

@@ -7,6 +7,7 @@ spec's defaults, and the error body shape.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 # The spec's request fields (nim-completions-api.txt), then the extra fields vLLM's server (and so
@@ -34,14 +35,43 @@ REQUEST_FIELDS = frozenset(SPEC_FIELDS + EXTRA_FIELDS)
 SPEC_DEFAULTS: dict[str, Any] = {"max_tokens": 1024, "temperature": 0.2, "top_p": 0.7}
 
 
-def row_to_body(row: dict[str, Any], body_defaults: dict[str, Any], served_name: str) -> dict[str, Any]:
-    """A row's request body: job defaults < the row's non-null request-field columns.
+class BodyError(ValueError):
+    """A row whose request body cannot be read; `error` is its 400 error body."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.error = error_body(message, "BadRequestError", 400, param)
+
+
+def _row_body(row: dict[str, Any], body_column: str) -> dict[str, Any]:
+    raw = row.get(body_column)
+    if raw is None:
+        return {}
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BodyError(f"the request body in column `{body_column}` is not valid JSON: {exc}",
+                            body_column) from None
+    if not isinstance(raw, dict):
+        raise BodyError(f"the request body in column `{body_column}` must be a JSON object, "
+                        f"not {type(raw).__name__}", body_column)
+    # A struct column has every field of every row; a null field is one this row did not set.
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def row_to_body(row: dict[str, Any], body_defaults: dict[str, Any], served_name: str,
+                body_column: str | None = None) -> dict[str, Any]:
+    """A row's request body: job defaults < the row's body column < its non-null request-field columns.
 
     A null column means "not given". A row without `model` addresses the job's served model.
+    Raises BodyError for a body column that is not a JSON object.
     """
     body = dict(body_defaults)
+    if body_column is not None:
+        body.update(_row_body(row, body_column))
     for name, value in row.items():
-        if name in REQUEST_FIELDS and value is not None:
+        if name in REQUEST_FIELDS and value is not None and name != body_column:
             body[name] = value
     body.setdefault("model", served_name)
     return body

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from pipeline import datasets
 from pipeline.config import JobConfig, in_ray_job
-from pipeline.protocol import row_to_body
+from pipeline.protocol import BodyError, row_to_body
 from pipeline.records import output_schema, result_arrays
 from pipeline.summary import JobSummary, summarize_output
 
@@ -39,6 +39,7 @@ class EngineActor:
         self._schema = schema
         self._served_name = config.model.resolved_served_name()
         self._body_defaults = config.defaults.body_defaults()
+        self._body_column = config.input.body_column
         self._engine = CompletionEngine.start(
             config.engine, resolve_model(config.model.path), self._served_name,
             config.defaults.sampling_defaults())
@@ -59,7 +60,11 @@ class EngineActor:
         return table.select(self._schema.names).cast(self._schema)
 
     async def _answer(self, row: dict[str, Any]) -> tuple[dict | None, dict | None]:
-        answer = await self._engine.complete(row_to_body(row, self._body_defaults, self._served_name))
+        try:
+            body = row_to_body(row, self._body_defaults, self._served_name, self._body_column)
+        except BodyError as exc:
+            return None, exc.error
+        answer = await self._engine.complete(body)
         return answer.response, answer.error
 
 
@@ -115,7 +120,7 @@ def run(config: JobConfig) -> JobSummary:
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("CI") != "true"
     stats = _stats_actor()
 
-    rows = datasets.read(config.input)
+    rows = datasets.read(config.input.path)
     results = rows.map_batches(
         EngineActor,
         fn_constructor_args=(config, schema, stats),

@@ -44,7 +44,7 @@ def run_job(tmp_path_factory):
         folder: Path = tmp_path_factory.mktemp(f"job{next(_jobs)}")
         pq.write_table(table, folder / "input.parquet")
         job = JobConfig.model_validate({
-            "input": str(folder / "input.parquet"),
+            "input": {**config.pop("input", {}), "path": str(folder / "input.parquet")},
             "output": str(folder / "out"),
             "engine": {"device": "cpu", "dtype": "float32", "max_model_len": CONTEXT,
                        "gpu_memory_utilization": 0.5, "batch_size": 8, **config.pop("engine", {})},
