@@ -150,6 +150,8 @@ def load_config(path: str | None, overrides: list[str] = (), *, input: str | Non
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    if isinstance(data.get("input"), str):  # the path shorthand, so that --set input.x=... works
+        data["input"] = {"path": data["input"]}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

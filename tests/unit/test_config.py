@@ -67,3 +67,9 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(write(tmp_path, "input: [unclosed\n"))
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_input_shorthand_takes_section_overrides(tmp_path):
+    path = write(tmp_path, "input: a.parquet\noutput: b\n")
+    config = load_config(path, ["input.body_column=body"], input="c.parquet")
+    assert (config.input.path, config.input.body_column) == ("c.parquet", "body")
