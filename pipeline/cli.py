@@ -1,4 +1,9 @@
-"""`python -m pipeline run --config configs/local-cpu.yaml [--input ...] [--output ...] [--set key=value]`."""
+"""python -m pipeline {run,validate} --config FILE [--input PATH] [--output PATH] [--set KEY=VALUE]
+
+run:       run the batch job. Exit 0 done, 1 failed, 2 bad config or unreadable input.
+validate:  read the whole input and check every row's request without starting an engine.
+           Exit 0 every row valid, 1 some rows invalid (a job would record them as errors), 2 as above.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,26 @@ import logging
 import sys
 
 from pipeline.config import ConfigError, load_config
-from pipeline.datasets import InputError
+from pipeline.inputs import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a batch completion job")
-    run.add_argument("--config", help="job YAML (configs/local-cpu.yaml is the local demo)")
-    run.add_argument("--input", help="Parquet file, folder or glob; overrides `input`")
-    run.add_argument("--output", help="output folder; overrides `output`")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override any config key, e.g. --set engine.num_actors=2 (repeatable)")
+    for name, help_ in (("run", "run a batch completion job"),
+                        ("validate", "check every row's request without starting an engine")):
+        cmd = sub.add_parser(name, help=help_)
+        cmd.add_argument("--config", help="job YAML (configs/local-cpu.yaml is the local demo)")
+        cmd.add_argument("--input", help="input file, folder, glob or URI; overrides `input.path`")
+        cmd.add_argument("--output", help="output folder; overrides `output.path`")
+        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override any config key, e.g. --set engine.num_actors=2 (repeatable)")
+        if name == "run":
+            cmd.add_argument("--validate", action="store_true",
+                             help="only validate the input (as the validate command) and exit")
     return p
 
 
@@ -32,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+    if args.command == "validate" or getattr(args, "validate", False):
+        return _validate(config)
 
     from pipeline.runner import run
 
@@ -45,6 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()  # flush the actors' logs first, so the summary is the last thing printed
     print("\n== job summary ==\n" + summary.render(), flush=True)
     return EXIT_OK if summary.rows_out == summary.rows_in else EXIT_FAILED
+
+
+def _validate(config) -> int:
+    from pipeline.preflight import validate
+
+    try:
+        report = validate(config)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print("\n== validation ==\n" + report.render(), flush=True)
+    return EXIT_OK if report.valid_rows == report.rows else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -87,13 +87,8 @@ class RequestDefaults(_Strict):
         return dict(self.model_extra or {})
 
 
-class InputConfig(_Strict):
-    path: str = Field(description="Parquet file, folder or glob; any pyarrow filesystem URI.")
-    body_column: str | None = Field(None, description=(
-        "A column holding each row's whole /v1/completions body (a JSON string or a struct). Columns "
-        "named after request fields, when non-null, override the body's fields."))
-
-    @field_validator("path")
+class _HasPath(_Strict):
+    @field_validator("path", check_fields=False)
     @classmethod
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
@@ -101,9 +96,56 @@ class InputConfig(_Strict):
         return v
 
 
+class InputConfig(_HasPath):
+    path: str = Field(description=(
+        "A file, a folder of files, or a glob; local or any URI pyarrow resolves (s3://, gs://, "
+        "hdfs://, file://)."))
+    format: Literal["auto", "parquet", "openai_batch"] = Field("auto", description=(
+        "`parquet`, or `openai_batch` (JSONL lines of {custom_id, method, url, body}); `auto` picks "
+        "openai_batch for .jsonl files."))
+    prompt_column: str = Field("prompt", description="The column holding the prompt.")
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "Request fields read from differently named columns, e.g. {max_tokens: budget}."))
+    body_column: str | None = Field(None, description=(
+        "A column holding each row's whole /v1/completions body (a JSON string or a struct). Columns "
+        "named after request fields, when non-null, override the body's fields."))
+    template: str | None = Field(None, description=(
+        "Builds the prompt from the row's columns: 'Question: {question}\nAnswer:'. Placeholders are "
+        "column names only; nothing in a template runs."))
+    id_column: str | None = Field(None, description=(
+        "A column whose value is each row's key. Default: `<file>:<row>` (OpenAI batch: custom_id)."))
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        from pipeline.protocol import REQUEST_FIELDS
+
+        unknown = sorted(set(v) - REQUEST_FIELDS)
+        if unknown:
+            raise ValueError(f"{unknown} are not request fields")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _plain_placeholders(cls, v: str | None) -> str | None:
+        if v is not None:
+            from pipeline.templates import placeholders
+
+            placeholders(v)  # raises ValueError for anything but {column}
+        return v
+
+
+class OutputConfig(_HasPath):
+    path: str = Field(description="Folder of the records, the summary and the completion marker.")
+    format: Literal["parquet", "openai_batch"] = Field("parquet", description=(
+        "`parquet` (the records schema) or `openai_batch` (OpenAI Batch output JSONL)."))
+    columns: list[str] | None = Field(None, description=(
+        "Input columns carried to the output; default all. The row key is always kept."))
+
+
 class JobConfig(_Strict):
     input: InputConfig = Field(description="Where the prompts are; a plain string is the path.")
-    output: str = Field(description="Folder the records and the summary are written to.")
+    output: OutputConfig = Field(description="Where records go; a plain string is the path.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     defaults: RequestDefaults = Field(default_factory=RequestDefaults)
@@ -111,17 +153,10 @@ class JobConfig(_Strict):
         "Ray cluster to join (`auto` inside `ray job submit`). None: use the job's cluster when run by "
         "`ray job submit`, else start a local Ray in-process."))
 
-    @field_validator("input", mode="before")
+    @field_validator("input", "output", mode="before")
     @classmethod
     def _path_shorthand(cls, v: Any) -> Any:
         return {"path": v} if isinstance(v, str) else v
-
-    @field_validator("output")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v
 
 
 def _set_key(data: dict[str, Any], dotted: str, raw: str) -> None:
@@ -150,18 +185,17 @@ def load_config(path: str | None, overrides: list[str] = (), *, input: str | Non
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
-    if isinstance(data.get("input"), str):  # the path shorthand, so that --set input.x=... works
-        data["input"] = {"path": data["input"]}
+    for section in ("input", "output"):  # the path shorthand, so that --set input.x=... works
+        if isinstance(data.get(section), str):
+            data[section] = {"path": data[section]}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: write it as key.subkey=value")
         _set_key(data, key.strip(), value)
-    if input is not None:
-        section = data.get("input")
-        data["input"] = {**section, "path": input} if isinstance(section, dict) else input
-    if output is not None:
-        data["output"] = output
+    for section, value in (("input", input), ("output", output)):
+        if value is not None:
+            data[section] = {**data.get(section, {}), "path": value}
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:

@@ -60,21 +60,57 @@ def _row_body(row: dict[str, Any], body_column: str) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if v is not None}
 
 
+class RequestBuilder:
+    """Turns a row into its request body.
+
+    Precedence, lowest first: the job's defaults, the row's body column, columns named after request
+    fields, columns mapped to fields (`input.columns`), then the prompt (`input.prompt_column` or
+    `input.template`). A null anywhere means "not given". A row without `model` addresses the job's
+    served model.
+    """
+
+    def __init__(self, *, served_name: str, body_defaults: dict[str, Any] | None = None,
+                 body_column: str | None = None, prompt_column: str = "prompt",
+                 columns: dict[str, str] | None = None, template: str | None = None,
+                 field_columns: bool = True) -> None:
+        self.served_name = served_name
+        self.body_defaults = dict(body_defaults or {})
+        self.body_column = body_column
+        self.prompt_column = prompt_column
+        self.columns = dict(columns or {})
+        self.template = template
+        self.field_columns = field_columns
+
+    def body(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row's request body; raises BodyError (a 400 record) when it cannot be built."""
+        from pipeline.templates import TemplateError, fill
+
+        body = dict(self.body_defaults)
+        if self.body_column is not None:
+            body.update(_row_body(row, self.body_column))
+        if self.field_columns:
+            for name, value in row.items():
+                if name in REQUEST_FIELDS and value is not None and name != self.body_column:
+                    body[name] = value
+        for name, column in self.columns.items():
+            if row.get(column) is not None:
+                body[name] = row[column]
+        if self.template is not None:
+            try:
+                body["prompt"] = fill(self.template, row)
+            except TemplateError as exc:
+                raise BodyError(str(exc), "prompt") from None
+        elif self.prompt_column != "prompt" and row.get(self.prompt_column) is not None:
+            body["prompt"] = row[self.prompt_column]
+        body.setdefault("model", self.served_name)
+        return body
+
+
 def row_to_body(row: dict[str, Any], body_defaults: dict[str, Any], served_name: str,
                 body_column: str | None = None) -> dict[str, Any]:
-    """A row's request body: job defaults < the row's body column < its non-null request-field columns.
-
-    A null column means "not given". A row without `model` addresses the job's served model.
-    Raises BodyError for a body column that is not a JSON object.
-    """
-    body = dict(body_defaults)
-    if body_column is not None:
-        body.update(_row_body(row, body_column))
-    for name, value in row.items():
-        if name in REQUEST_FIELDS and value is not None and name != body_column:
-            body[name] = value
-    body.setdefault("model", served_name)
-    return body
+    """A row's request body with the default column layout (see RequestBuilder)."""
+    return RequestBuilder(served_name=served_name, body_defaults=body_defaults,
+                          body_column=body_column).body(row)
 
 
 def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""The main flow: Parquet prompts -> engine actors (one vLLM engine each) -> completion records.
+"""The main flow: rows -> engine actors (one vLLM engine each) -> one completion record per row.
 
-    read rows (Parquet)
+    plan the input (files, format, schema, row count)       -- job-level problems stop here
+      -> read rows (Parquet or OpenAI batch JSONL), each with a row key
       -> each row becomes a /v1/completions body (spec defaults < job defaults < row values)
-      -> engine actors answer bodies, many in flight, one record per row: response or error
-      -> write Parquet with an explicit schema, then the job summary beside it
+      -> engine actors answer bodies, many in flight: the response body or the error body
+      -> write the records (Parquet or OpenAI batch JSONL), then the summary, then _SUCCESS
 """
 
 from __future__ import annotations
@@ -17,19 +18,32 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import datasets
+from pipeline import inputs, outputs
 from pipeline.config import JobConfig, in_ray_job
-from pipeline.protocol import BodyError, row_to_body
+from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan
+from pipeline.protocol import BodyError, RequestBuilder
 from pipeline.records import output_schema, result_arrays
 from pipeline.summary import JobSummary, summarize_output
 
 log = logging.getLogger(__name__)
 
 
+def request_builder(config: JobConfig, input_format: str) -> RequestBuilder:
+    served_name = config.model.resolved_served_name()
+    defaults = config.defaults.body_defaults()
+    if input_format == "openai_batch":
+        return RequestBuilder(served_name=served_name, body_defaults=defaults, body_column="body",
+                              field_columns=False)
+    cfg = config.input
+    return RequestBuilder(served_name=served_name, body_defaults=defaults, body_column=cfg.body_column,
+                          prompt_column=cfg.prompt_column, columns=cfg.columns, template=cfg.template)
+
+
 class EngineActor:
     """A Ray Data actor hosting one vLLM engine; batches are answered concurrently on its event loop."""
 
-    def __init__(self, config: JobConfig, schema: pa.Schema, stats: Any = None) -> None:
+    def __init__(self, config: JobConfig, builder: RequestBuilder, schema: pa.Schema,
+                 stats: Any = None) -> None:
         # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -37,11 +51,9 @@ class EngineActor:
         from pipeline.tiny_model import resolve_model
 
         self._schema = schema
-        self._served_name = config.model.resolved_served_name()
-        self._body_defaults = config.defaults.body_defaults()
-        self._body_column = config.input.body_column
+        self._builder = builder
         self._engine = CompletionEngine.start(
-            config.engine, resolve_model(config.model.path), self._served_name,
+            config.engine, resolve_model(config.model.path), builder.served_name,
             config.defaults.sampling_defaults())
         if stats is not None:
             stats.add.remote("engine_startup_s", self._engine.startup_s)
@@ -53,19 +65,32 @@ class EngineActor:
             engine.shutdown()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        answers = await asyncio.gather(*(self._answer(row) for row in rows))
+        problems = batch.column(INPUT_ERROR).to_pylist()
+        answers = await asyncio.gather(*(
+            self._answer(row, problem)
+            for row, problem in zip(_rows(batch.drop_columns([INPUT_ERROR]), problems), problems)))
         response, error = result_arrays(answers)
         table = batch.append_column("response", response).append_column("error", error)
         return table.select(self._schema.names).cast(self._schema)
 
-    async def _answer(self, row: dict[str, Any]) -> tuple[dict | None, dict | None]:
+    async def _answer(self, row: dict[str, Any] | None, problem: dict | None) -> tuple[dict | None, dict | None]:
+        if problem is not None:
+            return None, problem
         try:
-            body = row_to_body(row, self._body_defaults, self._served_name, self._body_column)
+            body = self._builder.body(row)
         except BodyError as exc:
             return None, exc.error
         answer = await self._engine.complete(body)
         return answer.response, answer.error
+
+
+def _rows(table: pa.Table, problems: list[dict | None]) -> list[dict[str, Any] | None]:
+    """The rows as Python values; rows with a reading problem (e.g. bad UTF-8) are not converted."""
+    if not any(problems):
+        return table.to_pylist()
+    good = [i for i, p in enumerate(problems) if p is None]
+    converted = iter(table.take(good).to_pylist())
+    return [None if p is not None else next(converted) for p in problems]
 
 
 def _stats_actor():
@@ -91,9 +116,8 @@ def _init_ray(config: JobConfig) -> None:
     if ray.is_initialized():
         return
     address = config.ray_address or ("auto" if in_ray_job() else None)
-    if address is None and config.engine.resolved_device() == "cpu":
-        # A local Ray started by the job: the CPU engine threads need the cores, not Ray's workers.
-        ray.init(include_dashboard=False, log_to_driver=True)
+    if address is None:
+        ray.init(include_dashboard=False)
     else:
         ray.init(address=address)
 
@@ -101,41 +125,55 @@ def _init_ray(config: JobConfig) -> None:
 def _actor_resources(config: JobConfig) -> dict[str, Any]:
     engine = config.engine
     if engine.resolved_device() == "gpu":
-        # One GPU per tensor-parallel rank. With TP > 1 vLLM starts its own workers; they share the
-        # actor's placement, so the actor reserves them all.
+        # One GPU per tensor-parallel rank; vLLM's TP workers share the actor's reservation.
         return {"num_gpus": engine.tensor_parallel_size, "num_cpus": 1}
     return {"num_cpus": engine.cpus_per_actor}
+
+
+def _record_schema(config: JobConfig, plan: InputPlan) -> pa.Schema:
+    """The output columns: the row key, the kept input columns, then `response` and `error`."""
+    keep = config.output.columns
+    if keep is not None:
+        missing = sorted(set(keep) - set(plan.schema.names))
+        if missing:
+            raise inputs.InputError(f"output.columns names {missing}, which the input does not have; "
+                                    f"its columns: {', '.join(plan.schema.names)}")
+    fields = [f for f in plan.schema if keep is None or f.name == ROW_KEY or f.name in keep]
+    return output_schema(pa.schema(fields))
 
 
 def run(config: JobConfig) -> JobSummary:
     """Run the job end to end and return its summary (also written beside the output)."""
     import ray
     from ray.data import ActorPoolStrategy
-    from ray.data._internal.savemode import SaveMode
 
     started = time.time()
-    input_schema, rows_in = datasets.check_input(config.input)  # raises InputError before Ray starts
-    schema = output_schema(input_schema)
+    plan = inputs.plan_input(config.input)  # raises InputError before Ray starts
+    schema = _record_schema(config, plan)
+    builder = request_builder(config, plan.format)
     _init_ray(config)
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("CI") != "true"
     stats = _stats_actor()
 
-    rows = datasets.read(config.input.path)
-    results = rows.map_batches(
+    outputs.clear(config.output.path)
+    records = inputs.read(plan).map_batches(
         EngineActor,
-        fn_constructor_args=(config, schema, stats),
+        fn_constructor_args=(config, builder, schema, stats),
         batch_format="pyarrow",
         batch_size=config.engine.batch_size,
         compute=ActorPoolStrategy(size=config.engine.num_actors,
                                   max_tasks_in_flight_per_actor=config.engine.max_batches_in_flight),
         **_actor_resources(config),
     )
-    data_dir = datasets.data_dir(config.output)
-    results.write_parquet(data_dir, schema=schema, mode=SaveMode.OVERWRITE)
+    if config.output.format == "parquet":
+        outputs.write_parquet(records, config.output.path, schema)
+    else:
+        outputs.write_openai_batch(records, config.output.path)
 
     engine_starts = ray.get(stats.get.remote()).get("engine_startup_s", [])
-    summary = summarize_output(data_dir, rows_in=rows_in, wall_s=time.time() - started, engine_startup_s=engine_starts)
-    summary.output = data_dir
-    datasets.write_text(datasets.summary_path(config.output), json.dumps(summary.model_dump(), indent=2))
     ray.kill(stats)
+    summary = summarize_output(config.output, rows_in=plan.rows, wall_s=time.time() - started,
+                               engine_startup_s=engine_starts)
+    outputs.write_text(outputs.summary_path(config.output.path), json.dumps(summary.model_dump(), indent=2))
+    outputs.write_text(outputs.marker_path(config.output.path), "")
     return summary

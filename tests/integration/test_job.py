@@ -55,7 +55,8 @@ def job(run_job):
 
 def test_one_record_per_row_and_input_columns_unchanged(job):
     assert job.table.num_rows == job.input.num_rows == len(CASES)
-    assert job.table.schema.names == STRING_SCHEMA.names + ["response", "error"]
+    assert job.table.schema.names == ["row_key"] + STRING_SCHEMA.names + ["response", "error"]
+    assert sorted(job.table.column("row_key").to_pylist()) == sorted(f"input.parquet:{i}" for i in range(len(CASES)))
     assert job.table.select(STRING_SCHEMA.names).sort_by("id").equals(job.input.sort_by("id"))
     for row in job.rows.values():
         assert (row["response"] is None) != (row["error"] is None), row["id"]

@@ -50,4 +50,4 @@ def test_not_parquet(tmp_path):
     (tmp_path / "in.parquet").write_text("this is not parquet")
     assert_clean_failure(run_job("--config", "configs/local-cpu.yaml", "--input", str(tmp_path / "in.parquet"),
                                  "--output", str(tmp_path / "out")),
-                         "cannot be read as Parquet")
+                         "is not a readable Parquet file")

@@ -33,7 +33,7 @@ def test_overrides_and_direct_flags(tmp_path):
                          input="other.parquet", output=None)
     assert config.engine.max_model_len == 2048
     assert config.engine.num_actors == 3
-    assert config.input.path == "other.parquet" and config.output == "b"
+    assert config.input.path == "other.parquet" and config.output.path == "b"
     assert config.defaults.body_defaults() == {"stop": ["\n"]}
 
 
