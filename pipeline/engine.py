@@ -140,6 +140,13 @@ class CompletionEngine:
         return Answer(error=result.model_dump(mode="json")["error"])
 
     def shutdown(self) -> None:
+        from vllm.utils.async_utils import cancel_task_threadsafe
+
+        # Stop reading outputs before the engine process goes, or the reader logs the engine's exit as
+        # an EngineDeadError although nothing failed.
+        handler = getattr(self._engine, "output_handler", None)
+        if handler is not None:
+            cancel_task_threadsafe(handler)
         self._engine.shutdown()
 
 
@@ -235,21 +242,28 @@ def _batch_serving_class() -> type:
     class BatchServingCompletion(OpenAIServingCompletion):
         async def render_completion_request(self, request: Any) -> Any:
             inputs = await super().render_completion_request(request)
-            if isinstance(inputs, list) and not getattr(request, "_max_tokens_defaulted", False) \
-                    and request.max_tokens:
-                context = self.model_config.max_model_len
-                for engine_input in inputs:
-                    prompt_len = self._extract_prompt_len(engine_input)
-                    if prompt_len + request.max_tokens > context:
-                        return self.create_error_response(VLLMValidationError(
-                            f"You passed {prompt_len} input tokens and requested "
-                            f"{request.max_tokens} output tokens. However, the model's context "
-                            f"length is only {context} tokens, resulting in a maximum input "
-                            f"length of {max(context - request.max_tokens, 0)} tokens. Please "
-                            "reduce the length of the input prompt or the number of requested "
-                            "output tokens.",
-                            parameter="max_tokens", value=request.max_tokens))
+            if isinstance(inputs, list):
+                lengths = [self._extract_prompt_len(engine_input) for engine_input in inputs]
+                problem = self.context_error(request, lengths, self.model_config.max_model_len)
+                if problem is not None:
+                    return self.create_error_response(problem)
             return inputs
+
+        @staticmethod
+        def context_error(request: Any, prompt_lengths: list[int], context: int) -> Exception | None:
+            """The 400 for an explicit max_tokens that does not fit beside a prompt, else None."""
+            if getattr(request, "_max_tokens_defaulted", False) or not request.max_tokens:
+                return None
+            for prompt_len in prompt_lengths:
+                if prompt_len + request.max_tokens > context:
+                    return VLLMValidationError(
+                        f"You passed {prompt_len} input tokens and requested {request.max_tokens} "
+                        f"output tokens. However, the model's context length is only {context} "
+                        f"tokens, resulting in a maximum input length of "
+                        f"{max(context - request.max_tokens, 0)} tokens. Please reduce the length of "
+                        "the input prompt or the number of requested output tokens.",
+                        parameter="max_tokens", value=request.max_tokens)
+            return None
 
     return BatchServingCompletion
 

@@ -189,7 +189,7 @@ def _lines(fs: pafs.FileSystem, path: str) -> list[str]:
 
 def read_parquet_file(plan: InputPlan, path: str) -> pa.Table:
     """One Parquet file as rows of the plan's schema, with row keys and UTF-8 checks."""
-    table = pq.read_table(path, filesystem=plan.filesystem)
+    table, errors = _utf8_errors(pq.read_table(path, filesystem=plan.filesystem))
     name = path.rsplit("/", 1)[-1]
     if plan.config.id_column:
         keys = pa.array([None if v is None else str(v) for v in table.column(plan.config.id_column).to_pylist()],
@@ -197,7 +197,6 @@ def read_parquet_file(plan: InputPlan, path: str) -> pa.Table:
     else:
         keys = pa.array([f"{name}:{i}" for i in range(table.num_rows)], pa.string())
     columns = {f.name: _conform(table, f) for f in plan.schema if f.name != ROW_KEY}
-    errors = _utf8_errors(table)
     out = pa.table({ROW_KEY: keys, **columns}, schema=plan.schema)
     return out.append_column(pa.field(INPUT_ERROR, ERROR_STRUCT), pa.array(errors, ERROR_STRUCT))
 
@@ -209,10 +208,14 @@ def _conform(table: pa.Table, field: pa.Field) -> pa.ChunkedArray:
     return column if column.type == field.type else column.cast(field.type)
 
 
-def _utf8_errors(table: pa.Table) -> list[dict[str, Any] | None]:
-    """Per row: a 400 error for a string cell whose bytes are not UTF-8, else None."""
+def _utf8_errors(table: pa.Table) -> tuple[pa.Table, list[dict[str, Any] | None]]:
+    """Per row: a 400 error for a string cell whose bytes are not UTF-8, else None.
+
+    Parquet strings must be UTF-8, so such a cell is carried to the output with the bad bytes replaced
+    by U+FFFD (the error record says where they were); every other cell is unchanged.
+    """
     errors: list[dict[str, Any] | None] = [None] * table.num_rows
-    for name in table.column_names:
+    for index, name in enumerate(table.column_names):
         column = table.column(name)
         if not pa.types.is_string(column.type):
             continue
@@ -221,14 +224,21 @@ def _utf8_errors(table: pa.Table) -> list[dict[str, Any] | None]:
             continue
         except pa.ArrowInvalid:
             pass
+        repaired = []
         for i, value in enumerate(column.cast(pa.binary()).to_pylist()):
-            if value is not None and errors[i] is None:
-                try:
-                    value.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    errors[i] = error_body(f"column `{name}` holds bytes that are not UTF-8 ({exc.reason} "
-                                           f"at byte {exc.start})", "BadRequestError", 400, name)
-    return errors
+            if value is None:
+                repaired.append(None)
+                continue
+            try:
+                repaired.append(value.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                repaired.append(value.decode("utf-8", errors="replace"))
+                if errors[i] is None:
+                    errors[i] = error_body(f"column `{name}` holds bytes that are not UTF-8 ({exc.reason} at "
+                                           f"byte {exc.start}); the output shows them as U+FFFD",
+                                           "BadRequestError", 400, name)
+        table = table.set_column(index, table.field(index), pa.array(repaired, pa.string()))
+    return table, errors
 
 
 def read_batch_file(plan: InputPlan, path: str) -> pa.Table:

@@ -82,7 +82,9 @@ def batch_output_line(row: dict[str, Any]) -> dict[str, Any]:
     never became a request (bad JSON, wrong url or method, duplicate custom_id) has `error`."""
     key = row[ROW_KEY]
     line_id = "batch_req_" + hashlib.sha256(key.encode()).hexdigest()[:24]
-    custom_id = row.get("custom_id", key)
+    # A line without a usable custom_id (cut short, not JSON) is reported under its row key,
+    # `<file>:<line>`, so every output line can be joined back to its input.
+    custom_id = row.get("custom_id") or key
     if row["response"] is not None:
         body = response_body(row["response"])
         response = {"status_code": 200, "request_id": body["id"], "body": body}

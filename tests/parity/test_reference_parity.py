@@ -272,3 +272,26 @@ def test_cases_reach_every_finish(answers):
             kind = "int" if isinstance(reason, int) else "str" if isinstance(reason, str) else None
             seen.add((choice["finish_reason"], kind))
     assert {("stop", None), ("stop", "str"), ("stop", "int"), ("length", None)} <= seen, seen
+
+
+def test_validate_finds_the_same_errors_without_an_engine(answers, tmp_path):
+    """The `validate` command, on the same requests, rejects exactly the rows the job rejected."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import JobConfig
+    from pipeline.preflight import check_rows
+
+    pq.write_table(pa.table({"id": [case.name for case in CASES],
+                             "body": [json.dumps(case.body) for case in CASES]}), tmp_path / "in.parquet")
+    config = JobConfig.model_validate({
+        "input": {"path": str(tmp_path / "in.parquet"), "body_column": "body", "id_column": "id"},
+        "output": str(tmp_path / "out"),
+        "engine": {"device": "cpu", "dtype": "float32", "max_model_len": CONTEXT}})
+    for check in check_rows(config):
+        record = answers[check.key][2]
+        if record["error"] is None:
+            assert check.error is None, (check.key, check.error)
+        else:
+            assert check.error is not None, check.key
+            assert (check.error["type"], check.error["code"], check.error["param"]) == \
+                (record["error"]["type"], record["error"]["code"], record["error"]["param"]), check.key

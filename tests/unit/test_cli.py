@@ -51,3 +51,52 @@ def test_not_parquet(tmp_path):
     assert_clean_failure(run_job("--config", "configs/local-cpu.yaml", "--input", str(tmp_path / "in.parquet"),
                                  "--output", str(tmp_path / "out")),
                          "is not a readable Parquet file")
+
+
+def write_prompts(path, n=3):
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(n)]}), path)
+
+
+def test_corrupt_file_among_good_ones_stops_before_work(tmp_path):
+    (tmp_path / "in").mkdir()
+    write_prompts(tmp_path / "in" / "a.parquet")
+    (tmp_path / "in" / "b.parquet").write_bytes(b"PAR1 truncated")
+    write_prompts(tmp_path / "in" / "c.parquet")
+    assert_clean_failure(run_job("--config", "configs/local-cpu.yaml", "--input", str(tmp_path / "in"),
+                                 "--output", str(tmp_path / "out")), "b.parquet", "not a readable Parquet")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_dataset_and_empty_files(tmp_path):
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    assert_clean_failure(run_job("--config", "configs/local-cpu.yaml", "--input", str(tmp_path / "empty.parquet"),
+                                 "--output", str(tmp_path / "out")), "holds no rows")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_clean_failure(run_job("--config", "configs/local-cpu.yaml", "--input", str(tmp_path / "empty.jsonl"),
+                                 "--output", str(tmp_path / "out")), "holds no rows")
+    (tmp_path / "folder").mkdir()
+    assert_clean_failure(run_job("--config", "configs/local-cpu.yaml", "--input", str(tmp_path / "folder"),
+                                 "--output", str(tmp_path / "out")), "holds no files")
+    assert_clean_failure(run_job("--config", "configs/local-cpu.yaml", "--input", str(tmp_path / "*.nope"),
+                                 "--output", str(tmp_path / "out")), "matches no files")
+
+
+def test_wrong_prompt_type_and_missing_columns(tmp_path):
+    pq.write_table(pa.table({"prompt": [1, 2], "q": ["a", "b"]}), tmp_path / "in.parquet")
+    common = ("--config", "configs/local-cpu.yaml", "--input", str(tmp_path / "in.parquet"),
+              "--output", str(tmp_path / "out"))
+    assert_clean_failure(run_job(*common), "`prompt` is int64", "string or a list of strings")
+    assert_clean_failure(run_job(*common, "--set", 'input.template="Q: {question}"'),
+                         "no `question` column", "input.template")
+    assert_clean_failure(run_job(*common, "--set", "input.prompt_column=q", "--set", "input.columns={max_tokens: budget}"),
+                         "no `budget` column")
+    assert_clean_failure(run_job(*common, "--set", "input.prompt_column=q", "--set", "output.columns=[nope]"),
+                         "output.columns", "nope")
+    assert_clean_failure(run_job(*common, "--set", 'input.template="{q.__class__}"'), "plain column name")
+
+
+def test_conflicting_column_types_across_files(tmp_path):
+    pq.write_table(pa.table({"prompt": ["a"], "max_tokens": [3]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"prompt": ["b"], "max_tokens": [{"x": 1}]}), tmp_path / "b.parquet")
+    assert_clean_failure(run_job("--config", "configs/local-cpu.yaml", "--input", str(tmp_path),
+                                 "--output", str(tmp_path / "out")), "disagree on column types")
