@@ -1,4 +1,6 @@
-"""The only module that imports vLLM: start an engine and answer `/v1/completions` bodies with it.
+"""Start a vLLM engine and answer `/v1/completions` bodies with it.
+
+This module and preflight.py (the same checks without an engine) are the only ones that import vLLM.
 
 Each request body goes through vLLM's own OpenAI completion handler (`OpenAIServingCompletion`), the
 code that NIM 2.x serves this endpoint with. Validation, defaults, sampling, stop handling, logprobs,
