@@ -21,11 +21,13 @@ import pyarrow as pa
 from pipeline import inputs, outputs
 from pipeline.config import JobConfig, in_ray_job
 from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan
-from pipeline.protocol import BodyError, RequestBuilder
+from pipeline.protocol import BodyError, RequestBuilder, error_body
 from pipeline.records import output_schema, result_arrays
 from pipeline.summary import JobSummary, summarize_output
 
 log = logging.getLogger(__name__)
+# A row in flight when the engine died this many times is retried alone; one more death fails it.
+ISOLATE_AFTER_DEATHS = 2
 
 
 def request_builder(config: JobConfig, input_format: str) -> RequestBuilder:
@@ -40,23 +42,41 @@ def request_builder(config: JobConfig, input_format: str) -> RequestBuilder:
 
 
 class EngineActor:
-    """A Ray Data actor hosting one vLLM engine; batches are answered concurrently on its event loop."""
+    """A Ray Data actor hosting one vLLM engine; batches are answered concurrently on its event loop.
+
+    When the engine process dies (killed, out of memory, a request that crashes it), the actor starts a
+    new engine and answers the rows that were in flight again. A row in flight at two deaths is retried
+    alone, so a row that kills every engine it reaches is found: after a third death it is recorded as a
+    500 error and the job goes on.
+    """
 
     def __init__(self, config: JobConfig, builder: RequestBuilder, schema: pa.Schema,
                  stats: Any = None) -> None:
         # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from pipeline.engine import CompletionEngine
         from pipeline.tiny_model import resolve_model
 
+        self._config = config
+        self._model_path = resolve_model(config.model.path)
         self._schema = schema
         self._builder = builder
-        self._engine = CompletionEngine.start(
-            config.engine, resolve_model(config.model.path), builder.served_name,
-            config.defaults.sampling_defaults())
-        if stats is not None:
-            stats.add.remote("engine_startup_s", self._engine.startup_s)
+        self._stats = stats
+        self._engine = self._start_engine()
+        self._restart_lock = asyncio.Lock()
+        self._alone = asyncio.Semaphore(1)
+
+    def _start_engine(self) -> Any:
+        from pipeline.engine import CompletionEngine
+
+        engine = CompletionEngine.start(self._config.engine, self._model_path, self._builder.served_name,
+                                        self._config.defaults.sampling_defaults())
+        self._report("engine_startup_s", engine.startup_s)
+        return engine
+
+    def _report(self, name: str, value: float) -> None:
+        if self._stats is not None:
+            self._stats.add.remote(name, value)
 
     def __del__(self) -> None:
         # Ray Data deletes the UDF when it retires the actor: stop the engine before the process goes.
@@ -80,8 +100,43 @@ class EngineActor:
             body = self._builder.body(row)
         except BodyError as exc:
             return None, exc.error
-        answer = await self._engine.complete(body)
+        answer = await self._complete(body)
         return answer.response, answer.error
+
+    async def _complete(self, body: dict[str, Any]) -> Any:
+        from pipeline.engine import Answer, EngineDeadError
+
+        deaths = 0
+        while True:
+            engine = self._engine
+            try:
+                if deaths >= ISOLATE_AFTER_DEATHS:
+                    async with self._alone:
+                        return await engine.complete(body)
+                return await engine.complete(body)
+            except EngineDeadError as exc:
+                deaths += 1
+                self._report("rows_retried", 1)
+                await self._replace(engine)
+                if deaths > ISOLATE_AFTER_DEATHS:
+                    self._report("rows_failed_engine", 1)
+                    return Answer(error=error_body(
+                        f"the engine died {deaths} times while answering this request, the last time "
+                        f"while it was the only retried request; it was not retried again ({exc})",
+                        "InternalServerError", 500))
+
+    async def _replace(self, dead: Any) -> None:
+        """Start a new engine once per death, however many requests saw it die."""
+        async with self._restart_lock:
+            if self._engine is not dead:
+                return
+            log.warning("the vLLM engine died; starting a new one and retrying the rows in flight")
+            try:
+                dead.shutdown()
+            except Exception:  # noqa: BLE001 - the old engine is gone either way
+                log.debug("shutting down the dead engine failed", exc_info=True)
+            self._engine = self._start_engine()
+            self._report("engine_restarts", 1)
 
 
 def _rows(table: pa.Table, problems: list[dict | None]) -> list[dict[str, Any] | None]:
@@ -170,10 +225,12 @@ def run(config: JobConfig) -> JobSummary:
     else:
         outputs.write_openai_batch(records, config.output.path)
 
-    engine_starts = ray.get(stats.get.remote()).get("engine_startup_s", [])
+    counts = ray.get(stats.get.remote())
     ray.kill(stats)
     summary = summarize_output(config.output, rows_in=plan.rows, wall_s=time.time() - started,
-                               engine_startup_s=engine_starts)
+                               engine_startup_s=counts.get("engine_startup_s", []))
+    summary.engine_restarts = len(counts.get("engine_restarts", []))
+    summary.rows_retried = len(counts.get("rows_retried", []))
     outputs.write_text(outputs.summary_path(config.output.path), json.dumps(summary.model_dump(), indent=2))
     outputs.write_text(outputs.marker_path(config.output.path), "")
     return summary

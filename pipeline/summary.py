@@ -37,7 +37,9 @@ class JobSummary(BaseModel):
     completion_tokens: int = 0
     request_counts: RequestCounts = Field(default_factory=RequestCounts)
     wall_s: float = 0.0
-    engine_startup_s: list[float] = Field(default_factory=list, description="One per engine actor.")
+    engine_startup_s: list[float] = Field(default_factory=list, description="One per engine start.")
+    engine_restarts: int = Field(0, description="Engines started again after one died.")
+    rows_retried: int = Field(0, description="Requests answered again because their engine died.")
     output_tokens_per_s: float = Field(0.0, description="completion_tokens / wall_s (start-up included).")
 
     def render(self) -> str:
@@ -49,6 +51,7 @@ class JobSummary(BaseModel):
             f"finish reasons:      {self.finish_reasons}",
             f"tokens:              {self.prompt_tokens} prompt, {self.completion_tokens} completion",
             f"engine start-up:     {', '.join(f'{s:.1f}s' for s in self.engine_startup_s) or 'n/a'}",
+            f"engine restarts:     {self.engine_restarts} ({self.rows_retried} requests retried)",
             f"wall time:           {self.wall_s:.1f}s",
             f"output tokens/s:     {self.output_tokens_per_s:.0f}",
         ]
