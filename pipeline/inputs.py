@@ -285,6 +285,15 @@ def _batch_line(line: str, duplicate: bool) -> tuple[dict[str, Any], dict[str, A
     return row, None
 
 
+def python_rows(table: pa.Table, problems: list[dict | None]) -> list[dict[str, Any] | None]:
+    """The rows as Python values; a row with a reading problem is not converted (None)."""
+    if not any(problems):
+        return table.to_pylist()
+    good = [i for i, p in enumerate(problems) if p is None]
+    converted = iter(table.take(good).to_pylist())
+    return [None if p is not None else next(converted) for p in problems]
+
+
 def read(plan: InputPlan):
     """The input as a Ray dataset of rows: one read task per file."""
     import ray

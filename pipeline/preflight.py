@@ -23,7 +23,7 @@ from pipeline.config import JobConfig
 from pipeline.engine import _batch_request_class, _naming_param, validation_error_body
 from pipeline.inputs import INPUT_ERROR, ROW_KEY
 from pipeline.protocol import BodyError, error_body
-from pipeline.runner import _rows, request_builder
+from pipeline.runner import request_builder
 from pipeline.tiny_model import resolve_model
 
 
@@ -155,7 +155,7 @@ def _check_files(plan: Any, builder: Any, checker: RequestChecker, loop: Any,
         table = reader(plan, path)
         problems = table.column(INPUT_ERROR).to_pylist()
         keys = table.column(ROW_KEY).to_pylist()
-        rows = _rows(table.drop_columns([INPUT_ERROR]), problems)
+        rows = inputs.python_rows(table.drop_columns([INPUT_ERROR]), problems)
         for start in range(0, len(keys), chunk):
             verdicts: list[RowCheck | None] = []
             pending: dict[int, Any] = {}

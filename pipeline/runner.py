@@ -88,7 +88,7 @@ class EngineActor:
         problems = batch.column(INPUT_ERROR).to_pylist()
         answers = await asyncio.gather(*(
             self._answer(row, problem)
-            for row, problem in zip(_rows(batch.drop_columns([INPUT_ERROR]), problems), problems)))
+            for row, problem in zip(inputs.python_rows(batch.drop_columns([INPUT_ERROR]), problems), problems)))
         response, error = result_arrays(answers)
         table = batch.append_column("response", response).append_column("error", error)
         return table.select(self._schema.names).cast(self._schema)
@@ -137,15 +137,6 @@ class EngineActor:
                 log.debug("shutting down the dead engine failed", exc_info=True)
             self._engine = self._start_engine()
             self._report("engine_restarts", 1)
-
-
-def _rows(table: pa.Table, problems: list[dict | None]) -> list[dict[str, Any] | None]:
-    """The rows as Python values; rows with a reading problem (e.g. bad UTF-8) are not converted."""
-    if not any(problems):
-        return table.to_pylist()
-    good = [i for i, p in enumerate(problems) if p is None]
-    converted = iter(table.take(good).to_pylist())
-    return [None if p is not None else next(converted) for p in problems]
 
 
 def _stats_actor():
