@@ -106,10 +106,6 @@ class CompletionEngine:
         serving.create_error_response = _naming_param(serving.create_error_response)
         return cls(engine, serving, served_name, sampling_defaults["max_tokens"], time.monotonic() - t0)
 
-    @property
-    def max_model_len(self) -> int:
-        return self._engine.model_config.max_model_len
-
     async def complete(self, body: dict[str, Any]) -> Answer:
         """Answer one request body as the endpoint would; raises EngineDeadError if the engine died."""
         from vllm.entrypoints.openai.completion.protocol import CompletionResponse
