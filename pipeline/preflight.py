@@ -9,7 +9,6 @@ would get the same error record from a job.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -137,9 +136,15 @@ class RowCheck:
 
 def check_rows(config: JobConfig) -> Iterator[RowCheck]:
     """Every input row's verdict, in input order; raises InputError for job-level problems."""
+    yield from _checked(*_prepare(config))
+
+
+def _prepare(config: JobConfig) -> tuple[Any, Any, RequestChecker]:
     plan = inputs.plan_input(config.input)
-    builder = request_builder(config, plan.format)
-    checker = RequestChecker(config)
+    return plan, request_builder(config, plan.format), RequestChecker(config)
+
+
+def _checked(plan: Any, builder: Any, checker: RequestChecker) -> Iterator[RowCheck]:
     loop = asyncio.new_event_loop()
     try:
         yield from _check_files(plan, builder, checker, loop)
@@ -181,14 +186,13 @@ async def _gather(coroutines: list[Any]) -> list[Any]:
 def validate(config: JobConfig, examples_per_error: int = 3) -> ValidationReport:
     """Check every row of the input and summarize; raises InputError for job-level problems."""
     setup_started = time.monotonic()
-    rows = check_rows(config)
-    first = next(rows, None)  # plans the input and loads the checker
+    prepared = _prepare(config)  # plans the input, loads the tokenizer and vLLM's checks
     started = time.monotonic()
     errors: Counter[str] = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
     prompt_lengths: list[int] = []
     report = ValidationReport(input=config.input.path)
-    for row in itertools.chain([first] if first else [], rows):
+    for row in _checked(*prepared):
         report.rows += 1
         if row.error is None:
             report.valid_rows += 1
