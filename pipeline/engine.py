@@ -39,7 +39,7 @@ class Answer:
     error: dict[str, Any] | None = None
 
 
-def _engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: dict[str, Any]):
+def engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: dict[str, Any]):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     on_cpu = cfg.resolved_device() == "cpu"
@@ -78,7 +78,7 @@ class CompletionEngine:
                  startup_s: float) -> None:
         self._engine = engine
         self._serving = serving
-        self._request_class = _batch_request_class()
+        self._request_class = batch_request_class()
         self.served_name = served_name
         self.default_max_tokens = default_max_tokens
         self.startup_s = startup_s
@@ -96,14 +96,14 @@ class CompletionEngine:
 
         t0 = time.monotonic()
         defaults = {k: v for k, v in sampling_defaults.items() if k != "max_tokens"}
-        engine = AsyncLLM.from_engine_args(_engine_args(cfg, model_path, served_name, defaults))
+        engine = AsyncLLM.from_engine_args(engine_args(cfg, model_path, served_name, defaults))
         models = OpenAIServingModels(engine_client=engine,
                                      base_model_paths=[BaseModelPath(name=served_name, model_path=model_path)])
         renderer = OnlineRenderer(model_config=engine.model_config, renderer=engine.renderer,
                                   request_logger=None, chat_template=None,
                                   chat_template_content_format="auto")
-        serving = _batch_serving_class()(engine, models, online_renderer=renderer, request_logger=None)
-        serving.create_error_response = _naming_param(serving.create_error_response)
+        serving = batch_serving_class()(engine, models, online_renderer=renderer, request_logger=None)
+        serving.create_error_response = naming_param(serving.create_error_response)
         return cls(engine, serving, served_name, sampling_defaults["max_tokens"], time.monotonic() - t0)
 
     async def complete(self, body: dict[str, Any]) -> Answer:
@@ -130,7 +130,7 @@ class CompletionEngine:
             if not isinstance(exc, VLLMClientError):
                 # The server answers raw ValueErrors with 400 too; log them so a bug stays visible.
                 log.warning("request answered with an error from %s: %s", type(exc).__name__, exc)
-            result = _naming_param(create_error_response)(exc)
+            result = naming_param(create_error_response)(exc)
         if isinstance(result, CompletionResponse):
             return Answer(response=result.model_dump(mode="json"))
         if self._engine.errored:
@@ -148,7 +148,7 @@ class CompletionEngine:
         self._engine.shutdown()
 
 
-def _naming_param(create_error_response: Callable[..., Any]) -> Callable[..., Any]:
+def naming_param(create_error_response: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap vLLM's error builder so a validation error names its field in `param`.
 
     The product's rule (completions-semantics.md) is that every 400 names the field; vLLM's server
@@ -170,7 +170,7 @@ def _naming_param(create_error_response: Callable[..., Any]) -> Callable[..., An
 
 
 @functools.cache
-def _batch_request_class() -> type:
+def batch_request_class() -> type:
     """vLLM's CompletionRequest, with the spec's meaning of an omitted `max_tokens`.
 
     vLLM's server turns an omitted or null max_tokens into 16. The spec's default is 1024, and the
@@ -227,7 +227,7 @@ def _batch_request_class() -> type:
 
 
 @functools.cache
-def _batch_serving_class() -> type:
+def batch_serving_class() -> type:
     """vLLM's completion handler, rejecting an explicit max_tokens that does not fit the context.
 
     The pinned server silently shortens such a request to the context left; the product's rule

@@ -294,14 +294,18 @@ def python_rows(table: pa.Table, problems: list[dict | None]) -> list[dict[str, 
     return [None if p is not None else next(converted) for p in problems]
 
 
+def read_file(plan: InputPlan, path: str) -> pa.Table:
+    """One input file's rows, with row keys and the INPUT_ERROR column, in the plan's format."""
+    return (read_parquet_file if plan.format == "parquet" else read_batch_file)(plan, path)
+
+
 def read(plan: InputPlan):
     """The input as a Ray dataset of rows: one read task per file."""
     import ray
 
-    reader = read_parquet_file if plan.format == "parquet" else read_batch_file
     files = ray.data.from_items([{"path": f} for f in plan.files], override_num_blocks=len(plan.files))
 
     def read_files(batch: dict[str, Any]) -> pa.Table:
-        return pa.concat_tables([reader(plan, path) for path in batch["path"]])
+        return pa.concat_tables([read_file(plan, path) for path in batch["path"]])
 
     return files.map_batches(read_files, batch_size=1, batch_format="numpy")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from pipeline import inputs
 from pipeline.config import JobConfig
-from pipeline.engine import _batch_request_class, _naming_param, validation_error_body
+from pipeline.engine import batch_request_class, naming_param, validation_error_body
 from pipeline.inputs import INPUT_ERROR, ROW_KEY
 from pipeline.protocol import BodyError, error_body
 from pipeline.runner import request_builder
@@ -67,13 +67,13 @@ class RequestChecker:
         from vllm.renderers import renderer_from_config
         from vllm.renderers.online_renderer import OnlineRenderer
 
-        from pipeline.engine import _batch_serving_class, _engine_args
+        from pipeline.engine import batch_serving_class, engine_args
 
         path = resolve_model(config.model.path)
         sampling = config.defaults.sampling_defaults()
         self.default_max_tokens = sampling.pop("max_tokens")
         self.served = config.model.resolved_served_name()
-        vllm_config = _engine_args(config.engine, path, self.served, sampling).create_engine_config()
+        vllm_config = engine_args(config.engine, path, self.served, sampling).create_engine_config()
         self.model_config = vllm_config.model_config
         self.context = self.model_config.max_model_len
         self.defaults = self.model_config.get_diff_sampling_param()
@@ -88,8 +88,8 @@ class RequestChecker:
             return base.tokenize_prompts(prompts, params)
 
         base.tokenize_prompts_async = tokenize_inline
-        self.request_class = _batch_request_class()
-        self.context_rule = _batch_serving_class().context_error
+        self.request_class = batch_request_class()
+        self.context_rule = batch_serving_class().context_error
 
     async def check(self, body: dict[str, Any]) -> tuple[dict | None, list[int], int]:
         """(error body or None, prompt token counts, max new tokens) for one request body."""
@@ -97,7 +97,7 @@ class RequestChecker:
         from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
         from vllm.renderers.inputs.preprocess import extract_prompt_len
 
-        create_error = _naming_param(create_error_response)
+        create_error = naming_param(create_error_response)
         try:
             request = self.request_class.model_validate(body)
             if request.model and request.model != self.served:
@@ -155,9 +155,8 @@ def _checked(plan: Any, builder: Any, checker: RequestChecker) -> Iterator[RowCh
 def _check_files(plan: Any, builder: Any, checker: RequestChecker, loop: Any,
                  chunk: int = 512) -> Iterator[RowCheck]:
     """Rows are checked a chunk at a time, concurrently, so vLLM's tokenizer batches their prompts."""
-    reader = inputs.read_parquet_file if plan.format == "parquet" else inputs.read_batch_file
     for path in plan.files:
-        table = reader(plan, path)
+        table = inputs.read_file(plan, path)
         problems = table.column(INPUT_ERROR).to_pylist()
         keys = table.column(ROW_KEY).to_pylist()
         rows = inputs.python_rows(table.drop_columns([INPUT_ERROR]), problems)

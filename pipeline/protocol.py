@@ -106,13 +106,6 @@ class RequestBuilder:
         return body
 
 
-def row_to_body(row: dict[str, Any], body_defaults: dict[str, Any], served_name: str,
-                body_column: str | None = None) -> dict[str, Any]:
-    """A row's request body with the default column layout (see RequestBuilder)."""
-    return RequestBuilder(served_name=served_name, body_defaults=body_defaults,
-                          body_column=body_column).body(row)
-
-
 def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict[str, Any]:
     """The `error` object of the endpoint's error response."""
     return {"message": message, "type": type_, "param": param, "code": code}

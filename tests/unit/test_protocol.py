@@ -1,4 +1,9 @@
-from pipeline.protocol import REQUEST_FIELDS, SPEC_FIELDS, row_to_body
+from pipeline.protocol import REQUEST_FIELDS, SPEC_FIELDS, RequestBuilder
+
+
+def row_to_body(row, body_defaults, served_name, body_column=None):
+    return RequestBuilder(served_name=served_name, body_defaults=body_defaults,
+                          body_column=body_column).body(row)
 
 
 def test_request_fields_match_installed_vllm():
