@@ -1,6 +1,8 @@
 """python -m pipeline {run,validate} --config FILE [--input PATH] [--output PATH] [--set KEY=VALUE]
 
-run:       run the batch job. Exit 0 done, 1 failed, 2 bad config or unreadable input.
+run:       run the batch job, or resume it: shards an earlier run into the same output finished are
+           kept. Exit 0 done (also: nothing left to do), 1 failed (some rows have no record),
+           2 bad config, unreadable input, or an output folder of another job.
 validate:  read the whole input and check every row's request without starting an engine.
            Exit 0 every row valid, 1 some rows invalid (a job would record them as errors), 2 as above.
 """
@@ -47,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate" or getattr(args, "validate", False):
         return _validate(config)
 
+    from pipeline.outputs import OutputError
     from pipeline.runner import run
 
     try:
         summary = run(config)
-    except InputError as exc:
+    except (InputError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     import ray

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -54,9 +55,13 @@ class EngineConfig(_Strict):
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` a request may ask for.")
     trust_remote_code: bool = Field(False, description="Run model code shipped in the model folder.")
     seed: int = Field(0, description="Engine seed (requests without a `seed` sample from it).")
-    batch_size: int = Field(64, ge=1, description="Rows per Ray Data batch sent to an actor.")
-    max_batches_in_flight: int = Field(4, ge=1, description=(
-        "Batches each actor works on at once, so the engine never idles at a batch boundary."))
+    shards_in_flight: int = Field(2, ge=1, description=(
+        "Shards (of `output.rows_per_file` rows) each actor works on at once; every row of them is "
+        "in the engine together, so a shard's longest generation never leaves the engine idle."))
+    row_retries: int = Field(2, ge=0, description=(
+        "Times a row is answered again after its engine died (or answered 500); the last retry runs "
+        "alone, so a row that kills every engine is found and recorded as a 500 error."))
+    retry_backoff_s: float = Field(1.0, ge=0, description="Wait before a row's first retry; doubles each time.")
 
     def resolved_device(self) -> Literal["cpu", "gpu"]:
         if self.device != "auto":
@@ -141,6 +146,11 @@ class OutputConfig(_HasPath):
         "`parquet` (the records schema) or `openai_batch` (OpenAI Batch output JSONL)."))
     columns: list[str] | None = Field(None, description=(
         "Input columns carried to the output; default all. The row key is always kept."))
+    mode: Literal["resume", "overwrite"] = Field("resume", description=(
+        "`resume`: keep the shards a previous run of the same job finished and run only the rest "
+        "(new input files included); `overwrite`: remove the previous output first."))
+    rows_per_file: int = Field(2048, ge=1, description=(
+        "Rows per shard: the unit of work, of retry and of resume, and one output file each."))
 
 
 class JobConfig(_Strict):
@@ -157,6 +167,18 @@ class JobConfig(_Strict):
     @classmethod
     def _path_shorthand(cls, v: Any) -> Any:
         return {"path": v} if isinstance(v, str) else v
+
+    def identity(self) -> dict[str, Any]:
+        """What the records depend on. A rerun into the same output must match it to resume; the
+        paths and the resources (actors, batching, retries) may change between runs."""
+        identity = {
+            "input": self.input.model_dump(exclude={"path"}),
+            "output": self.output.model_dump(include={"format", "columns", "rows_per_file"}),
+            "model": {"path": self.model.path, "served_name": self.model.resolved_served_name()},
+            "engine": self.engine.model_dump(include={"max_model_len", "dtype", "seed", "max_logprobs"}),
+            "defaults": self.defaults.model_dump(),
+        }
+        return json.loads(json.dumps(identity))
 
 
 def _set_key(data: dict[str, Any], dotted: str, raw: str) -> None:

@@ -9,8 +9,10 @@ starts; row-level problems become error records later.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,17 +36,46 @@ class InputError(ValueError):
     """The input cannot be read as a prompt dataset. The message says what to fix."""
 
 
+@dataclass(frozen=True)
+class Shard:
+    """A run of consecutive rows of one input file: the unit of work, of retry and of resume.
+
+    Its id depends only on the file's path below the input root and the first row, so a rerun (or a
+    run after new files landed) plans the same ids for the same rows, and each id is one output file.
+    """
+
+    id: str
+    file: str
+    start: int  # first row (JSONL: line) of the file in the shard
+    stop: int  # one past the last
+    byte_start: int = -1  # JSONL: where line `start` begins (-1: read the file whole, e.g. gzip)
+    byte_stop: int = -1
+    duplicates: tuple[int, ...] = ()  # JSONL: lines in the shard whose custom_id an earlier line has
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
 @dataclass
 class InputPlan:
-    """What a job will read: the files, their format, the unified schema and the row count."""
+    """What a job will read: the files, their format, the unified schema, the rows and the shards."""
 
     config: InputConfig
     format: Literal["parquet", "openai_batch"]
     filesystem: pafs.FileSystem
+    root: str  # the folder shard ids are relative to
     files: list[str]
     schema: pa.Schema  # the rows as the reader yields them, row_key first, INPUT_ERROR excluded
     rows: int
-    duplicates: dict[str, list[int]] = field(default_factory=dict)  # batch file -> duplicate lines
+    shards: list[Shard] = field(default_factory=list)
+
+
+def shard_id(root: str, path: str, start: int) -> str:
+    """`<file stem>-<hash of its path below the root>-<first row>`: readable, unique, stable."""
+    relative = os.path.relpath(path, root) if root else path
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", relative.rsplit("/", 1)[-1].split(".")[0])[:40] or "file"
+    return f"{stem}-{hashlib.sha256(relative.encode()).hexdigest()[:8]}-{start:09d}"
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -53,34 +84,46 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, ValueError) as exc:
-            raise InputError(f"cannot open {uri}: {exc}") from None
+            raise InputError(f"cannot open {redact(uri)}: {str(exc).replace(uri, redact(uri))}") from None
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def redact(uri: str) -> str:
+    """A URI fit for logs and summaries: credentials (user:secret@, ?secret_key=...) removed."""
+    if "://" not in uri:
+        return uri
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _visible(path: str) -> bool:
     return not any(part.startswith((".", "_")) for part in path.split("/")[-1:])
 
 
-def list_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The files a path names: itself, the files under a folder, or the files a glob matches."""
+def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
+    """The files a path names (itself, the files under a folder, or the files a glob matches) and
+    their root: the folder, the glob's fixed part, or the file's folder."""
     fs, path = filesystem(uri)
     if any(ch in path for ch in "*?["):
         base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
         if not files:
-            raise InputError(f"input {uri} matches no files")
-        return fs, sorted(files)
+            raise InputError(f"input {redact(uri)} matches no files")
+        return fs, base, sorted(files)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise InputError(f"input {uri} does not exist; pass --input with a file, a folder or a glob")
+        raise InputError(f"input {redact(uri)} does not exist; pass --input with a file, a folder or a glob")
     if info.type == pafs.FileType.File:
-        return fs, [path]
+        return fs, path.rsplit("/", 1)[0], [path]
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     files = sorted(i.path for i in infos if i.type == pafs.FileType.File and _visible(i.path))
     if not files:
-        raise InputError(f"input folder {uri} holds no files")
-    return fs, files
+        raise InputError(f"input folder {redact(uri)} holds no files")
+    return fs, path.rstrip("/"), files
 
 
 def _format(config: InputConfig, files: list[str]) -> Literal["parquet", "openai_batch"]:
@@ -89,19 +132,22 @@ def _format(config: InputConfig, files: list[str]) -> Literal["parquet", "openai
     return "openai_batch" if all(f.endswith((".jsonl", ".jsonl.gz")) for f in files) else "parquet"
 
 
-def plan_input(config: InputConfig) -> InputPlan:
-    """Check the input without reading its rows (Parquet) or with one pass (JSONL); raise InputError."""
-    fs, files = list_files(config.path)
+def plan_input(config: InputConfig, rows_per_shard: int = 2048) -> InputPlan:
+    """Check the input without reading its rows (Parquet: footers only) or with one pass (JSONL), and
+    cut it into shards of `rows_per_shard` rows; raise InputError."""
+    fs, root, files = list_files(config.path)
     fmt = _format(config, files)
-    plan = _plan_parquet(config, fs, files) if fmt == "parquet" else _plan_batch(config, fs, files)
+    plan = (_plan_parquet(config, fs, root, files, rows_per_shard) if fmt == "parquet"
+            else _plan_batch(config, fs, root, files, rows_per_shard))
     if plan.rows == 0:
-        raise InputError(f"input {config.path} holds no rows; nothing to do")
+        raise InputError(f"input {redact(config.path)} holds no rows; nothing to do")
     _check_columns(plan)
     return plan
 
 
-def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, files: list[str]) -> InputPlan:
-    schemas, rows = [], 0
+def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, root: str, files: list[str],
+                  rows_per_shard: int) -> InputPlan:
+    schemas, rows, shards = [], 0, []
     for path in files:
         try:
             meta = pq.read_metadata(path, filesystem=fs)
@@ -110,23 +156,31 @@ def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, files: list[str]) ->
                              "replace it, nothing was processed") from None
         schemas.append(meta.schema.to_arrow_schema().remove_metadata())
         rows += meta.num_rows
+        shards += [Shard(shard_id(root, path, start), path, start, min(start + rows_per_shard, meta.num_rows))
+                   for start in range(0, meta.num_rows, rows_per_shard)]
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise InputError(f"the files of {config.path} disagree on column types: {exc}") from None
+        raise InputError(f"the files of {redact(config.path)} disagree on column types: {exc}") from None
     if ROW_KEY in schema.names:
         raise InputError(f"input column `{ROW_KEY}` is reserved for the row key; rename it")
     schema = pa.schema([pa.field(ROW_KEY, pa.string())] + list(schema))
-    return InputPlan(config, "parquet", fs, files, schema, rows)
+    return InputPlan(config, "parquet", fs, root, files, schema, rows, shards)
 
 
-def _plan_batch(config: InputConfig, fs: pafs.FileSystem, files: list[str]) -> InputPlan:
-    """One pass over the JSONL files: count lines and find repeated custom_ids (first one wins)."""
+def _plan_batch(config: InputConfig, fs: pafs.FileSystem, root: str, files: list[str],
+                rows_per_shard: int) -> InputPlan:
+    """One pass over the JSONL files: count lines, note where each shard's bytes begin, and find
+    repeated custom_ids (the first line keeps it; the others become error records)."""
     seen: set[str] = set()
     duplicates: dict[str, list[int]] = {}
-    rows = 0
+    rows, shards = 0, []
     for path in files:
-        for number, line in enumerate(_lines(fs, path)):
+        seekable = not path.endswith(".gz")
+        lines = _raw_lines(_read_bytes(fs, path))
+        offsets = [0]
+        for number, line in enumerate(lines):
+            offsets.append(offsets[-1] + len(line) + 1)
             rows += 1
             try:
                 custom_id = json.loads(line).get("custom_id")
@@ -136,8 +190,14 @@ def _plan_batch(config: InputConfig, fs: pafs.FileSystem, files: list[str]) -> I
                 if custom_id in seen:
                     duplicates.setdefault(path, []).append(number)
                 seen.add(custom_id)
+        for start in range(0, len(lines), rows_per_shard):
+            stop = min(start + rows_per_shard, len(lines))
+            repeated = tuple(n for n in duplicates.get(path, ()) if start <= n < stop)
+            shards.append(Shard(shard_id(root, path, start), path, start, stop,
+                                offsets[start] if seekable else -1, offsets[stop] if seekable else -1,
+                                repeated))
     schema = pa.schema([pa.field(ROW_KEY, pa.string())] + list(BATCH_COLUMNS))
-    return InputPlan(config, "openai_batch", fs, files, schema, rows, duplicates)
+    return InputPlan(config, "openai_batch", fs, root, files, schema, rows, shards)
 
 
 def _check_columns(plan: InputPlan) -> None:
@@ -146,7 +206,7 @@ def _check_columns(plan: InputPlan) -> None:
 
     def need(column: str, what: str) -> None:
         if column not in names:
-            raise InputError(f"input {config.path} has no `{column}` column ({what}); its columns: {listing}")
+            raise InputError(f"input {redact(config.path)} has no `{column}` column ({what}); its columns: {listing}")
 
     if plan.format == "openai_batch":
         return
@@ -174,28 +234,48 @@ def _check_columns(plan: InputPlan) -> None:
         need(config.id_column, "input.id_column")
 
 
-def _lines(fs: pafs.FileSystem, path: str) -> list[str]:
+def _read_bytes(fs: pafs.FileSystem, path: str, start: int = -1, stop: int = -1) -> bytes:
+    if start >= 0:
+        with fs.open_input_file(path) as file:
+            return file.read_at(stop - start, start)
     compression = "gzip" if path.endswith(".gz") else None
     with fs.open_input_stream(path, compression=compression) as stream:
-        data = stream.read()
+        return stream.read()
+
+
+def _raw_lines(data: bytes) -> list[bytes]:
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
-    return [line.decode("utf-8", errors="replace") for line in lines]
+    return lines
 
 
 # --- reading (runs in Ray tasks) ----------------------------------------------------------------------
 
 
-def read_parquet_file(plan: InputPlan, path: str) -> pa.Table:
-    """One Parquet file as rows of the plan's schema, with row keys and UTF-8 checks."""
-    table, errors = _utf8_errors(pq.read_table(path, filesystem=plan.filesystem))
-    name = path.rsplit("/", 1)[-1]
+def _parquet_slice(plan: InputPlan, shard: Shard) -> pa.Table:
+    """The shard's rows, reading only the row groups they lie in."""
+    file = pq.ParquetFile(shard.file, filesystem=plan.filesystem)
+    groups, first, offset = [], 0, 0
+    for index in range(file.num_row_groups):
+        size = file.metadata.row_group(index).num_rows
+        if offset < shard.stop and offset + size > shard.start:
+            if not groups:
+                first = offset
+            groups.append(index)
+        offset += size
+    return file.read_row_groups(groups).slice(shard.start - first, shard.rows)
+
+
+def read_parquet_shard(plan: InputPlan, shard: Shard) -> pa.Table:
+    """A Parquet shard as rows of the plan's schema, with row keys and UTF-8 checks."""
+    table, errors = _utf8_errors(_parquet_slice(plan, shard))
+    name = shard.file.rsplit("/", 1)[-1]
     if plan.config.id_column:
         keys = pa.array([None if v is None else str(v) for v in table.column(plan.config.id_column).to_pylist()],
                         pa.string())
     else:
-        keys = pa.array([f"{name}:{i}" for i in range(table.num_rows)], pa.string())
+        keys = pa.array([f"{name}:{i}" for i in range(shard.start, shard.stop)], pa.string())
     columns = {f.name: _conform(table, f) for f in plan.schema if f.name != ROW_KEY}
     out = pa.table({ROW_KEY: keys, **columns}, schema=plan.schema)
     return out.append_column(pa.field(INPUT_ERROR, ERROR_STRUCT), pa.array(errors, ERROR_STRUCT))
@@ -241,13 +321,16 @@ def _utf8_errors(table: pa.Table) -> tuple[pa.Table, list[dict[str, Any] | None]
     return table, errors
 
 
-def read_batch_file(plan: InputPlan, path: str) -> pa.Table:
-    """One OpenAI batch JSONL file: a row per line; a bad line is a row with its error."""
-    name = path.rsplit("/", 1)[-1]
-    duplicates = set(plan.duplicates.get(path, ()))
+def read_batch_shard(plan: InputPlan, shard: Shard) -> pa.Table:
+    """An OpenAI batch JSONL shard: a row per line; a bad line is a row with its error."""
+    name = shard.file.rsplit("/", 1)[-1]
+    lines = _raw_lines(_read_bytes(plan.filesystem, shard.file, shard.byte_start, shard.byte_stop))
+    if shard.byte_start < 0:
+        lines = lines[shard.start:shard.stop]
+    duplicates = set(shard.duplicates)
     rows, errors = [], []
-    for number, line in enumerate(_lines(plan.filesystem, path)):
-        row, error = _batch_line(line, number in duplicates)
+    for number, raw in enumerate(lines, start=shard.start):
+        row, error = _batch_line(raw.decode("utf-8", errors="replace"), number in duplicates)
         row[ROW_KEY] = row["custom_id"] if row.get("custom_id") and error is None else f"{name}:{number}"
         rows.append(row)
         errors.append(error)
@@ -294,18 +377,6 @@ def python_rows(table: pa.Table, problems: list[dict | None]) -> list[dict[str, 
     return [None if p is not None else next(converted) for p in problems]
 
 
-def read_file(plan: InputPlan, path: str) -> pa.Table:
-    """One input file's rows, with row keys and the INPUT_ERROR column, in the plan's format."""
-    return (read_parquet_file if plan.format == "parquet" else read_batch_file)(plan, path)
-
-
-def read(plan: InputPlan):
-    """The input as a Ray dataset of rows: one read task per file."""
-    import ray
-
-    files = ray.data.from_items([{"path": f} for f in plan.files], override_num_blocks=len(plan.files))
-
-    def read_files(batch: dict[str, Any]) -> pa.Table:
-        return pa.concat_tables([read_file(plan, path) for path in batch["path"]])
-
-    return files.map_batches(read_files, batch_size=1, batch_format="numpy")
+def read_shard(plan: InputPlan, shard: Shard) -> pa.Table:
+    """A shard's rows, with row keys and the INPUT_ERROR column, in the plan's format."""
+    return (read_parquet_shard if plan.format == "parquet" else read_batch_shard)(plan, shard)

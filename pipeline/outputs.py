@@ -1,79 +1,190 @@
-"""Where records go: Parquet (the records schema) or OpenAI Batch output JSONL, named stably.
+"""Where records go, one file per shard, so that a rerun resumes and no record is written twice.
 
-A job's output folder holds `data/` (the records), `summary.json`, and `_SUCCESS`, written last: a
-reader that sees `_SUCCESS` sees a complete output. Data files are named `part-<task>.parquet` /
-`part-<task>.jsonl`, so a rerun over the same input writes the same names.
+An output folder holds:
+
+    _job.json            what the records depend on (the job's identity); a rerun must match it
+    data/<shard>.parquet the records of one shard (or data/<shard>.jsonl: OpenAI Batch output lines)
+    shards/<shard>.json  that shard's tally, written just before its data file
+    runs/<time>.json     each run's summary (the run log)
+    summary.json         the latest run's summary of the whole output
+    _SUCCESS             written last, when every shard of the input is in data/
+
+A data file is written under a hidden temporary name and renamed into place, so a reader never sees
+half a file and a shard's file exists exactly when the shard is done: the list of `data/` is the
+resume state, one name per shard, whatever the number of rows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from pipeline.inputs import LINE_ERROR, ROW_KEY, filesystem
+from pipeline.config import OutputConfig
+from pipeline.inputs import LINE_ERROR, ROW_KEY, filesystem, redact
 from pipeline.records import response_body
+from pipeline.summary import Tally
 
 MARKER = "_SUCCESS"
+JOB_FILE = "_job.json"
+EXTENSIONS = {"parquet": ".parquet", "openai_batch": ".jsonl"}
+
+
+class OutputError(ValueError):
+    """The output folder holds something this job must not add to. The message says what to do."""
+
+
+def _join(output: str, *parts: str) -> str:
+    return "/".join([output.rstrip("/"), *parts])
 
 
 def data_dir(output: str) -> str:
-    return output.rstrip("/") + "/data"
+    return _join(output, "data")
 
 
 def summary_path(output: str) -> str:
-    return output.rstrip("/") + "/summary.json"
+    return _join(output, "summary.json")
 
 
 def marker_path(output: str) -> str:
-    return output.rstrip("/") + "/" + MARKER
+    return _join(output, MARKER)
 
 
-def write_text(uri: str, text: str) -> None:
-    """Write a small file atomically where the filesystem allows (local: rename)."""
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file atomically where the filesystem allows: a hidden temporary name, then a rename
+    (object stores: the upload completes as a whole)."""
     fs, path = filesystem(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    temp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
+    folder = posixpath.dirname(path)
+    fs.create_dir(folder, recursive=True)
+    temp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     with fs.open_output_stream(temp) as out:
-        out.write(text.encode())
+        out.write(data)
     fs.move(temp, path)
 
 
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def _read_json(uri: str) -> Any | None:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        return None
+
+
+def _delete(uri: str) -> None:
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def clear(output: str) -> None:
-    """Remove a previous run's data, summary and marker (the marker first)."""
-    fs, path = filesystem(output)
-    for leftover in (MARKER, "summary.json"):
-        try:
-            fs.delete_file(posixpath.join(path, leftover))
-        except (FileNotFoundError, OSError):
-            pass
-    if fs.get_file_info(posixpath.join(path, "data")).type == pafs.FileType.Directory:
-        fs.delete_dir(posixpath.join(path, "data"))
+    """Remove a previous run's output (the marker first, so no reader trusts what is left)."""
+    for name in (MARKER, "summary.json", JOB_FILE, "data", "shards", "runs"):
+        _delete(_join(output, name))
 
 
-def _filename_provider(extension: str):
-    from ray.data.datasource import FilenameProvider
-
-    class StableNames(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:05d}.{extension}"
-
-        def get_filename_for_block(self, block: Any, write_uuid: str, task_index: int,
-                                   block_index: int) -> str:
-            return f"part-{task_index:05d}-{block_index:04d}.{extension}"
-
-    return StableNames()
+def unmark(output: str) -> None:
+    """The output is about to change: it is not complete until the marker is written again."""
+    _delete(marker_path(output))
 
 
-def write_parquet(records, output: str, schema: pa.Schema) -> None:
-    from ray.data._internal.savemode import SaveMode
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new))
+                for d in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
-    records.write_parquet(data_dir(output), schema=schema, mode=SaveMode.OVERWRITE,
-                          filename_provider=_filename_provider("parquet"))
+
+def prepare(config: OutputConfig, identity: dict[str, Any]) -> set[str]:
+    """Make the output folder ready and return the shards earlier runs finished.
+
+    A new folder gets `_job.json`. A folder of the same job resumes. A folder another job wrote (other
+    request defaults, model, columns, shard size...) is refused: mixing them would give one dataset two
+    meanings.
+    """
+    if config.mode == "overwrite":
+        clear(config.path)
+    recorded = _read_json(_join(config.path, JOB_FILE))
+    done = done_shards(config)
+    if recorded is None and done:
+        raise OutputError(f"output {redact(config.path)} holds records but no {JOB_FILE}, so it was not written by "
+                          "this version of the job; choose a new output.path, or set output.mode: overwrite "
+                          "to replace it")
+    if recorded is not None and recorded != identity:
+        changes = "\n  ".join(_differences(recorded, identity))
+        raise OutputError(f"output {redact(config.path)} holds records of a different job; what changed:\n  {changes}\n"
+                          "Rerun with the earlier settings to resume it, choose a new output.path, or set "
+                          "output.mode: overwrite to replace it")
+    if recorded is None:
+        write_text(_join(config.path, JOB_FILE), json.dumps(identity, indent=2, sort_keys=True))
+    return done
+
+
+def done_shards(config: OutputConfig) -> set[str]:
+    """The shards whose data file is in place: one directory listing, no file read."""
+    fs, folder = filesystem(data_dir(config.path))
+    extension = EXTENSIONS[config.format]
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return {posixpath.basename(i.path)[: -len(extension)] for i in infos
+            if i.type == pafs.FileType.File and i.path.endswith(extension)
+            and not posixpath.basename(i.path).startswith(".")}
+
+
+def tally_path(output: str, shard_id: str) -> str:
+    return _join(output, "shards", f"{shard_id}.json")
+
+
+def read_tallies(output: str, shard_ids: list[str]) -> list[Tally]:
+    """The tallies of finished shards (small files, read a few dozen at a time)."""
+
+    def read(shard_id: str) -> Tally:
+        data = _read_json(tally_path(output, shard_id))
+        if data is None:
+            raise OutputError(f"shard {shard_id} of {redact(output)} has records but no tally at "
+                              f"{tally_path(output, shard_id)}; set output.mode: overwrite to rewrite the output")
+        return Tally.model_validate(data)
+
+    with ThreadPoolExecutor(32) as pool:
+        return list(pool.map(read, shard_ids))
+
+
+def is_complete(output: str) -> bool:
+    fs, path = filesystem(marker_path(output))
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def run_log_path(output: str) -> str:
+    """runs/<UTC start time>.json: one per run that changed the output."""
+    return _join(output, "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}.json")
+
+
+def write_shard(config: OutputConfig, shard_id: str, records: pa.Table, tally: Tally) -> None:
+    """The tally, then the data file (atomically): the shard is done when its data file exists."""
+    write_text(tally_path(config.path, shard_id), tally.model_dump_json())
+    if config.format == "parquet":
+        sink = io.BytesIO()
+        pq.write_table(records, sink)
+        data = sink.getvalue()
+    else:
+        data = "".join(json.dumps(batch_output_line(row), ensure_ascii=False) + "\n"
+                       for row in records.to_pylist()).encode()
+    write_bytes(_join(data_dir(config.path), shard_id + EXTENSIONS[config.format]), data)
 
 
 def batch_output_line(row: dict[str, Any]) -> dict[str, Any]:
@@ -95,17 +206,3 @@ def batch_output_line(row: dict[str, Any]) -> dict[str, Any]:
                 "error": {"code": f"invalid_{error['param'] or 'line'}", "message": error["message"]}}
     response = {"status_code": error["code"], "request_id": f"req_{line_id[10:]}", "body": {"error": error}}
     return {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
-
-
-def write_openai_batch(records, output: str) -> None:
-    from ray.data._internal.savemode import SaveMode
-    from ray.data.block import BlockAccessor
-    from ray.data.datasource import BlockBasedFileDatasink
-
-    class BatchJsonlSink(BlockBasedFileDatasink):
-        def write_block_to_file(self, block: BlockAccessor, file: pa.NativeFile) -> None:
-            for row in block.to_arrow().to_pylist():
-                file.write((json.dumps(batch_output_line(row), ensure_ascii=False) + "\n").encode())
-
-    records.write_datasink(BatchJsonlSink(data_dir(output), mode=SaveMode.OVERWRITE,
-                                          filename_provider=_filename_provider("jsonl")))

@@ -140,23 +140,23 @@ def check_rows(config: JobConfig) -> Iterator[RowCheck]:
 
 
 def _prepare(config: JobConfig) -> tuple[Any, Any, RequestChecker]:
-    plan = inputs.plan_input(config.input)
+    plan = inputs.plan_input(config.input, config.output.rows_per_file)
     return plan, request_builder(config, plan.format), RequestChecker(config)
 
 
 def _checked(plan: Any, builder: Any, checker: RequestChecker) -> Iterator[RowCheck]:
     loop = asyncio.new_event_loop()
     try:
-        yield from _check_files(plan, builder, checker, loop)
+        yield from _check_shards(plan, builder, checker, loop)
     finally:
         loop.close()
 
 
-def _check_files(plan: Any, builder: Any, checker: RequestChecker, loop: Any,
+def _check_shards(plan: Any, builder: Any, checker: RequestChecker, loop: Any,
                  chunk: int = 512) -> Iterator[RowCheck]:
     """Rows are checked a chunk at a time, concurrently, so vLLM's tokenizer batches their prompts."""
-    for path in plan.files:
-        table = inputs.read_file(plan, path)
+    for shard in plan.shards:
+        table = inputs.read_shard(plan, shard)
         problems = table.column(INPUT_ERROR).to_pylist()
         keys = table.column(ROW_KEY).to_pylist()
         rows = inputs.python_rows(table.drop_columns([INPUT_ERROR]), problems)

@@ -7,6 +7,7 @@ spec's defaults, and the error body shape.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -109,3 +110,10 @@ class RequestBuilder:
 def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict[str, Any]:
     """The `error` object of the endpoint's error response."""
     return {"message": message, "type": type_, "param": param, "code": code}
+
+
+def completion_id(row_key: str, body: dict[str, Any]) -> str:
+    """A response `id` that depends only on the row's key and its request: the same in every rerun of
+    the row, different for another row or another request (a sweep's variants)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return "cmpl-" + hashlib.sha256(f"{row_key}\n{canonical}".encode()).hexdigest()[:32]

@@ -1,10 +1,13 @@
-"""The main flow: rows -> engine actors (one vLLM engine each) -> one completion record per row.
+"""The main flow: input shards -> engine actors (one vLLM engine each) -> one record per row, once.
 
-    plan the input (files, format, schema, row count)       -- job-level problems stop here
-      -> read rows (Parquet or OpenAI batch JSONL), each with a row key
-      -> each row becomes a /v1/completions body (spec defaults < job defaults < row values)
-      -> engine actors answer bodies, many in flight: the response body or the error body
-      -> write the records (Parquet or OpenAI batch JSONL), then the summary, then _SUCCESS
+    plan the input: files, format, schema, shards     -- job-level problems stop here, before Ray
+      -> check the output folder: same job? which shards are done?   -- a rerun resumes
+      -> each pending shard goes to an engine actor, which
+           reads its rows (Parquet or OpenAI batch JSONL), each with a row key,
+           turns each row into a /v1/completions body (spec defaults < job defaults < row values),
+           answers them all concurrently (the response body or the error body),
+           writes the shard's tally, then its records, atomically: the shard is done
+      -> the summary of the whole output, the run log, then _SUCCESS
 """
 
 from __future__ import annotations
@@ -14,20 +17,20 @@ import json
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline import inputs, outputs
 from pipeline.config import JobConfig, in_ray_job
-from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan
-from pipeline.protocol import BodyError, RequestBuilder, error_body
+from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan, Shard
+from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_body
 from pipeline.records import output_schema, result_arrays
-from pipeline.summary import JobSummary, summarize_output
+from pipeline.summary import JobSummary, Tally
 
 log = logging.getLogger(__name__)
-# A row in flight when the engine died this many times is retried alone; one more death fails it.
-ISOLATE_AFTER_DEATHS = 2
+SHARD_DONE = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("seconds", pa.float64())])
 
 
 def request_builder(config: JobConfig, input_format: str) -> RequestBuilder:
@@ -41,16 +44,29 @@ def request_builder(config: JobConfig, input_format: str) -> RequestBuilder:
                           prompt_column=cfg.prompt_column, columns=cfg.columns, template=cfg.template)
 
 
+@dataclass
+class _Retries:
+    """Per shard: rows answered again, and how those ended."""
+
+    retried: int = 0
+    recovered: int = 0
+    failed: int = 0
+
+
 class EngineActor:
-    """A Ray Data actor hosting one vLLM engine; batches are answered concurrently on its event loop.
+    """A Ray Data actor hosting one vLLM engine. Each call is one shard: read, answer, write.
+
+    All of a shard's rows are in the engine at once, and the actor works on `engine.shards_in_flight`
+    shards together, so the engine stays full across shard boundaries.
 
     When the engine process dies (killed, out of memory, a request that crashes it), the actor starts a
-    new engine and answers the rows that were in flight again. A row in flight at two deaths is retried
-    alone, so a row that kills every engine it reaches is found: after a third death it is recorded as a
-    500 error and the job goes on.
+    new engine and answers the rows that were in flight again, after a backoff. A row's last retry runs
+    alone, so a row that kills every engine it reaches is found: it is recorded as a 500 error and the
+    job goes on. When the actor process itself dies, Ray starts it again and Ray Data gives it the
+    unfinished shards; a shard's records are written once, when it is done.
     """
 
-    def __init__(self, config: JobConfig, builder: RequestBuilder, schema: pa.Schema,
+    def __init__(self, config: JobConfig, plan: InputPlan, builder: RequestBuilder, schema: pa.Schema,
                  stats: Any = None) -> None:
         # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
@@ -58,6 +74,7 @@ class EngineActor:
         from pipeline.tiny_model import resolve_model
 
         self._config = config
+        self._plan = plan
         self._model_path = resolve_model(config.model.path)
         self._schema = schema
         self._builder = builder
@@ -74,7 +91,7 @@ class EngineActor:
         self._report("engine_startup_s", engine.startup_s)
         return engine
 
-    def _report(self, name: str, value: float) -> None:
+    def _report(self, name: str, value: Any) -> None:
         if self._stats is not None:
             self._stats.add.remote(name, value)
 
@@ -85,45 +102,73 @@ class EngineActor:
             engine.shutdown()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        problems = batch.column(INPUT_ERROR).to_pylist()
-        answers = await asyncio.gather(*(
-            self._answer(row, problem)
-            for row, problem in zip(inputs.python_rows(batch.drop_columns([INPUT_ERROR]), problems), problems)))
-        response, error = result_arrays(answers)
-        table = batch.append_column("response", response).append_column("error", error)
-        return table.select(self._schema.names).cast(self._schema)
+        done = [await self._shard(Shard(**{**row, "duplicates": tuple(row["duplicates"])}))
+                for row in batch.to_pylist()]
+        return pa.Table.from_pylist(done, schema=SHARD_DONE)
 
-    async def _answer(self, row: dict[str, Any] | None, problem: dict | None) -> tuple[dict | None, dict | None]:
+    async def _shard(self, shard: Shard) -> dict[str, Any]:
+        started = time.monotonic()
+        self._report("shard_started", shard.id)
+        table = await asyncio.to_thread(inputs.read_shard, self._plan, shard)
+        problems = table.column(INPUT_ERROR).to_pylist()
+        keys = table.column(ROW_KEY).to_pylist()
+        rows = inputs.python_rows(table.drop_columns([INPUT_ERROR]), problems)
+        retries = _Retries()
+        answers = await asyncio.gather(*(self._answer(key, row, problem, retries)
+                                         for key, row, problem in zip(keys, rows, problems)))
+        response, error = result_arrays(answers)
+        records = (table.append_column("response", response).append_column("error", error)
+                   .select(self._schema.names).cast(self._schema))
+        tally = Tally.of_records(records, **asdict(retries))
+        await asyncio.to_thread(outputs.write_shard, self._config.output, shard.id, records, tally)
+        return {"shard": shard.id, "rows": shard.rows, "seconds": time.monotonic() - started}
+
+    async def _answer(self, key: str, row: dict[str, Any] | None, problem: dict | None,
+                      retries: _Retries) -> tuple[dict | None, dict | None]:
         if problem is not None:
             return None, problem
         try:
             body = self._builder.body(row)
         except BodyError as exc:
             return None, exc.error
-        answer = await self._complete(body)
+        answer = await self._complete(body, retries)
+        if answer.response is not None:
+            answer.response["id"] = completion_id(key, body)
         return answer.response, answer.error
 
-    async def _complete(self, body: dict[str, Any]) -> Any:
+    async def _complete(self, body: dict[str, Any], retries: _Retries) -> Any:
+        """Answer a body; an engine death or a 500 is retried `engine.row_retries` times, with backoff."""
         from pipeline.engine import Answer, EngineDeadError
 
-        deaths = 0
+        limit = self._config.engine.row_retries
+        attempt = 0
         while True:
             engine = self._engine
+            failure = None
             try:
-                if deaths >= ISOLATE_AFTER_DEATHS:
+                if attempt and attempt == limit:  # the last retry runs alone
                     async with self._alone:
-                        return await engine.complete(body)
-                return await engine.complete(body)
+                        answer = await engine.complete(body)
+                else:
+                    answer = await engine.complete(body)
+                if answer.error is None or answer.error["code"] < 500:
+                    if attempt:
+                        retries.recovered += 1
+                    return answer
+                failure = f"the engine answered {answer.error['code']}: {answer.error['message']}"
             except EngineDeadError as exc:
-                deaths += 1
-                self._report("rows_retried", 1)
+                failure = f"the engine died ({exc})"
                 await self._replace(engine)
-                if deaths > ISOLATE_AFTER_DEATHS:
-                    self._report("rows_failed_engine", 1)
-                    return Answer(error=error_body(
-                        f"the engine died {deaths} times while answering this request, the last time "
-                        f"while it was the only retried request; it was not retried again ({exc})",
-                        "InternalServerError", 500))
+            if attempt == limit:
+                if attempt:
+                    retries.failed += 1
+                return Answer(error=error_body(
+                    f"{failure}; this request was tried {attempt + 1} times, the last one alone on its "
+                    "engine, and was not retried again", "InternalServerError", 500))
+            if attempt == 0:
+                retries.retried += 1
+            await asyncio.sleep(self._config.engine.retry_backoff_s * 2 ** attempt)
+            attempt += 1
 
     async def _replace(self, dead: Any) -> None:
         """Start a new engine once per death, however many requests saw it die."""
@@ -145,12 +190,12 @@ def _stats_actor():
     @ray.remote(num_cpus=0)
     class Stats:
         def __init__(self) -> None:
-            self.values: dict[str, list[float]] = {}
+            self.values: dict[str, list[Any]] = {}
 
-        def add(self, name: str, value: float) -> None:
+        def add(self, name: str, value: Any) -> None:
             self.values.setdefault(name, []).append(value)
 
-        def get(self) -> dict[str, list[float]]:
+        def get(self) -> dict[str, list[Any]]:
             return self.values
 
     return Stats.remote()
@@ -188,40 +233,67 @@ def _record_schema(config: JobConfig, plan: InputPlan) -> pa.Schema:
     return output_schema(pa.schema(fields))
 
 
-def run(config: JobConfig) -> JobSummary:
-    """Run the job end to end and return its summary (also written beside the output)."""
+def _run_shards(config: JobConfig, plan: InputPlan, pending: list[Shard], schema: pa.Schema) -> dict[str, list]:
+    """Answer the pending shards on the engine actors; return what the actors reported."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    started = time.time()
-    plan = inputs.plan_input(config.input)  # raises InputError before Ray starts
-    schema = _record_schema(config, plan)
-    builder = request_builder(config, plan.format)
     _init_ray(config)
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("CI") != "true"
     stats = _stats_actor()
-
-    outputs.clear(config.output.path)
-    records = inputs.read(plan).map_batches(
+    actor_plan = replace(plan, shards=[])  # each actor gets its shards from Ray Data, not the whole list
+    shards = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
+    done = shards.map_batches(
         EngineActor,
-        fn_constructor_args=(config, builder, schema, stats),
+        fn_constructor_args=(config, actor_plan, request_builder(config, plan.format), schema, stats),
         batch_format="pyarrow",
-        batch_size=config.engine.batch_size,
-        compute=ActorPoolStrategy(size=config.engine.num_actors,
-                                  max_tasks_in_flight_per_actor=config.engine.max_batches_in_flight),
+        batch_size=1,
+        compute=ActorPoolStrategy(size=min(config.engine.num_actors, len(pending)),
+                                  max_tasks_in_flight_per_actor=config.engine.shards_in_flight),
         **_actor_resources(config),
     )
-    if config.output.format == "parquet":
-        outputs.write_parquet(records, config.output.path, schema)
-    else:
-        outputs.write_openai_batch(records, config.output.path)
-
+    for batch in done.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            log.info("shard %s done: %d rows in %.1fs", row["shard"], row["rows"], row["seconds"])
     counts = ray.get(stats.get.remote())
     ray.kill(stats)
-    summary = summarize_output(config.output, rows_in=plan.rows, wall_s=time.time() - started,
-                               engine_startup_s=counts.get("engine_startup_s", []))
-    summary.engine_restarts = len(counts.get("engine_restarts", []))
-    summary.rows_retried = len(counts.get("rows_retried", []))
-    outputs.write_text(outputs.summary_path(config.output.path), json.dumps(summary.model_dump(), indent=2))
-    outputs.write_text(outputs.marker_path(config.output.path), "")
+    return counts
+
+
+def run(config: JobConfig) -> JobSummary:
+    """Run the job (or the part earlier runs left) and return the summary of the whole output."""
+    started = time.time()
+    plan = inputs.plan_input(config.input, config.output.rows_per_file)  # InputError before Ray starts
+    schema = _record_schema(config, plan)
+    done = outputs.prepare(config.output, config.identity())  # OutputError before Ray starts
+    pending = [s for s in plan.shards if s.id not in done]
+    finished = not pending and outputs.is_complete(config.output.path)
+    counts: dict[str, list] = {}
+    if pending:
+        outputs.unmark(config.output.path)
+        log.info("%d of %d shards to run (%d rows); %d done by earlier runs", len(pending), len(plan.shards),
+                 sum(s.rows for s in pending), len(plan.shards) - len(pending))
+        counts = _run_shards(config, plan, pending, schema)
+
+    total, run_tally = Tally(), Tally()
+    pending_ids = {s.id for s in pending}
+    for shard, tally in zip(plan.shards, outputs.read_tallies(config.output.path, [s.id for s in plan.shards])):
+        total.add(tally)
+        if shard.id in pending_ids:
+            run_tally.add(tally)
+    attempts = counts.get("shard_started", [])
+    summary = JobSummary.of(
+        total, run_tally,
+        input=inputs.redact(config.input.path), output=inputs.redact(config.output.path), rows_in=plan.rows,
+        nothing_to_do=finished, shards=len(plan.shards), shards_kept=len(plan.shards) - len(pending),
+        shards_run=len(pending), shards_redone=len(attempts) - len(set(attempts)),
+        engine_restarts=len(counts.get("engine_restarts", [])),
+        engine_startup_s=[round(s, 3) for s in counts.get("engine_startup_s", [])],
+        wall_s=round(time.time() - started, 3),
+    )
+    if not finished:
+        text = json.dumps(summary.model_dump(), indent=2)
+        outputs.write_text(outputs.run_log_path(config.output.path), text)
+        outputs.write_text(outputs.summary_path(config.output.path), text)
+        outputs.write_text(outputs.marker_path(config.output.path), "")
     return summary

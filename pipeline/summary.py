@@ -1,19 +1,54 @@
-"""The job summary, computed from what was written (so it counts records, not intentions)."""
+"""What a job wrote, counted from the records: a tally per shard (kept beside the output, so a resumed
+job counts earlier runs' shards without reading their records), summed into the job summary."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from typing import Any, Iterator
 
+import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 
-from pipeline.config import OutputConfig
-from pipeline.inputs import filesystem
-from pipeline.outputs import data_dir
+
+class Tally(BaseModel):
+    """The records of one shard (or of many, summed)."""
+
+    rows: int = 0
+    completions: int = Field(0, description="Rows answered with a response body.")
+    choices: int = 0
+    errors_by_type: dict[str, int] = Field(default_factory=dict, description="`error.type (code)`: rows.")
+    finish_reasons: dict[str, int] = Field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    rows_retried: int = Field(0, description="Rows answered again after their engine died or answered 500.")
+    rows_recovered: int = Field(0, description="Retried rows that got an answer (a response or a 4xx).")
+    rows_failed: int = Field(0, description="Retried rows given up on: recorded as a 500 error.")
+
+    @classmethod
+    def of_records(cls, table: pa.Table, *, retried: int = 0, recovered: int = 0, failed: int = 0) -> "Tally":
+        response, error = table.column("response"), table.column("error")
+        usage = pc.struct_field(response, "usage")
+        choices = pc.list_flatten(pc.struct_field(response, "choices"))
+        errors = Counter(f"{t} ({c})" for t, c in zip(pc.struct_field(error, "type").to_pylist(),
+                                                        pc.struct_field(error, "code").to_pylist())
+                         if t is not None)
+        return cls(
+            rows=table.num_rows,
+            completions=table.num_rows - response.null_count,
+            choices=len(choices),
+            errors_by_type=dict(errors),
+            finish_reasons=dict(Counter(pc.struct_field(choices, "finish_reason").to_pylist())),
+            prompt_tokens=int(pc.sum(pc.struct_field(usage, "prompt_tokens")).as_py() or 0),
+            completion_tokens=int(pc.sum(pc.struct_field(usage, "completion_tokens")).as_py() or 0),
+            rows_retried=retried, rows_recovered=recovered, rows_failed=failed,
+        )
+
+    def add(self, other: "Tally") -> None:
+        for name in ("rows", "completions", "choices", "prompt_tokens", "completion_tokens", "rows_retried",
+                     "rows_recovered", "rows_failed"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.errors_by_type = dict(Counter(self.errors_by_type) + Counter(other.errors_by_type))
+        self.finish_reasons = dict(Counter(self.finish_reasons) + Counter(other.finish_reasons))
 
 
 class RequestCounts(BaseModel):
@@ -25,119 +60,69 @@ class RequestCounts(BaseModel):
 
 
 class JobSummary(BaseModel):
+    """The whole output (every run that wrote to it), then what this run did."""
+
+    input: str = ""
     output: str = ""
-    rows_in: int = 0
-    rows_out: int = 0
-    completions: int = Field(0, description="Rows answered with a response body.")
+    rows_in: int = Field(0, description="Rows of the input, all files.")
+    rows_out: int = Field(0, description="Records in the output, written by this run or earlier ones.")
+    completions: int = 0
     choices: int = 0
     errors: int = 0
-    errors_by_type: dict[str, int] = Field(default_factory=dict, description="`error.type (code)`: rows.")
+    errors_by_type: dict[str, int] = Field(default_factory=dict)
     finish_reasons: dict[str, int] = Field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     request_counts: RequestCounts = Field(default_factory=RequestCounts)
-    wall_s: float = 0.0
-    engine_startup_s: list[float] = Field(default_factory=list, description="One per engine start.")
+    rows_retried: int = 0
+    rows_recovered: int = 0
+    rows_failed: int = 0
+    # this run
+    nothing_to_do: bool = Field(False, description="Every shard was already in the output.")
+    shards: int = Field(0, description="Shards of the input.")
+    shards_kept: int = Field(0, description="Shards earlier runs finished, not run again.")
+    shards_run: int = Field(0, description="Shards this run wrote.")
+    rows_run: int = Field(0, description="Rows this run wrote.")
+    shards_redone: int = Field(0, description="Shard attempts run again after an engine actor died.")
     engine_restarts: int = Field(0, description="Engines started again after one died.")
-    rows_retried: int = Field(0, description="Requests answered again because their engine died.")
-    output_tokens_per_s: float = Field(0.0, description="completion_tokens / wall_s (start-up included).")
+    engine_startup_s: list[float] = Field(default_factory=list, description="One per engine start.")
+    wall_s: float = 0.0
+    run_completion_tokens: int = 0
+    output_tokens_per_s: float = Field(0.0, description="This run's completion tokens / wall_s.")
+
+    @classmethod
+    def of(cls, total: Tally, run: Tally, **fields) -> "JobSummary":
+        errors = total.rows - total.completions
+        wall_s = fields.get("wall_s", 0.0)
+        return cls(
+            rows_out=total.rows, completions=total.completions, choices=total.choices, errors=errors,
+            errors_by_type=total.errors_by_type, finish_reasons=total.finish_reasons,
+            prompt_tokens=total.prompt_tokens, completion_tokens=total.completion_tokens,
+            request_counts=RequestCounts(total=total.rows, completed=total.completions, failed=errors),
+            rows_retried=total.rows_retried, rows_recovered=total.rows_recovered, rows_failed=total.rows_failed,
+            rows_run=run.rows, run_completion_tokens=run.completion_tokens,
+            output_tokens_per_s=round(run.completion_tokens / wall_s, 1) if wall_s else 0.0,
+            **fields,
+        )
 
     def render(self) -> str:
+        if self.nothing_to_do:
+            return (f"nothing to do: all {self.shards} shards ({self.rows_out} records for {self.rows_in} "
+                    f"input rows) are already in {self.output}")
         lines = [
-            f"output:              {self.output}",
+            f"input -> output:     {self.input} -> {self.output}",
             f"rows in / out:       {self.rows_in} / {self.rows_out}",
             f"completions:         {self.completions} ({self.choices} choices)",
             f"errors:              {self.errors} {self.errors_by_type or ''}".rstrip(),
             f"finish reasons:      {self.finish_reasons}",
             f"tokens:              {self.prompt_tokens} prompt, {self.completion_tokens} completion",
+            f"retried rows:        {self.rows_retried} ({self.rows_recovered} recovered, {self.rows_failed} failed)",
+            f"this run:            {self.rows_run} rows in {self.shards_run} shards "
+            f"({self.shards_kept} of {self.shards} shards kept from earlier runs, "
+            f"{self.shards_redone} redone after an actor died)",
             f"engine start-up:     {', '.join(f'{s:.1f}s' for s in self.engine_startup_s) or 'n/a'}",
-            f"engine restarts:     {self.engine_restarts} ({self.rows_retried} requests retried)",
+            f"engine restarts:     {self.engine_restarts}",
             f"wall time:           {self.wall_s:.1f}s",
             f"output tokens/s:     {self.output_tokens_per_s:.0f}",
         ]
         return "\n".join(lines)
-
-
-class _Tally:
-    def __init__(self) -> None:
-        self.rows = self.completions = self.choices = self.prompt = self.completion = 0
-        self.errors: Counter[str] = Counter()
-        self.finish: Counter[str] = Counter()
-
-    def response(self, usage: dict[str, int], finish_reasons: list[str]) -> None:
-        self.rows += 1
-        self.completions += 1
-        self.choices += len(finish_reasons)
-        self.finish.update(finish_reasons)
-        self.prompt += usage["prompt_tokens"]
-        self.completion += usage["completion_tokens"]
-
-    def error(self, type_: str, code: Any) -> None:
-        self.rows += 1
-        self.errors[f"{type_} ({code})"] += 1
-
-
-def _tally_parquet(path: str) -> _Tally:
-    fs, folder = filesystem(path)
-    table = pads.dataset(folder, filesystem=fs, format="parquet").to_table(columns=["response", "error"])
-    tally = _Tally()
-    response, error = table.column("response"), table.column("error")
-    usage = pc.struct_field(response, "usage")
-    choices = pc.list_flatten(pc.struct_field(response, "choices"))
-    tally.rows = table.num_rows
-    tally.completions = table.num_rows - response.null_count
-    tally.choices = len(choices)
-    tally.finish.update(pc.struct_field(choices, "finish_reason").to_pylist())
-    tally.prompt = int(pc.sum(pc.struct_field(usage, "prompt_tokens")).as_py() or 0)
-    tally.completion = int(pc.sum(pc.struct_field(usage, "completion_tokens")).as_py() or 0)
-    tally.errors.update(f"{t} ({c})" for t, c in zip(pc.struct_field(error, "type").to_pylist(),
-                                                     pc.struct_field(error, "code").to_pylist())
-                        if t is not None)
-    return tally
-
-
-def _jsonl_lines(path: str) -> Iterator[dict[str, Any]]:
-    fs, folder = filesystem(path)
-    for info in sorted(fs.get_file_info(pafs.FileSelector(folder)), key=lambda i: i.path):
-        if info.type == pafs.FileType.File and info.path.endswith(".jsonl"):
-            with fs.open_input_stream(info.path) as stream:
-                for line in stream.read().decode().splitlines():
-                    yield json.loads(line)
-
-
-def _tally_openai_batch(path: str) -> _Tally:
-    tally = _Tally()
-    for line in _jsonl_lines(path):
-        response = line["response"]
-        if response is not None and response["status_code"] == 200:
-            body = response["body"]
-            tally.response(body["usage"], [c["finish_reason"] for c in body["choices"]])
-        elif response is not None:
-            error = response["body"]["error"]
-            tally.error(error["type"], error["code"])
-        else:
-            tally.error(line["error"]["code"], 400)
-    return tally
-
-
-def summarize_output(output: OutputConfig, *, rows_in: int, wall_s: float,
-                     engine_startup_s: list[float]) -> JobSummary:
-    folder = data_dir(output.path)
-    tally = _tally_parquet(folder) if output.format == "parquet" else _tally_openai_batch(folder)
-    errors = tally.rows - tally.completions
-    return JobSummary(
-        output=folder,
-        rows_in=rows_in,
-        rows_out=tally.rows,
-        completions=tally.completions,
-        choices=tally.choices,
-        errors=errors,
-        errors_by_type=dict(tally.errors),
-        finish_reasons=dict(tally.finish),
-        prompt_tokens=tally.prompt,
-        completion_tokens=tally.completion,
-        request_counts=RequestCounts(total=tally.rows, completed=tally.completions, failed=errors),
-        wall_s=round(wall_s, 3),
-        engine_startup_s=[round(s, 3) for s in engine_startup_s],
-        output_tokens_per_s=round(tally.completion / wall_s, 1) if wall_s else 0.0,
-    )

@@ -1,6 +1,7 @@
 """The job entrypoint as users run it: a subprocess, its own local Ray, the demo config."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 pytestmark = pytest.mark.engine
+
+
+SECRETS = {"HF_TOKEN": "hf_job-command-secret-1f2e3d", "AWS_SECRET_ACCESS_KEY": "aws-job-command-secret-9c8b"}
 
 
 def test_job_command_writes_records_and_summary(tmp_path):
@@ -18,9 +22,15 @@ def test_job_command_writes_records_and_summary(tmp_path):
         [sys.executable, "jobs/complete.py", "--config", "configs/local-cpu.yaml",
          "--input", str(tmp_path / "in.parquet"), "--output", str(out),
          "--set", "engine.max_model_len=512", "--set", "defaults.max_tokens=8"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, env={**os.environ, **SECRETS})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "== job summary ==" in result.stdout and str(out / "data") in result.stdout
+    assert "== job summary ==" in result.stdout and str(out) in result.stdout
+
+    # secrets in the job's environment reach no log line, record, summary or run log
+    written = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
+    for secret in SECRETS.values():
+        assert secret not in result.stdout + result.stderr
+        assert not any(secret.encode() in data for data in written)
 
     table = pq.read_table(out / "data")
     assert table.num_rows == 24

@@ -45,9 +45,9 @@ def run_job(tmp_path_factory):
         pq.write_table(table, folder / "input.parquet")
         job = JobConfig.model_validate({
             "input": {**config.pop("input", {}), "path": str(folder / "input.parquet")},
-            "output": str(folder / "out"),
+            "output": {**config.pop("output", {}), "path": str(folder / "out")},
             "engine": {"device": "cpu", "dtype": "float32", "max_model_len": CONTEXT,
-                       "gpu_memory_utilization": 0.5, "batch_size": 8, **config.pop("engine", {})},
+                       "gpu_memory_utilization": 0.5, **config.pop("engine", {})},
             **config,
         })
         summary = run(job)

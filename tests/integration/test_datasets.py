@@ -16,8 +16,7 @@ from pipeline.runner import run
 from tests.integration.conftest import CONTEXT
 
 pytestmark = pytest.mark.engine
-ENGINE = {"device": "cpu", "dtype": "float32", "max_model_len": CONTEXT, "gpu_memory_utilization": 0.5,
-          "batch_size": 8}
+ENGINE = {"device": "cpu", "dtype": "float32", "max_model_len": CONTEXT, "gpu_memory_utilization": 0.5}
 TEMPLATE = "Question: {question}\nAnswer:"
 
 
@@ -84,7 +83,10 @@ def test_every_row_once_with_its_key_and_columns_unchanged(mapped):
     assert rows["q1"]["meta"] == {"source": "a", "score": 1.0} and rows["q1"]["tags"] == [1, 2]
     assert rows["q3"]["tags"] is None and rows["q2"]["meta"] is None
     assert (folder / "out" / "_SUCCESS").exists() and (folder / "out" / "summary.json").exists()
-    assert all(p.name.startswith("part-") and p.suffix == ".parquet" for p in (folder / "out" / "data").iterdir())
+    # one file per shard, named after its input file; the empty file has no shard
+    names = sorted(p.name for p in (folder / "out" / "data").iterdir())
+    assert [n.split("-")[0] for n in names] == ["a", "b"]
+    assert all(n.endswith("-000000000.parquet") for n in names)
 
 
 def test_template_fills_the_prompt_and_mapped_budget(mapped, tokenizer):

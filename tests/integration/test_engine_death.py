@@ -1,4 +1,9 @@
-"""An engine process killed in the middle of a job: the job finishes, every row once, nothing lost."""
+"""Processes killed in the middle of a job: the job finishes, each row key once, nothing lost.
+
+Two kills: the vLLM engine process under an actor (the actor starts a new engine and retries the rows
+that were in flight), and the Ray actor process itself (Ray starts it again and Ray Data gives the new
+actor the shards that were not written).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pyarrow as pa
@@ -16,52 +22,104 @@ ROWS = 600
 MAX_TOKENS = 200  # 120k tokens: ~40 s of generation on 2 cores, so the kill lands in it
 
 
-def engine_core_of_a_ray_actor() -> psutil.Process | None:
-    """The EngineCore process under a Ray Data actor (not the parity suite's reference server)."""
-    for proc in psutil.process_iter(["name", "cmdline"]):
+def _cmdline(proc: psutil.Process) -> str:
+    return " ".join(proc.cmdline()) or proc.name()
+
+
+def ray_engine_actor() -> psutil.Process | None:
+    """The Ray Data actor process hosting an engine."""
+    for proc in psutil.process_iter():
         try:
-            if "VLLM::EngineCore" not in " ".join(proc.info["cmdline"] or [proc.info["name"] or ""]):
-                continue
-            if any("MapWorker" in " ".join(p.cmdline()) or "MapWorker" in p.name() for p in proc.parents()):
+            if "MapWorker(MapBatches(EngineActor))" in _cmdline(proc):
                 return proc
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return None
 
 
-def test_engine_killed_mid_job(run_job):
-    table = pa.table({
+def engine_core_of_a_ray_actor() -> psutil.Process | None:
+    """The EngineCore process under a Ray Data actor (not the parity suite's reference server)."""
+    for proc in psutil.process_iter():
+        try:
+            if "VLLM::EngineCore" not in _cmdline(proc):
+                continue
+            if any("MapWorker" in _cmdline(p) for p in proc.parents()):
+                return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def long_rows() -> pa.Table:
+    return pa.table({
         "id": [f"r{i:03d}" for i in range(ROWS)],
         "prompt": [f"Row {i} says" for i in range(ROWS)],
         "max_tokens": [MAX_TOKENS] * ROWS,
         "temperature": [0.0] * ROWS,
         "ignore_eos": [True] * ROWS,
     })
+
+
+def run_and_kill(run_job, table: pa.Table, find, ready, **config):
+    """Run a job in a thread; SIGKILL the process `find` returns once `ready(process)`; return the output."""
     result: list = []
-    job = threading.Thread(target=lambda: result.append(run_job(table, input={"id_column": "id"},
-                                                                engine={"batch_size": 16})))
+    job = threading.Thread(target=lambda: result.append(run_job(table, **config)))
     job.start()
     killed = None
     deadline = time.monotonic() + 240
     while killed is None and time.monotonic() < deadline and job.is_alive():
-        core = engine_core_of_a_ray_actor()
-        # the engine starts in 15-20 s; 25 s after its process appeared it is generating
-        if core is not None and time.time() - core.create_time() > 25:
-            os.kill(core.pid, signal.SIGKILL)
-            killed = core.pid
+        proc = find()
+        if proc is not None and ready(proc):
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = proc.pid
         time.sleep(0.5)
     job.join(timeout=600)
-    assert killed is not None, "the engine finished before it could be killed"
+    assert killed is not None, "the job finished before the process could be killed"
     (out,) = result
+    return out
 
+
+def assert_each_row_once_and_answered(out, table: pa.Table) -> None:
     keys = out.table.column("row_key").to_pylist()
     assert sorted(keys) == sorted(table.column("id").to_pylist())  # each row exactly once
     errors = [r["error"] for r in out.rows.values() if r["error"] is not None]
-    assert errors == []  # the rows in flight were answered by the new engine
+    assert errors == []  # the rows in flight were answered again
     assert all(r["response"]["usage"]["completion_tokens"] == MAX_TOKENS for r in out.rows.values())
+
+
+def test_engine_killed_mid_job(run_job):
+    table = long_rows()
+    # the engine starts in 15-20 s; 25 s after its process appeared it is generating
+    out = run_and_kill(run_job, table, engine_core_of_a_ray_actor,
+                       lambda core: time.time() - core.create_time() > 25, input={"id_column": "id"})
+    assert_each_row_once_and_answered(out, table)
     assert out.summary.engine_restarts == 1
-    assert out.summary.rows_retried > 0
+    assert out.summary.rows_retried > 0 and out.summary.rows_recovered == out.summary.rows_retried
+    assert out.summary.rows_failed == 0
     assert len(out.summary.engine_startup_s) == 2
     print(f"\nengine killed mid-job: {ROWS} rows in, {out.summary.rows_out} out, "
-          f"{out.summary.rows_retried} requests retried, {out.summary.engine_restarts} restart, "
+          f"{out.summary.rows_retried} requests retried and recovered, {out.summary.engine_restarts} restart, "
+          f"start-ups {out.summary.engine_startup_s}, wall {out.summary.wall_s:.1f}s")
+
+
+def test_actor_process_killed_mid_job(run_job, tmp_path_factory):
+    table = long_rows()
+    out_dirs = []
+
+    def a_shard_is_written(actor: psutil.Process) -> bool:
+        # kill once the actor has written a shard: some work is kept, some is in flight
+        written = [p for d in Path(tmp_path_factory.getbasetemp()).glob("job*/out/data") for p in d.iterdir()
+                   if d.parent.parent not in out_dirs and p.suffix == ".parquet"]
+        return bool(written)
+
+    for existing in Path(tmp_path_factory.getbasetemp()).glob("job*"):
+        out_dirs.append(existing)  # earlier jobs' outputs do not count
+    out = run_and_kill(run_job, table, ray_engine_actor, a_shard_is_written,
+                       input={"id_column": "id"}, output={"rows_per_file": 100})
+    assert_each_row_once_and_answered(out, table)
+    assert out.summary.shards == out.summary.shards_run == 6
+    assert out.summary.shards_redone >= 1  # the shards the dead actor held were given to the new one
+    assert len(out.summary.engine_startup_s) >= 2
+    print(f"\nactor killed mid-job: {ROWS} rows in, {out.summary.rows_out} out, 0 lost, 0 duplicated; "
+          f"{out.summary.shards_redone} shard attempts redone ({out.summary.shards_redone * 100} rows at most), "
           f"start-ups {out.summary.engine_startup_s}, wall {out.summary.wall_s:.1f}s")
