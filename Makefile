@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/python jobs/complete.py --config configs/local-cpu.yaml
+	$(VENV)/bin/python jobs/complete.py --config configs/local-cpu.yaml --set output.mode=overwrite
 
 test: setup
 	$(VENV)/bin/python -m pytest

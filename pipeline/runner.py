@@ -89,6 +89,7 @@ class EngineActor:
         engine = CompletionEngine.start(self._config.engine, self._model_path, self._builder.served_name,
                                         self._config.defaults.sampling_defaults())
         self._report("engine_startup_s", engine.startup_s)
+        self._report("engine_ready_at", time.time())
         return engine
 
     def _report(self, name: str, value: Any) -> None:
@@ -289,6 +290,7 @@ def run(config: JobConfig) -> JobSummary:
         shards_run=len(pending), shards_redone=len(attempts) - len(set(attempts)),
         engine_restarts=len(counts.get("engine_restarts", [])),
         engine_startup_s=[round(s, 3) for s in counts.get("engine_startup_s", [])],
+        first_engine_ready_s=round(min(counts["engine_ready_at"]) - started, 3) if counts.get("engine_ready_at") else 0.0,
         wall_s=round(time.time() - started, 3),
     )
     if not finished:

@@ -86,6 +86,8 @@ class JobSummary(BaseModel):
     shards_redone: int = Field(0, description="Shard attempts run again after an engine actor died.")
     engine_restarts: int = Field(0, description="Engines started again after one died.")
     engine_startup_s: list[float] = Field(default_factory=list, description="One per engine start.")
+    first_engine_ready_s: float = Field(0.0, description=(
+        "From the job's start to its first engine ready: planning, Ray, the actor, the engine."))
     wall_s: float = 0.0
     run_completion_tokens: int = 0
     output_tokens_per_s: float = Field(0.0, description="This run's completion tokens / wall_s.")
@@ -120,7 +122,8 @@ class JobSummary(BaseModel):
             f"this run:            {self.rows_run} rows in {self.shards_run} shards "
             f"({self.shards_kept} of {self.shards} shards kept from earlier runs, "
             f"{self.shards_redone} redone after an actor died)",
-            f"engine start-up:     {', '.join(f'{s:.1f}s' for s in self.engine_startup_s) or 'n/a'}",
+            f"engine start-up:     {', '.join(f'{s:.1f}s' for s in self.engine_startup_s) or 'n/a'} "
+            f"(first engine ready {self.first_engine_ready_s:.1f}s after the start)",
             f"engine restarts:     {self.engine_restarts}",
             f"wall time:           {self.wall_s:.1f}s",
             f"output tokens/s:     {self.output_tokens_per_s:.0f}",
