@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.shutdown()  # flush the actors' logs first, so the summary is the last thing printed
     print("\n== job summary ==\n" + summary.render(), flush=True)
-    return EXIT_OK if summary.rows_out == summary.rows_in else EXIT_FAILED
+    return EXIT_OK if summary.rows_out == summary.records_expected else EXIT_FAILED
 
 
 def _validate(config) -> int:

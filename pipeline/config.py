@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -153,12 +156,77 @@ class OutputConfig(_HasPath):
         "Rows per shard: the unit of work, of retry and of resume, and one output file each."))
 
 
+SWEEPABLE = "request fields except prompt, model and stream"
+
+
+def _check_sweep_fields(fields: list[str], where: str) -> None:
+    from pipeline.protocol import REQUEST_FIELDS
+
+    bad = sorted(f for f in fields if f not in REQUEST_FIELDS or f in ("prompt", "model", "stream"))
+    if bad:
+        raise ValueError(f"{where} names {bad}; a sweep varies {SWEEPABLE}")
+
+
+class SweepConfig(_Strict):
+    """An evaluation sweep: every model answers every row once per variant of the request parameters."""
+
+    models: list[ModelConfig] = Field(default_factory=list, description=(
+        "The models to compare, run one after another, each engine loaded once for all its variants. "
+        "Default: `model`."))
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description=(
+        "Request fields and their values; every combination is a variant, e.g. "
+        "{temperature: [0, 0.7], max_tokens: [32, 128]} makes four."))
+    variants: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "Explicit variants: request fields, and an optional `name`. With a grid, each is crossed with it."))
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _lists(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            v = {k: (vals if isinstance(vals, list) else [vals]) for k, vals in v.items()}
+            _check_sweep_fields(list(v), "sweep.grid")
+            empty = [k for k, vals in v.items() if not vals]
+            if empty:
+                raise ValueError(f"sweep.grid.{empty[0]} has no values")
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _fields(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, variant in enumerate(v):
+            _check_sweep_fields([k for k in variant if k != "name"], f"sweep.variants[{i}]")
+        return v
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model with one set of request parameters. A plain job has one, named ""."""
+
+    name: str
+    model: ModelConfig
+    params: dict[str, Any]
+
+    def folder(self) -> str:
+        """Where its records go below data/: a Hive partition, so readers get a `variant` column."""
+        return f"variant={self.name}/" if self.name else ""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "x"
+
+
+def _label(params: dict[str, Any]) -> str:
+    return "_".join(f"{k}{json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in params.items())
+
+
 class JobConfig(_Strict):
     input: InputConfig = Field(description="Where the prompts are; a plain string is the path.")
     output: OutputConfig = Field(description="Where records go; a plain string is the path.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     defaults: RequestDefaults = Field(default_factory=RequestDefaults)
+    sweep: SweepConfig | None = Field(None, description=(
+        "Run the dataset once per model and variant of request parameters; see README, Sweeps."))
     ray_address: str | None = Field(None, description=(
         "Ray cluster to join (`auto` inside `ray job submit`). None: use the job's cluster when run by "
         "`ray job submit`, else start a local Ray in-process."))
@@ -168,15 +236,47 @@ class JobConfig(_Strict):
     def _path_shorthand(cls, v: Any) -> Any:
         return {"path": v} if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _unique_variants(self) -> "JobConfig":
+        self.variants()  # raises on repeated names
+        return self
+
+    def variants(self) -> list[Variant]:
+        """The sweep's variants, model by model (a plain job: one, unnamed). Names are unique."""
+        if self.sweep is None:
+            return [Variant("", self.model, {})]
+        models = self.sweep.models or [self.model]
+        keys = list(self.sweep.grid)
+        combos = list(itertools.product(*self.sweep.grid.values()))
+        variants: list[Variant] = []
+        for model in models:
+            for explicit in self.sweep.variants or [{}]:
+                fixed = {k: v for k, v in explicit.items() if k != "name"}
+                for combo in combos:
+                    grid = dict(zip(keys, combo))
+                    parts = [explicit.get("name") or _label(fixed), _label(grid)]
+                    if len(models) > 1:
+                        parts.insert(0, model.resolved_served_name())
+                    name = "_".join(_slug(p) for p in parts if p) or "default"
+                    variants.append(Variant(name, model, {**fixed, **grid}))
+        names = [v.name for v in variants]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"sweep variants {repeated} share a name; give the explicit variants distinct "
+                              "`name`s (and models distinct served_names)")
+        return variants
+
     def identity(self) -> dict[str, Any]:
         """What the records depend on. A rerun into the same output must match it to resume; the
-        paths and the resources (actors, batching, retries) may change between runs."""
+        paths and the resources (actors, batching, retries) may change between runs, and a sweep may
+        gain variants."""
         identity = {
             "input": self.input.model_dump(exclude={"path"}),
             "output": self.output.model_dump(include={"format", "columns", "rows_per_file"}),
-            "model": {"path": self.model.path, "served_name": self.model.resolved_served_name()},
             "engine": self.engine.model_dump(include={"max_model_len", "dtype", "seed", "max_logprobs"}),
             "defaults": self.defaults.model_dump(),
+            "variants": {v.name: {"model": {"path": v.model.path, "served_name": v.model.resolved_served_name()},
+                                  "params": v.params} for v in self.variants()},
         }
         return json.loads(json.dumps(identity))
 

@@ -126,28 +126,35 @@ def prepare(config: OutputConfig, identity: dict[str, Any]) -> set[str]:
         raise OutputError(f"output {redact(config.path)} holds records but no {JOB_FILE}, so it was not written by "
                           "this version of the job; choose a new output.path, or set output.mode: overwrite "
                           "to replace it")
-    if recorded is not None and recorded != identity:
-        changes = "\n  ".join(_differences(recorded, identity))
-        raise OutputError(f"output {redact(config.path)} holds records of a different job; what changed:\n  {changes}\n"
-                          "Rerun with the earlier settings to resume it, choose a new output.path, or set "
-                          "output.mode: overwrite to replace it")
-    if recorded is None:
+    if recorded is not None:
+        # a sweep may gain (or drop) variants; one it had must still mean what it meant
+        had, has = recorded.get("variants", {}), identity["variants"]
+        both = [name for name in has if name in had]
+        changed = _differences({**recorded, "variants": {n: had[n] for n in both}},
+                               {**identity, "variants": {n: has[n] for n in both}})
+        if changed:
+            raise OutputError(f"output {redact(config.path)} holds records of a different job; what changed:\n  "
+                              + "\n  ".join(changed) + "\nRerun with the earlier settings to resume it, choose a "
+                              "new output.path, or set output.mode: overwrite to replace it")
+        identity = {**identity, "variants": {**had, **has}}
+    if recorded != identity:
         write_text(_join(config.path, JOB_FILE), json.dumps(identity, indent=2, sort_keys=True))
     return done
 
 
 def done_shards(config: OutputConfig) -> set[str]:
-    """The shards whose data file is in place: one directory listing, no file read."""
+    """The shards whose data file is in place (`<shard>` or `variant=<name>/<shard>`): one listing of
+    data/, no file read."""
     fs, folder = filesystem(data_dir(config.path))
     extension = EXTENSIONS[config.format]
-    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    return {posixpath.basename(i.path)[: -len(extension)] for i in infos
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+    return {posixpath.relpath(i.path, folder)[: -len(extension)] for i in infos
             if i.type == pafs.FileType.File and i.path.endswith(extension)
             and not posixpath.basename(i.path).startswith(".")}
 
 
-def tally_path(output: str, shard_id: str) -> str:
-    return _join(output, "shards", f"{shard_id}.json")
+def tally_path(output: str, name: str) -> str:
+    return _join(output, "shards", f"{name}.json")
 
 
 def read_tallies(output: str, shard_ids: list[str]) -> list[Tally]:
@@ -174,9 +181,9 @@ def run_log_path(output: str) -> str:
     return _join(output, "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}.json")
 
 
-def write_shard(config: OutputConfig, shard_id: str, records: pa.Table, tally: Tally) -> None:
+def write_shard(config: OutputConfig, name: str, records: pa.Table, tally: Tally) -> None:
     """The tally, then the data file (atomically): the shard is done when its data file exists."""
-    write_text(tally_path(config.path, shard_id), tally.model_dump_json())
+    write_text(tally_path(config.path, name), tally.model_dump_json())
     if config.format == "parquet":
         sink = io.BytesIO()
         pq.write_table(records, sink)
@@ -184,7 +191,7 @@ def write_shard(config: OutputConfig, shard_id: str, records: pa.Table, tally: T
     else:
         data = "".join(json.dumps(batch_output_line(row), ensure_ascii=False) + "\n"
                        for row in records.to_pylist()).encode()
-    write_bytes(_join(data_dir(config.path), shard_id + EXTENSIONS[config.format]), data)
+    write_bytes(_join(data_dir(config.path), name + EXTENSIONS[config.format]), data)
 
 
 def batch_output_line(row: dict[str, Any]) -> dict[str, Any]:

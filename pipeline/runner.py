@@ -13,23 +13,26 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline import inputs, outputs
-from pipeline.config import JobConfig, in_ray_job
+from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan, Shard
 from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_body
 from pipeline.records import output_schema, result_arrays
 from pipeline.summary import JobSummary, Tally
 
 log = logging.getLogger(__name__)
+VARIANT_PARAMS = "variant_params"  # a sweep's records: the variant's request fields, as JSON
 SHARD_DONE = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("seconds", pa.float64())])
 
 
@@ -67,7 +70,7 @@ class EngineActor:
     """
 
     def __init__(self, config: JobConfig, plan: InputPlan, builder: RequestBuilder, schema: pa.Schema,
-                 stats: Any = None) -> None:
+                 params: dict[str, dict[str, Any]], stats: Any = None) -> None:
         # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -78,6 +81,7 @@ class EngineActor:
         self._model_path = resolve_model(config.model.path)
         self._schema = schema
         self._builder = builder
+        self._params = params  # variant name -> its request fields (a sweep), which beat the row's
         self._stats = stats
         self._engine = self._start_engine()
         self._restart_lock = asyncio.Lock()
@@ -103,33 +107,38 @@ class EngineActor:
             engine.shutdown()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        done = [await self._shard(Shard(**{**row, "duplicates": tuple(row["duplicates"])}))
-                for row in batch.to_pylist()]
+        done = []
+        for item in batch.to_pylist():
+            variant, out = item.pop("variant"), item.pop("out")
+            done.append(await self._shard(Shard(**{**item, "duplicates": tuple(item["duplicates"])}), variant, out))
         return pa.Table.from_pylist(done, schema=SHARD_DONE)
 
-    async def _shard(self, shard: Shard) -> dict[str, Any]:
-        started = time.monotonic()
-        self._report("shard_started", shard.id)
+    async def _shard(self, shard: Shard, variant: str, out: str) -> dict[str, Any]:
+        started, started_at = time.monotonic(), time.time()
+        self._report("shard_started", out)
         table = await asyncio.to_thread(inputs.read_shard, self._plan, shard)
         problems = table.column(INPUT_ERROR).to_pylist()
         keys = table.column(ROW_KEY).to_pylist()
         rows = inputs.python_rows(table.drop_columns([INPUT_ERROR]), problems)
         retries = _Retries()
-        answers = await asyncio.gather(*(self._answer(key, row, problem, retries)
+        params = self._params[variant]
+        answers = await asyncio.gather(*(self._answer(key, row, problem, params, retries)
                                          for key, row, problem in zip(keys, rows, problems)))
         response, error = result_arrays(answers)
-        records = (table.append_column("response", response).append_column("error", error)
-                   .select(self._schema.names).cast(self._schema))
-        tally = Tally.of_records(records, **asdict(retries))
-        await asyncio.to_thread(outputs.write_shard, self._config.output, shard.id, records, tally)
-        return {"shard": shard.id, "rows": shard.rows, "seconds": time.monotonic() - started}
+        records = table.append_column("response", response).append_column("error", error)
+        if VARIANT_PARAMS in self._schema.names:
+            records = records.append_column(VARIANT_PARAMS, pa.array([json.dumps(params)] * len(keys), pa.string()))
+        records = records.select(self._schema.names).cast(self._schema)
+        tally = Tally.of_records(records, **asdict(retries), intervals=[[started_at, time.time()]])
+        await asyncio.to_thread(outputs.write_shard, self._config.output, out, records, tally)
+        return {"shard": out, "rows": shard.rows, "seconds": time.monotonic() - started}
 
-    async def _answer(self, key: str, row: dict[str, Any] | None, problem: dict | None,
+    async def _answer(self, key: str, row: dict[str, Any] | None, problem: dict | None, params: dict[str, Any],
                       retries: _Retries) -> tuple[dict | None, dict | None]:
         if problem is not None:
             return None, problem
         try:
-            body = self._builder.body(row)
+            body = {**self._builder.body(row), **params}
         except BodyError as exc:
             return None, exc.error
         answer = await self._complete(body, retries)
@@ -223,7 +232,8 @@ def _actor_resources(config: JobConfig) -> dict[str, Any]:
 
 
 def _record_schema(config: JobConfig, plan: InputPlan) -> pa.Schema:
-    """The output columns: the row key, the kept input columns, then `response` and `error`."""
+    """The output columns: the row key, the kept input columns, a sweep's `variant_params`, then
+    `response` and `error`."""
     keep = config.output.columns
     if keep is not None:
         missing = sorted(set(keep) - set(plan.schema.names))
@@ -231,11 +241,29 @@ def _record_schema(config: JobConfig, plan: InputPlan) -> pa.Schema:
             raise inputs.InputError(f"output.columns names {missing}, which the input does not have; "
                                     f"its columns: {', '.join(plan.schema.names)}")
     fields = [f for f in plan.schema if keep is None or f.name == ROW_KEY or f.name in keep]
+    if config.sweep is not None:
+        if VARIANT_PARAMS in plan.schema.names or "variant" in plan.schema.names:
+            raise inputs.InputError(f"input columns `variant` and `{VARIANT_PARAMS}` are reserved in a sweep; "
+                                    "rename them")
+        fields.append(pa.field(VARIANT_PARAMS, pa.string()))
     return output_schema(pa.schema(fields))
 
 
-def _run_shards(config: JobConfig, plan: InputPlan, pending: list[Shard], schema: pa.Schema) -> dict[str, list]:
-    """Answer the pending shards on the engine actors; return what the actors reported."""
+@dataclass(frozen=True)
+class WorkItem:
+    """A shard answered by one variant (a plain job's only variant is unnamed)."""
+
+    variant: Variant
+    shard: Shard
+
+    @property
+    def out(self) -> str:
+        """Its name below data/ and shards/: `<shard>`, or `variant=<name>/<shard>` in a sweep."""
+        return self.variant.folder() + self.shard.id
+
+
+def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema) -> dict[str, list]:
+    """Answer one model's pending work items on its engine actors; return what the actors reported."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -243,13 +271,15 @@ def _run_shards(config: JobConfig, plan: InputPlan, pending: list[Shard], schema
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("CI") != "true"
     stats = _stats_actor()
     actor_plan = replace(plan, shards=[])  # each actor gets its shards from Ray Data, not the whole list
-    shards = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
-    done = shards.map_batches(
+    params = {item.variant.name: item.variant.params for item in items}
+    work = ray.data.from_items([{**asdict(i.shard), "variant": i.variant.name, "out": i.out} for i in items],
+                               override_num_blocks=len(items))
+    done = work.map_batches(
         EngineActor,
-        fn_constructor_args=(config, actor_plan, request_builder(config, plan.format), schema, stats),
+        fn_constructor_args=(config, actor_plan, request_builder(config, plan.format), schema, params, stats),
         batch_format="pyarrow",
         batch_size=1,
-        compute=ActorPoolStrategy(size=min(config.engine.num_actors, len(pending)),
+        compute=ActorPoolStrategy(size=min(config.engine.num_actors, len(items)),
                                   max_tasks_in_flight_per_actor=config.engine.shards_in_flight),
         **_actor_resources(config),
     )
@@ -267,32 +297,45 @@ def run(config: JobConfig) -> JobSummary:
     plan = inputs.plan_input(config.input, config.output.rows_per_file)  # InputError before Ray starts
     schema = _record_schema(config, plan)
     done = outputs.prepare(config.output, config.identity())  # OutputError before Ray starts
-    pending = [s for s in plan.shards if s.id not in done]
+    variants = config.variants()
+    items = [WorkItem(v, s) for v in variants for s in plan.shards]
+    pending = [i for i in items if i.out not in done]
     finished = not pending and outputs.is_complete(config.output.path)
-    counts: dict[str, list] = {}
+    counts: dict[str, list] = defaultdict(list)
     if pending:
         outputs.unmark(config.output.path)
-        log.info("%d of %d shards to run (%d rows); %d done by earlier runs", len(pending), len(plan.shards),
-                 sum(s.rows for s in pending), len(plan.shards) - len(pending))
-        counts = _run_shards(config, plan, pending, schema)
+        log.info("%d of %d shards to run (%d rows); %d done by earlier runs", len(pending), len(items),
+                 sum(i.shard.rows for i in pending), len(items) - len(pending))
+        # one model after another (variants are listed model by model): each engine loads once
+        for model, group in itertools.groupby(pending, key=lambda i: i.variant.model):
+            reported = _run_items(config.model_copy(update={"model": model}), plan, list(group), schema)
+            for name, values in reported.items():
+                counts[name] += values
 
-    total, run_tally = Tally(), Tally()
-    pending_ids = {s.id for s in pending}
-    for shard, tally in zip(plan.shards, outputs.read_tallies(config.output.path, [s.id for s in plan.shards])):
+    total, run_tally, by_variant = Tally(), Tally(), {v.name: Tally() for v in variants}
+    pending_names = {i.out for i in pending}
+    for item, tally in zip(items, outputs.read_tallies(config.output.path, [i.out for i in items])):
         total.add(tally)
-        if shard.id in pending_ids:
+        by_variant[item.variant.name].add(tally)
+        if item.out in pending_names:
             run_tally.add(tally)
-    attempts = counts.get("shard_started", [])
+    attempts = counts["shard_started"]
+    ready = counts["engine_ready_at"]
     summary = JobSummary.of(
         total, run_tally,
         input=inputs.redact(config.input.path), output=inputs.redact(config.output.path), rows_in=plan.rows,
-        nothing_to_do=finished, shards=len(plan.shards), shards_kept=len(plan.shards) - len(pending),
+        variants=[v.name for v in variants if v.name], records_expected=plan.rows * len(variants),
+        nothing_to_do=finished, shards=len(items), shards_kept=len(items) - len(pending),
         shards_run=len(pending), shards_redone=len(attempts) - len(set(attempts)),
-        engine_restarts=len(counts.get("engine_restarts", [])),
-        engine_startup_s=[round(s, 3) for s in counts.get("engine_startup_s", [])],
-        first_engine_ready_s=round(min(counts["engine_ready_at"]) - started, 3) if counts.get("engine_ready_at") else 0.0,
+        engine_restarts=len(counts["engine_restarts"]),
+        engine_startup_s=[round(s, 3) for s in counts["engine_startup_s"]],
+        first_engine_ready_s=round(min(ready) - started, 3) if ready else 0.0,
         wall_s=round(time.time() - started, 3),
     )
+    if config.sweep is not None and not finished:
+        from pipeline.compare import write_comparison
+
+        summary.comparison = write_comparison(config, variants, by_variant)
     if not finished:
         text = json.dumps(summary.model_dump(), indent=2)
         outputs.write_text(outputs.run_log_path(config.output.path), text)

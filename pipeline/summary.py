@@ -4,6 +4,7 @@ job counts earlier runs' shards without reading their records), summed into the 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,9 +24,12 @@ class Tally(BaseModel):
     rows_retried: int = Field(0, description="Rows answered again after their engine died or answered 500.")
     rows_recovered: int = Field(0, description="Retried rows that got an answer (a response or a 4xx).")
     rows_failed: int = Field(0, description="Retried rows given up on: recorded as a 500 error.")
+    intervals: list[list[float]] = Field(default_factory=list, description=(
+        "[start, end] unix times of the shards' work: busy time, for tokens per second."))
 
     @classmethod
-    def of_records(cls, table: pa.Table, *, retried: int = 0, recovered: int = 0, failed: int = 0) -> "Tally":
+    def of_records(cls, table: pa.Table, *, retried: int = 0, recovered: int = 0, failed: int = 0,
+                   intervals: list[list[float]] = ()) -> "Tally":
         response, error = table.column("response"), table.column("error")
         usage = pc.struct_field(response, "usage")
         choices = pc.list_flatten(pc.struct_field(response, "choices"))
@@ -40,7 +44,7 @@ class Tally(BaseModel):
             finish_reasons=dict(Counter(pc.struct_field(choices, "finish_reason").to_pylist())),
             prompt_tokens=int(pc.sum(pc.struct_field(usage, "prompt_tokens")).as_py() or 0),
             completion_tokens=int(pc.sum(pc.struct_field(usage, "completion_tokens")).as_py() or 0),
-            rows_retried=retried, rows_recovered=recovered, rows_failed=failed,
+            rows_retried=retried, rows_recovered=recovered, rows_failed=failed, intervals=list(intervals),
         )
 
     def add(self, other: "Tally") -> None:
@@ -49,6 +53,16 @@ class Tally(BaseModel):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.errors_by_type = dict(Counter(self.errors_by_type) + Counter(other.errors_by_type))
         self.finish_reasons = dict(Counter(self.finish_reasons) + Counter(other.finish_reasons))
+        self.intervals = self.intervals + other.intervals
+
+    def busy_s(self) -> float:
+        """Seconds in which at least one of these shards was being worked on (overlaps counted once)."""
+        busy, end = 0.0, float("-inf")
+        for start, stop in sorted(self.intervals):
+            if stop > end:
+                busy += stop - max(start, end)
+                end = stop
+        return busy
 
 
 class RequestCounts(BaseModel):
@@ -65,6 +79,8 @@ class JobSummary(BaseModel):
     input: str = ""
     output: str = ""
     rows_in: int = Field(0, description="Rows of the input, all files.")
+    variants: list[str] = Field(default_factory=list, description="A sweep's variants.")
+    records_expected: int = Field(0, description="rows_in x variants: one record per row and variant.")
     rows_out: int = Field(0, description="Records in the output, written by this run or earlier ones.")
     completions: int = 0
     choices: int = 0
@@ -91,6 +107,8 @@ class JobSummary(BaseModel):
     wall_s: float = 0.0
     run_completion_tokens: int = 0
     output_tokens_per_s: float = Field(0.0, description="This run's completion tokens / wall_s.")
+    comparison: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "A sweep's comparison, one line per variant (also comparison.csv/.json/.png)."))
 
     @classmethod
     def of(cls, total: Tally, run: Tally, **fields) -> "JobSummary":
@@ -128,4 +146,9 @@ class JobSummary(BaseModel):
             f"wall time:           {self.wall_s:.1f}s",
             f"output tokens/s:     {self.output_tokens_per_s:.0f}",
         ]
+        if self.comparison:
+            from pipeline.compare import render
+
+            lines += ["", f"sweep: {len(self.variants)} variants (comparison.csv, .json, .png in {self.output})",
+                      render(self.comparison)]
         return "\n".join(lines)

