@@ -131,7 +131,8 @@ class JobSummary(BaseModel):
                     f"input rows) are already in {self.output}")
         lines = [
             f"input -> output:     {self.input} -> {self.output}",
-            f"rows in / out:       {self.rows_in} / {self.rows_out}",
+            f"rows in / out:       {self.rows_in} / {self.rows_out}"
+            + (f" ({len(self.variants)} variants: {self.records_expected} records expected)" if self.variants else ""),
             f"completions:         {self.completions} ({self.choices} choices)",
             f"errors:              {self.errors} {self.errors_by_type or ''}".rstrip(),
             f"finish reasons:      {self.finish_reasons}",

@@ -1,4 +1,7 @@
+import re
+
 import pytest
+import yaml
 
 from pipeline.config import ConfigError, JobConfig, load_config
 
@@ -10,6 +13,8 @@ def write(tmp_path, text: str) -> str:
 
 
 def test_demo_config_is_valid():
+    for name in ("local-cpu", "gpu-cluster", "sweep-local", "enrich-local"):
+        load_config(f"configs/{name}.yaml")
     config = load_config("configs/local-cpu.yaml")
     assert config.engine.device == "cpu"
     assert config.defaults.sampling_defaults() == {"max_tokens": 1024, "temperature": 0.2, "top_p": 0.7}
@@ -73,3 +78,33 @@ def test_input_shorthand_takes_section_overrides(tmp_path):
     path = write(tmp_path, "input: a.parquet\noutput: b\n")
     config = load_config(path, ["input.body_column=body"], input="c.parquet")
     assert (config.input.path, config.input.body_column) == ("c.parquet", "body")
+
+
+def test_sweep_expands_models_and_grid_into_named_variants():
+    config = JobConfig.model_validate({
+        "input": "in", "output": "out",
+        "sweep": {"models": [{"path": "builtin:tiny-llama"}, {"path": "builtin:tiny-llama-b"}],
+                  "grid": {"temperature": [0, 0.7], "max_tokens": 16},
+                  "variants": [{"name": "short", "stop": ["\n"]}, {"seed": 3}]}})
+    variants = config.variants()
+    assert len(variants) == 2 * 2 * 2
+    assert variants[0].name == "tiny-llama_short_temperature0_max_tokens16"
+    assert variants[0].params == {"stop": ["\n"], "temperature": 0, "max_tokens": 16}
+    assert variants[-1].name == "tiny-llama-b_seed3_temperature0.7_max_tokens16"
+    assert variants[-1].folder() == "variant=tiny-llama-b_seed3_temperature0.7_max_tokens16/"
+    assert config.identity()["variants"][variants[-1].name]["params"] == {"seed": 3, "temperature": 0.7,
+                                                                          "max_tokens": 16}
+    assert JobConfig.model_validate({"input": "in", "output": "out"}).variants()[0].folder() == ""
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"grid": {"temprature": [0, 1]}}, "sweep.grid names ['temprature']"),
+    ({"grid": {"prompt": ["a"]}}, "sweep.grid names ['prompt']"),
+    ({"variants": [{"name": "a", "seed": 1}, {"name": "a", "seed": 2}]}, "share a name"),
+    ({"grid": {"seed": []}}, "sweep.grid.seed has no values"),
+])
+def test_bad_sweeps_are_config_errors(tmp_path, sweep, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"input": "in", "output": "out", "sweep": sweep}))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(str(path))
