@@ -22,6 +22,7 @@ taken is written beside the results in bench/results/throughput.json (`--out`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,6 +38,7 @@ from typing import Any
 
 import psutil
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -51,6 +53,8 @@ ENGINE = {
     "max_num_seqs": 256, "gpu_memory_utilization": 0.5, "cpu_kvcache_space_gb": 2, "enforce_eager": True,
     "enable_chunked_prefill": False, "enable_prefix_caching": True, "seed": 0,
 }
+# Set in each contender's environment, which all its processes inherit: how its leftovers are found.
+MARKER = "THROUGHPUT_BENCH_CONTENDER"
 # Every contender's process gets these: the KV cache size, and vLLM's log level the pipeline sets.
 ENV = {"VLLM_CPU_KVCACHE_SPACE": str(ENGINE["cpu_kvcache_space_gb"]), "VLLM_LOGGING_LEVEL": "WARNING"}
 # ray.data.llm settings for one CPU engine. batch_size x max_concurrent_batches = 512 rows in the
@@ -83,7 +87,7 @@ METHODS = {
           "wall_s": "summary.json wall_s: from the job's start until the records and the summary were "
                     "written (before ray.shutdown)"},
 }
-DERIVED = {"generation_s": "wall_s - startup_s",
+MEASURES = {"generation_s": "wall_s - startup_s",
            "tokens_per_s_generation": "output_tokens / generation_s",
            "tokens_per_s_end_to_end": "output_tokens / wall_s",
            "process_wall_s": "the contender's whole process, Python start-up and shutdown included"}
@@ -169,7 +173,8 @@ def run_ray_data_llm(work: Path, model_path: str) -> dict[str, Any]:
 
     ray.init(address="local", include_dashboard=False)  # its own local Ray, never a running one
     kwargs = engine_kwargs(model_path)
-    config = vLLMEngineProcessorConfig(model_source=kwargs.pop("model"), engine_kwargs=kwargs, **RAY_DATA_LLM)
+    config = vLLMEngineProcessorConfig(
+        model_source=model_path, engine_kwargs={k: v for k, v in kwargs.items() if k != "model"}, **RAY_DATA_LLM)
     processor = build_processor(
         config,
         preprocess=lambda row: {"prompt": row["prompt"], "sampling_params": {
@@ -179,17 +184,18 @@ def run_ray_data_llm(work: Path, model_path: str) -> dict[str, Any]:
                                  "num_generated_tokens": row["num_generated_tokens"],
                                  "num_input_tokens": row["num_input_tokens"]},
     )
-    processor.get_stage_by_name("vLLMEngineStage").fn = timed_engine_udf(ready_file)
+    # model_copy, not assignment: assigning re-runs the stage's validator, which then asks for a GPU
+    stage = processor.get_stage_by_name("vLLMEngineStage")
+    processor.stages["vLLMEngineStage"] = stage.model_copy(update={"fn": timed_engine_udf(ready_file)})
     processor(ray.data.read_parquet(str(work / "prompts.parquet"))).write_parquet(str(out))
     done = time.time()
     ray.shutdown()
     results = pq.read_table(out, columns=["num_generated_tokens", "num_input_tokens"])
     return {"rows": results.num_rows,
-            "output_tokens": results.column("num_generated_tokens").to_numpy().sum().item(),
-            "prompt_tokens": results.column("num_input_tokens").to_numpy().sum().item(),
+            "output_tokens": pc.sum(results.column("num_generated_tokens")).as_py(),
+            "prompt_tokens": pc.sum(results.column("num_input_tokens")).as_py(),
             "startup_s": round(float(ready_file.read_text()) - started, 3), "wall_s": round(done - started, 3),
-            "engine_kwargs": {**kwargs, "model": config.model_source},
-            "ray_data_llm": RAY_DATA_LLM}
+            "engine_kwargs": kwargs}
 
 
 def worker(name: str, work: Path) -> None:
@@ -209,12 +215,14 @@ def launch(name: str, work: Path) -> dict[str, Any]:
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work)]
     log = work / f"{name}.log"
+    marker = f"{name}-{os.getpid()}"
     load = os.getloadavg()[0]
     started = time.monotonic()
     with log.open("w") as out:
-        code = subprocess.run(command, cwd=ROOT, env={**os.environ, **ENV}, stdout=out,
+        code = subprocess.run(command, cwd=ROOT, env={**os.environ, **ENV, MARKER: marker}, stdout=out,
                               stderr=subprocess.STDOUT).returncode
     process_wall_s = time.monotonic() - started
+    wait_for_leftovers(marker)
     if code != 0:
         raise SystemExit(f"contender {name} failed (exit {code}); the end of its log:\n"
                          f"{log.read_text()[-4000:]}")
@@ -227,6 +235,29 @@ def launch(name: str, work: Path) -> dict[str, Any]:
         result = json.loads((work / f"result-{name}.json").read_text())
     return {"contender": CONTENDERS[name], **result, **derived(result),
             "process_wall_s": round(process_wall_s, 3), "load_avg_1m_before": load, "method": METHODS[name]}
+
+
+def wait_for_leftovers(marker: str, timeout_s: float = 60) -> None:
+    """Wait until no process of the contender is left (vLLM's engine processes can outlive it by
+    seconds), so that the next one starts on a quiet machine; stop any still there after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while left := [p for p in psutil.process_iter() if carries(p, marker)]:
+        if time.monotonic() > deadline:
+            print(f"    stopping {len(left)} leftover processes of the contender: "
+                  f"{', '.join(str(p.pid) for p in left)}", flush=True)
+            for p in left:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            psutil.wait_procs(left, timeout=10)
+            return
+        time.sleep(1)
+
+
+def carries(process: psutil.Process, marker: str) -> bool:
+    try:
+        return process.environ().get(MARKER) == marker
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 def derived(result: dict[str, Any]) -> dict[str, float]:
@@ -315,7 +346,7 @@ def main() -> None:
                      "max_tokens_range": args.max_tokens_range, "expected_output_tokens": expected,
                      "seed": SEED, "request": {"ignore_eos": True, "temperature": 0.0},
                      "engine": ENGINE, "env": ENV, "ray_data_llm": RAY_DATA_LLM},
-        "measures": DERIVED,
+        "measures": MEASURES,
         "results": results,
         "ratios": ratio,
     }
