@@ -1,5 +1,6 @@
 # make demo: set up .venv (CPU stack) and run the main job on the embedded default.
 # make test: set up .venv and run the test suite (what CI runs).
+# make bench: the throughput benchmark (see README, Throughput).
 PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
@@ -24,6 +25,10 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest
+
+# make bench: plain vLLM vs ray.data.llm vs this pipeline (bench/results/throughput.json), ~10 min.
+bench: setup
+	$(VENV)/bin/python bench/throughput.py
 
 clean:
 	rm -rf output .pytest_cache
