@@ -227,7 +227,7 @@ def _check_columns(plan: InputPlan) -> None:
         from pipeline.templates import placeholders
 
         for column in placeholders(config.template):
-            need(column, f"used by input.template")
+            need(column, "used by input.template")
     for request_field, column in config.columns.items():
         need(column, f"input.columns.{request_field}")
     if config.id_column:
