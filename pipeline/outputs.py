@@ -176,9 +176,9 @@ def is_complete(output: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
-def run_log_path(output: str) -> str:
-    """runs/<UTC start time>.json: one per run that changed the output."""
-    return _join(output, "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}.json")
+def run_log_path(output: str, started: float) -> str:
+    """runs/<the run's UTC start time>-<random>.json: one per run that changed the output."""
+    return _join(output, "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)) + f"-{uuid.uuid4().hex[:6]}.json")
 
 
 def write_shard(config: OutputConfig, name: str, records: pa.Table, tally: Tally) -> None:

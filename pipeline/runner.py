@@ -114,7 +114,7 @@ class EngineActor:
         return pa.Table.from_pylist(done, schema=SHARD_DONE)
 
     async def _shard(self, shard: Shard, variant: str, out: str) -> dict[str, Any]:
-        started, started_at = time.monotonic(), time.time()
+        started = time.time()
         self._report("shard_started", out)
         table = await asyncio.to_thread(inputs.read_shard, self._plan, shard)
         problems = table.column(INPUT_ERROR).to_pylist()
@@ -129,9 +129,9 @@ class EngineActor:
         if VARIANT_PARAMS in self._schema.names:
             records = records.append_column(VARIANT_PARAMS, pa.array([json.dumps(params)] * len(keys), pa.string()))
         records = records.select(self._schema.names).cast(self._schema)
-        tally = Tally.of_records(records, **asdict(retries), intervals=[[started_at, time.time()]])
+        tally = Tally.of_records(records, **asdict(retries), intervals=[[started, time.time()]])
         await asyncio.to_thread(outputs.write_shard, self._config.output, out, records, tally)
-        return {"shard": out, "rows": shard.rows, "seconds": time.monotonic() - started}
+        return {"shard": out, "rows": shard.rows, "seconds": time.time() - started}
 
     async def _answer(self, key: str, row: dict[str, Any] | None, problem: dict | None, params: dict[str, Any],
                       retries: _Retries) -> tuple[dict | None, dict | None]:
@@ -154,7 +154,6 @@ class EngineActor:
         attempt = 0
         while True:
             engine = self._engine
-            failure = None
             try:
                 if attempt and attempt == limit:  # the last retry runs alone
                     async with self._alone:
@@ -172,9 +171,9 @@ class EngineActor:
             if attempt == limit:
                 if attempt:
                     retries.failed += 1
-                return Answer(error=error_body(
-                    f"{failure}; this request was tried {attempt + 1} times, the last one alone on its "
-                    "engine, and was not retried again", "InternalServerError", 500))
+                tries = f"tried {attempt + 1} times, the last one alone on its engine" if attempt else "tried once"
+                return Answer(error=error_body(f"{failure}; this request was {tries}, and was not retried "
+                                               "again", "InternalServerError", 500))
             if attempt == 0:
                 retries.retried += 1
             await asyncio.sleep(self._config.engine.retry_backoff_s * 2 ** attempt)
@@ -338,7 +337,7 @@ def run(config: JobConfig) -> JobSummary:
         summary.comparison = write_comparison(config, variants, by_variant)
     if not finished:
         text = json.dumps(summary.model_dump(), indent=2)
-        outputs.write_text(outputs.run_log_path(config.output.path), text)
+        outputs.write_text(outputs.run_log_path(config.output.path, started), text)
         outputs.write_text(outputs.summary_path(config.output.path), text)
         outputs.write_text(outputs.marker_path(config.output.path), "")
     return summary
