@@ -62,6 +62,13 @@ def long_rows() -> pa.Table:
 
 def run_and_kill(run_job, table: pa.Table, find, ready, **config):
     """Run a job in a thread; SIGKILL the process `find` returns once `ready(process)`; return the output."""
+    import ray
+
+    # Start the shared local Ray here, in the main thread: Ray starts its GCS and raylet with a parent-death
+    # signal, which Linux sends when the *thread* that started them ends, so a Ray started inside the job
+    # thread would die with it, under the next test.
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
     result: list = []
     job = threading.Thread(target=lambda: result.append(run_job(table, **config)))
     job.start()
