@@ -217,7 +217,7 @@ def _init_ray(config: JobConfig) -> None:
         return
     address = config.ray_address or ("auto" if in_ray_job() else None)
     if address is None:
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)  # never a cluster another `ray start` left
     else:
         ray.init(address=address)
 

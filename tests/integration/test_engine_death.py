@@ -68,7 +68,7 @@ def run_and_kill(run_job, table: pa.Table, find, ready, **config):
     # signal, which Linux sends when the *thread* that started them ends, so a Ray started inside the job
     # thread would die with it, under the next test.
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)
     result: list = []
     job = threading.Thread(target=lambda: result.append(run_job(table, **config)))
     job.start()
