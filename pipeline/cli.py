@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.shutdown()  # flush the actors' logs first, so the summary is the last thing printed
     print("\n== job summary ==\n" + summary.render(), flush=True)
+    if summary.comparison:
+        from pipeline.compare import render
+
+        print(render(summary.comparison), flush=True)
     return EXIT_OK if summary.rows_out == summary.records_expected else EXIT_FAILED
 
 

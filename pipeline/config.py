@@ -40,7 +40,10 @@ class EngineConfig(_Strict):
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description=(
         "`gpu` reserves `tensor_parallel_size` GPUs per actor; `cpu` reserves `cpus_per_actor` CPUs. "
         "`auto`: gpu when the installed vLLM is a CUDA build, else cpu."))
-    num_actors: int = Field(1, ge=1, description="Engine actors, one vLLM engine each.")
+    num_actors: int | tuple[int, int] = Field(1, description=(
+        "Engine actors, one vLLM engine each: a number, or `[min, max]` for an elastic pool that Ray "
+        "Data grows while work waits (a cluster autoscaler adds the nodes) and that goes on with fewer "
+        "engines when a node is lost."))
     cpus_per_actor: float = Field(1, gt=0, description="CPUs each actor reserves (CPU engine).")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU engine).")
     max_model_len: int | None = Field(None, ge=16, description="Context length; default the model's.")
@@ -58,13 +61,32 @@ class EngineConfig(_Strict):
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` a request may ask for.")
     trust_remote_code: bool = Field(False, description="Run model code shipped in the model folder.")
     seed: int = Field(0, description="Engine seed (requests without a `seed` sample from it).")
-    shards_in_flight: int = Field(2, ge=1, description=(
-        "Shards (of `output.rows_per_file` rows) each actor works on at once; every row of them is "
-        "in the engine together, so a shard's longest generation never leaves the engine idle."))
+    rows_in_flight: int | None = Field(None, ge=1, description=(
+        "Rows each actor keeps in its engine, running or waiting, whatever the shard size: the actor "
+        "works on as many shards at once as this needs (at least 2, so a shard's longest generation "
+        "never leaves the engine idle). Default: 2 x max_num_seqs."))
+    shards_in_flight: int | None = Field(None, ge=1, description=(
+        "Shards each actor works on at once; overrides the number `rows_in_flight` gives."))
     row_retries: int = Field(2, ge=0, description=(
         "Times a row is answered again after its engine died (or answered 500); the last retry runs "
         "alone, so a row that kills every engine is found and recorded as a 500 error."))
     retry_backoff_s: float = Field(1.0, ge=0, description="Wait before a row's first retry; doubles each time.")
+
+    @field_validator("num_actors", mode="before")
+    @classmethod
+    def _actor_range(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            if len(v) != 2 or not all(isinstance(n, int) and n >= 1 for n in v) or v[0] > v[1]:
+                raise ValueError("must be a number, or [min, max] with 1 <= min <= max")
+            return tuple(v)
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError("must be greater than or equal to 1 (a number, or [min, max])")
+        return v
+
+    def actor_range(self) -> tuple[int, int]:
+        """(min, max) engine actors; a fixed pool has min == max."""
+        n = self.num_actors
+        return n if isinstance(n, tuple) else (n, n)
 
     def resolved_device(self) -> Literal["cpu", "gpu"]:
         if self.device != "auto":
@@ -152,8 +174,10 @@ class OutputConfig(_HasPath):
     mode: Literal["resume", "overwrite"] = Field("resume", description=(
         "`resume`: keep the shards a previous run of the same job finished and run only the rest "
         "(new input files included); `overwrite`: remove the previous output first."))
-    rows_per_file: int = Field(2048, ge=1, description=(
-        "Rows per shard: the unit of work, of retry and of resume, and one output file each."))
+    rows_per_file: int | None = Field(None, ge=1, description=(
+        "Rows per shard: the unit of work, of retry and of resume, and one output file each. Default: "
+        "chosen from the input's rows and the engine actors so each actor gets several shards (16 to "
+        "4,096 rows), and recorded in _job.json, so reruns and scheduled enrichment plan the same shards."))
 
 
 SWEEPABLE = "request fields except prompt, model and stream"

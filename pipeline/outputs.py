@@ -142,6 +142,19 @@ def prepare(config: OutputConfig, identity: dict[str, Any]) -> set[str]:
     return done
 
 
+def recorded_identity(config: OutputConfig) -> dict[str, Any] | None:
+    """The identity in the output's _job.json (None: a new output, or one about to be overwritten)."""
+    if config.mode == "overwrite":
+        return None
+    return _read_json(_join(config.path, JOB_FILE))
+
+
+def shard_written(config: OutputConfig, name: str) -> bool:
+    """Whether a shard's data file is in place (its records are done)."""
+    fs, path = filesystem(_join(data_dir(config.path), name + EXTENSIONS[config.format]))
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def done_shards(config: OutputConfig) -> set[str]:
     """The shards whose data file is in place (`<shard>` or `variant=<name>/<shard>`): one listing of
     data/, no file read."""

@@ -13,27 +13,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import os
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline import inputs, outputs
+from pipeline import inputs, outputs, pool
 from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan, Shard
 from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_body
 from pipeline.records import output_schema, result_arrays
+from pipeline.progress import EngineMeter, EngineUse, ProgressLine, engine_use, start_stats, utilisation
+from pipeline.progress import snapshot as progress_snapshot
 from pipeline.summary import JobSummary, Tally
 
 log = logging.getLogger(__name__)
 VARIANT_PARAMS = "variant_params"  # a sweep's records: the variant's request fields, as JSON
-SHARD_DONE = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("seconds", pa.float64())])
+SHARD_DONE = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("seconds", pa.float64()),
+                        ("error", pa.string())])
 
 
 def request_builder(config: JobConfig, input_format: str) -> RequestBuilder:
@@ -56,11 +59,19 @@ class _Retries:
     failed: int = 0
 
 
+SHARD_TRIES = 3  # reading or writing a shard: tries before the shard is reported failed
+
+
 class EngineActor:
     """A Ray Data actor hosting one vLLM engine. Each call is one shard: read, answer, write.
 
-    All of a shard's rows are in the engine at once, and the actor works on `engine.shards_in_flight`
-    shards together, so the engine stays full across shard boundaries.
+    All of a shard's rows go into the engine at once, and the actor works on several shards together
+    (`pool.shards_at_once`: enough to hold `engine.rows_in_flight` rows), so the engine stays full
+    whatever the shard size and across shard boundaries.
+
+    A row's failure stays the row's: anything that goes wrong building, answering or recording one row
+    becomes that row's error record. Reading or writing a shard is tried again; a shard that still
+    fails is reported to the driver, which fails the job after the other shards are written.
 
     When the engine process dies (killed, out of memory, a request that crashes it), the actor starts a
     new engine and answers the rows that were in flight again, after a backoff. A row's last retry runs
@@ -74,6 +85,8 @@ class EngineActor:
         # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        import ray
+
         from pipeline.tiny_model import resolve_model
 
         self._config = config
@@ -82,7 +95,9 @@ class EngineActor:
         self._schema = schema
         self._builder = builder
         self._params = params  # variant name -> its request fields (a sweep), which beat the row's
-        self._stats = stats
+        context = ray.get_runtime_context()
+        # an actor restarted by Ray keeps its id but not its process: the pid tells its engines apart
+        self._meter = EngineMeter(stats, f"{context.get_actor_id()[:8]}.{os.getpid()}", context.get_node_id())
         self._engine = self._start_engine()
         self._restart_lock = asyncio.Lock()
         self._alone = asyncio.Semaphore(1)
@@ -92,13 +107,8 @@ class EngineActor:
 
         engine = CompletionEngine.start(self._config.engine, self._model_path, self._builder.served_name,
                                         self._config.defaults.sampling_defaults())
-        self._report("engine_startup_s", engine.startup_s)
-        self._report("engine_ready_at", time.time())
+        self._meter.engine_started(engine.startup_s)
         return engine
-
-    def _report(self, name: str, value: Any) -> None:
-        if self._stats is not None:
-            self._stats.add.remote(name, value)
 
     def __del__(self) -> None:
         # Ray Data deletes the UDF when it retires the actor: stop the engine before the process goes.
@@ -110,13 +120,23 @@ class EngineActor:
         done = []
         for item in batch.to_pylist():
             variant, out = item.pop("variant"), item.pop("out")
-            done.append(await self._shard(Shard(**{**item, "duplicates": tuple(item["duplicates"])}), variant, out))
+            shard = Shard(**{**item, "duplicates": tuple(item["duplicates"])})
+            started = time.time()
+            try:
+                rows = await self._shard(shard, variant, out)
+                failure = None
+            except ShardFailed as exc:
+                rows, failure = 0, str(exc)
+            done.append({"shard": out, "rows": rows, "seconds": time.time() - started, "error": failure})
         return pa.Table.from_pylist(done, schema=SHARD_DONE)
 
-    async def _shard(self, shard: Shard, variant: str, out: str) -> dict[str, Any]:
+    async def _shard(self, shard: Shard, variant: str, out: str) -> int:
+        """Answer and write one shard; returns its rows (0 if an earlier attempt wrote it already)."""
+        if await asyncio.to_thread(outputs.shard_written, self._config.output, out):
+            return 0  # Ray Data ran this shard again (its result was lost with a node): it is done
         started = time.time()
-        self._report("shard_started", out)
-        table = await asyncio.to_thread(inputs.read_shard, self._plan, shard)
+        self._meter.shard_started(out)
+        table = await self._tried(f"reading shard {out} of {shard.file}", inputs.read_shard, self._plan, shard)
         problems = table.column(INPUT_ERROR).to_pylist()
         keys = table.column(ROW_KEY).to_pylist()
         rows = inputs.python_rows(table.drop_columns([INPUT_ERROR]), problems)
@@ -130,21 +150,30 @@ class EngineActor:
             records = records.append_column(VARIANT_PARAMS, pa.array([json.dumps(params)] * len(keys), pa.string()))
         records = records.select(self._schema.names).cast(self._schema)
         tally = Tally.of_records(records, **asdict(retries), intervals=[[started, time.time()]])
-        await asyncio.to_thread(outputs.write_shard, self._config.output, out, records, tally)
-        return {"shard": out, "rows": shard.rows, "seconds": time.time() - started}
+        await self._tried(f"writing shard {out}", outputs.write_shard, self._config.output, out, records, tally)
+        self._meter.beat()
+        return shard.rows
 
     async def _answer(self, key: str, row: dict[str, Any] | None, problem: dict | None, params: dict[str, Any],
                       retries: _Retries) -> tuple[dict | None, dict | None]:
+        """The row's (response, error); whatever goes wrong with this row stays this row's."""
         if problem is not None:
             return None, problem
         try:
-            body = {**self._builder.body(row), **params}
-        except BodyError as exc:
-            return None, exc.error
-        answer = await self._complete(body, retries)
-        if answer.response is not None:
-            answer.response["id"] = completion_id(key, body)
-        return answer.response, answer.error
+            try:
+                body = {**self._builder.body(row), **params}
+            except BodyError as exc:
+                return None, exc.error
+            answer = await self._complete(body, retries)
+            if answer.response is not None:
+                answer.response["id"] = completion_id(key, body)
+                self._meter.answered(answer.response["usage"]["completion_tokens"])
+            return answer.response, answer.error
+        except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not fail the shard
+            log.exception("row %s: answering it failed; recorded as a 500 error and the job goes on", key)
+            return None, error_body(f"the pipeline failed while answering this row ({type(exc).__name__}: "
+                                    f"{exc}); the other rows were answered. This is a bug: please report it "
+                                    "with the row.", "InternalServerError", 500)
 
     async def _complete(self, body: dict[str, Any], retries: _Retries) -> Any:
         """Answer a body; an engine death or a 500 is retried `engine.row_retries` times, with backoff."""
@@ -154,6 +183,7 @@ class EngineActor:
         attempt = 0
         while True:
             engine = self._engine
+            self._meter.enter()
             try:
                 if attempt and attempt == limit:  # the last retry runs alone
                     async with self._alone:
@@ -168,6 +198,8 @@ class EngineActor:
             except EngineDeadError as exc:
                 failure = f"the engine died ({exc})"
                 await self._replace(engine)
+            finally:
+                self._meter.leave()
             if attempt == limit:
                 if attempt:
                     retries.failed += 1
@@ -178,6 +210,20 @@ class EngineActor:
                 retries.retried += 1
             await asyncio.sleep(self._config.engine.retry_backoff_s * 2 ** attempt)
             attempt += 1
+
+    async def _tried(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run a shard-wide step in a thread, `SHARD_TRIES` times with backoff; raise ShardFailed."""
+        for attempt in range(SHARD_TRIES):
+            try:
+                return await asyncio.to_thread(fn, *args)
+            except Exception as exc:  # noqa: BLE001 - storage errors come in every type
+                message = f"{type(exc).__name__}: {exc}"
+                for uri in (self._config.input.path, self._config.output.path):
+                    message = message.replace(uri, inputs.redact(uri))
+                if attempt == SHARD_TRIES - 1:
+                    raise ShardFailed(f"{what} failed {SHARD_TRIES} times, the last with {message}") from exc
+                log.warning("%s failed (%s); trying again", what, message)
+                await asyncio.sleep(2 ** attempt)
 
     async def _replace(self, dead: Any) -> None:
         """Start a new engine once per death, however many requests saw it die."""
@@ -190,24 +236,10 @@ class EngineActor:
             except Exception:  # noqa: BLE001 - the old engine is gone either way
                 log.debug("shutting down the dead engine failed", exc_info=True)
             self._engine = self._start_engine()
-            self._report("engine_restarts", 1)
 
 
-def _stats_actor():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Stats:
-        def __init__(self) -> None:
-            self.values: dict[str, list[Any]] = {}
-
-        def add(self, name: str, value: Any) -> None:
-            self.values.setdefault(name, []).append(value)
-
-        def get(self) -> dict[str, list[Any]]:
-            return self.values
-
-    return Stats.remote()
+class ShardFailed(RuntimeError):
+    """Reading or writing a whole shard kept failing; the driver fails the job once the rest is written."""
 
 
 def _init_ray(config: JobConfig) -> None:
@@ -220,14 +252,6 @@ def _init_ray(config: JobConfig) -> None:
         ray.init(address="local", include_dashboard=False)  # never a cluster another `ray start` left
     else:
         ray.init(address=address)
-
-
-def _actor_resources(config: JobConfig) -> dict[str, Any]:
-    engine = config.engine
-    if engine.resolved_device() == "gpu":
-        # One GPU per tensor-parallel rank; vLLM's TP workers share the actor's reservation.
-        return {"num_gpus": engine.tensor_parallel_size, "num_cpus": 1}
-    return {"num_cpus": engine.cpus_per_actor}
 
 
 def _record_schema(config: JobConfig, plan: InputPlan) -> pa.Schema:
@@ -261,16 +285,27 @@ class WorkItem:
         return self.variant.folder() + self.shard.id
 
 
-def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema) -> dict[str, list]:
-    """Answer one model's pending work items on its engine actors; return what the actors reported."""
+@dataclass
+class Ran:
+    """What the engine actors of one run reported (beyond the records and tallies they wrote)."""
+
+    engines: list[EngineUse]
+    shard_starts: list[str]
+    failed: dict[str, str]  # shard -> why it has no records
+    first_ready_at: float | None
+
+
+def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema) -> Ran:
+    """Answer one model's pending work items on its engine actors."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     _init_ray(config)
-    ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("CI") != "true"
-    stats = _stats_actor()
+    show = os.environ.get("CI") != "true"
+    ray.data.DataContext.get_current().enable_progress_bars = show
+    stats = start_stats()
     actor_plan = replace(plan, shards=[])  # each actor gets its shards from Ray Data, not the whole list
     params = {item.variant.name: item.variant.params for item in items}
+    rows = sum(i.shard.rows for i in items)
     work = ray.data.from_items([{**asdict(i.shard), "variant": i.variant.name, "out": i.out} for i in items],
                                override_num_blocks=len(items))
     done = work.map_batches(
@@ -278,21 +313,43 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
         fn_constructor_args=(config, actor_plan, request_builder(config, plan.format), schema, params, stats),
         batch_format="pyarrow",
         batch_size=1,
-        compute=ActorPoolStrategy(size=min(config.engine.num_actors, len(items)),
-                                  max_tasks_in_flight_per_actor=config.engine.shards_in_flight),
-        **_actor_resources(config),
+        compute=pool.actor_pool(config.engine, len(items), rows / len(items)),
+        **pool.actor_resources(config.engine),
     )
-    for batch in done.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in batch.to_pylist():
-            log.info("shard %s done: %d rows in %.1fs", row["shard"], row["rows"], row["seconds"])
-    counts = ray.get(stats.get.remote())
+    failed: dict[str, str] = {}
+    progress = ProgressLine(stats, rows) if show else contextlib.nullcontext()
+    with progress:
+        for batch in done.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                if row["error"] is not None:
+                    failed[row["shard"]] = row["error"]
+                    log.error("shard %s has no records: %s", row["shard"], row["error"])
+                else:
+                    log.info("shard %s done: %d rows in %.1fs", row["shard"], row["rows"], row["seconds"])
+    end = time.time()
+    snap = progress_snapshot(stats, getattr(progress, "last", None))
     ray.kill(stats)
-    return counts
+    ready = [e["ready_at"] for e in snap["engines"].values() if "ready_at" in e]
+    return Ran(engine_use(snap["engines"], end), snap["shard_starts"], failed, min(ready) if ready else None)
+
+
+def _shard_size(config: JobConfig) -> JobConfig:
+    """The config with `output.rows_per_file` set: the user's, the one this output was planned with, or
+    one sized to the cluster (several shards per engine actor)."""
+    if config.output.rows_per_file is not None:
+        return config
+    recorded = outputs.recorded_identity(config.output)
+    size = (recorded or {}).get("output", {}).get("rows_per_file")
+    if size is None:
+        rows = inputs.plan_input(config.input, pool.MAX_SHARD_ROWS).rows
+        size = pool.shard_rows(rows, config.engine.actor_range()[1])
+    return config.model_copy(update={"output": config.output.model_copy(update={"rows_per_file": size})})
 
 
 def run(config: JobConfig) -> JobSummary:
     """Run the job (or the part earlier runs left) and return the summary of the whole output."""
     started = time.time()
+    config = _shard_size(config)
     plan = inputs.plan_input(config.input, config.output.rows_per_file)  # InputError before Ray starts
     schema = _record_schema(config, plan)
     done = outputs.prepare(config.output, config.identity())  # OutputError before Ray starts
@@ -300,34 +357,39 @@ def run(config: JobConfig) -> JobSummary:
     items = [WorkItem(v, s) for v in variants for s in plan.shards]
     pending = [i for i in items if i.out not in done]
     finished = not pending and outputs.is_complete(config.output.path)
-    counts: dict[str, list] = defaultdict(list)
+    ran: list[Ran] = []
     if pending:
         outputs.unmark(config.output.path)
-        log.info("%d of %d shards to run (%d rows); %d done by earlier runs", len(pending), len(items),
-                 sum(i.shard.rows for i in pending), len(items) - len(pending))
+        log.info("%d of %d shards to run (%d rows, %d per shard); %d done by earlier runs", len(pending),
+                 len(items), sum(i.shard.rows for i in pending), config.output.rows_per_file,
+                 len(items) - len(pending))
         # one model after another (variants are listed model by model): each engine loads once
         for model, group in itertools.groupby(pending, key=lambda i: i.variant.model):
-            reported = _run_items(config.model_copy(update={"model": model}), plan, list(group), schema)
-            for name, values in reported.items():
-                counts[name] += values
+            ran.append(_run_items(config.model_copy(update={"model": model}), plan, list(group), schema))
 
+    written = outputs.done_shards(config.output) if pending else done
     total, run_tally, by_variant = Tally(), Tally(), {v.name: Tally() for v in variants}
     pending_names = {i.out for i in pending}
-    for item, tally in zip(items, outputs.read_tallies(config.output.path, [i.out for i in items])):
+    present = [i for i in items if i.out in written]
+    for item, tally in zip(present, outputs.read_tallies(config.output.path, [i.out for i in present])):
         total.add(tally)
         by_variant[item.variant.name].add(tally)
         if item.out in pending_names:
             run_tally.add(tally)
-    attempts = counts["shard_started"]
-    ready = counts["engine_ready_at"]
+    engines = [e for r in ran for e in r.engines]
+    attempts = [s for r in ran for s in r.shard_starts]
+    ready = [r.first_ready_at for r in ran if r.first_ready_at is not None]
+    missing = {i.out: "" for i in items if i.out not in written}
+    missing.update({name: why for r in ran for name, why in r.failed.items()})
     summary = JobSummary.of(
         total, run_tally,
         input=inputs.redact(config.input.path), output=inputs.redact(config.output.path), rows_in=plan.rows,
         variants=[v.name for v in variants if v.name], records_expected=plan.rows * len(variants),
         nothing_to_do=finished, shards=len(items), shards_kept=len(items) - len(pending),
-        shards_run=len(pending), shards_redone=len(attempts) - len(set(attempts)),
-        engine_restarts=len(counts["engine_restarts"]),
-        engine_startup_s=[round(s, 3) for s in counts["engine_startup_s"]],
+        shards_run=len(pending) - len(missing), rows_per_shard=config.output.rows_per_file,
+        shards_failed=missing, shards_redone=len(attempts) - len(set(attempts)),
+        engine_restarts=sum(1 for e in engines if not e.engine.endswith("-1")),
+        engine_startup_s=[e.startup_s for e in engines], engines=engines, engine_utilisation=utilisation(engines),
         first_engine_ready_s=round(min(ready) - started, 3) if ready else 0.0,
         wall_s=round(time.time() - started, 3),
     )
@@ -339,5 +401,6 @@ def run(config: JobConfig) -> JobSummary:
         text = json.dumps(summary.model_dump(), indent=2)
         outputs.write_text(outputs.run_log_path(config.output.path, started), text)
         outputs.write_text(outputs.summary_path(config.output.path), text)
-        outputs.write_text(outputs.marker_path(config.output.path), "")
+        if not missing:
+            outputs.write_text(outputs.marker_path(config.output.path), "")
     return summary

@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
+from pipeline.progress import EngineUse
+
 
 class Tally(BaseModel):
     """The records of one shard (or of many, summed)."""
@@ -98,10 +100,17 @@ class JobSummary(BaseModel):
     shards: int = Field(0, description="Shards of the input.")
     shards_kept: int = Field(0, description="Shards earlier runs finished, not run again.")
     shards_run: int = Field(0, description="Shards this run wrote.")
+    rows_per_shard: int = Field(0, description="output.rows_per_file: given, recorded, or sized to the cluster.")
+    shards_failed: dict[str, str] = Field(default_factory=dict, description=(
+        "Shards with no records (their file could not be read or written): shard -> why. The job "
+        "failed; a rerun resumes and runs only these."))
     rows_run: int = Field(0, description="Rows this run wrote.")
     shards_redone: int = Field(0, description="Shard attempts run again after an engine actor died.")
     engine_restarts: int = Field(0, description="Engines started again after one died.")
     engine_startup_s: list[float] = Field(default_factory=list, description="One per engine start.")
+    engines: list[EngineUse] = Field(default_factory=list, description=(
+        "Each engine of this run: node, rows, busy time over its time alive after start-up."))
+    engine_utilisation: float = Field(0.0, description="All engines' busy time over their time alive.")
     first_engine_ready_s: float = Field(0.0, description=(
         "From the job's start to its first engine ready: planning, Ray, the actor, the engine."))
     wall_s: float = 0.0
@@ -144,12 +153,16 @@ class JobSummary(BaseModel):
             f"engine start-up:     {', '.join(f'{s:.1f}s' for s in self.engine_startup_s) or 'n/a'} "
             f"(first engine ready {self.first_engine_ready_s:.1f}s after the start)",
             f"engine restarts:     {self.engine_restarts}",
+            f"engine utilisation:  {self.engine_utilisation:.0%} busy"
+            + (f" ({', '.join(f'{e.engine} on {e.node[:8]}: {e.busy_share:.0%} of {e.alive_s:.0f}s' for e in self.engines)})"
+               if self.engines else ""),
             f"wall time:           {self.wall_s:.1f}s",
             f"output tokens/s:     {self.output_tokens_per_s:.0f}",
         ]
+        if self.shards_failed:
+            lines += ["", f"FAILED: {len(self.shards_failed)} shards have no records; fix the cause and run the "
+                      "same command again to run only these:"]
+            lines += [f"  {name}: {why or 'not written'}" for name, why in sorted(self.shards_failed.items())]
         if self.comparison:
-            from pipeline.compare import render
-
-            lines += ["", f"sweep: {len(self.variants)} variants (comparison.csv, .json, .png in {self.output})",
-                      render(self.comparison)]
+            lines += ["", f"sweep: {len(self.variants)} variants (comparison.csv, .json, .png in {self.output})"]
         return "\n".join(lines)

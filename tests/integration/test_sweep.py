@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.compare import render
 from pipeline.config import JobConfig
 from pipeline.runner import run
 from tests.integration.conftest import CONTEXT
@@ -71,7 +72,7 @@ def test_comparison_table_csv_json_and_plot(sweep):
     with open(tmp_path / "out" / "comparison.csv") as f:
         assert [row["variant"] for row in csv.DictReader(f)] == summary.variants
     assert (tmp_path / "out" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "tiny-llama-b_seed11_temperature1.0_max_tokens12" in summary.render()
+    assert "tiny-llama-b_seed11_temperature1.0_max_tokens12" in render(summary.comparison)
 
 
 def test_seeded_variants_reproduce_when_rerun(sweep):

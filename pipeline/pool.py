@@ -1,0 +1,61 @@
+"""How the work meets the cluster: the shard size, the engine actor pool, and how many shards each
+actor works on at once so that its engine stays full whatever the shard size.
+
+A shard is the unit of output, of resume and of retry; an engine wants `max_num_seqs` rows running and
+more waiting. The two are decoupled here: shards are sized so every actor gets several (small jobs
+too), and an actor takes as many shards at once as it needs to hold `rows_in_flight` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pipeline.config import EngineConfig
+
+SHARDS_PER_ACTOR = 4  # so the last shards leave little idle at the tail, and a lost actor redoes little
+MIN_SHARD_ROWS = 16
+MAX_SHARD_ROWS = 4096  # a sensible file: 4,096 records of a few KiB each
+MAX_SHARDS_AT_ONCE = 64
+
+
+def shard_rows(rows: int, actors: int) -> int:
+    """The default rows per shard for `rows` input rows and at most `actors` engine actors."""
+    wanted = math.ceil(rows / (max(actors, 1) * SHARDS_PER_ACTOR))
+    return max(MIN_SHARD_ROWS, min(MAX_SHARD_ROWS, wanted))
+
+
+def rows_in_flight(engine: EngineConfig) -> int:
+    """Rows an actor keeps in its engine: by default `max_num_seqs` running and as many waiting."""
+    return engine.rows_in_flight or 2 * engine.max_num_seqs
+
+
+def shards_at_once(engine: EngineConfig, mean_shard_rows: float) -> int:
+    """Shards one actor works on together: enough to hold `rows_in_flight` rows, and at least 2 so
+    the next shard's rows are already in the engine while a shard's last rows finish."""
+    if engine.shards_in_flight is not None:
+        return engine.shards_in_flight
+    needed = math.ceil(rows_in_flight(engine) / max(mean_shard_rows, 1)) + 1
+    return max(2, min(MAX_SHARDS_AT_ONCE, needed))
+
+
+def actor_pool(engine: EngineConfig, work_items: int, mean_shard_rows: float) -> Any:
+    """Ray Data's actor pool: fixed, or elastic between `num_actors: [min, max]`; never more actors than
+    work items. Each actor takes `shards_at_once` calls concurrently (the actor is async)."""
+    from ray.data import ActorPoolStrategy
+
+    low, high = engine.actor_range()
+    high = max(1, min(high, work_items))
+    low = min(low, high)
+    at_once = shards_at_once(engine, mean_shard_rows)
+    bounds = {"size": high} if low == high else {"min_size": low, "max_size": high}
+    return ActorPoolStrategy(**bounds, max_tasks_in_flight_per_actor=at_once,
+                             max_concurrent_calls_per_actor=at_once)
+
+
+def actor_resources(engine: EngineConfig) -> dict[str, Any]:
+    """What each engine actor reserves from Ray."""
+    if engine.resolved_device() == "gpu":
+        # One GPU per tensor-parallel rank; vLLM's TP workers share the actor's reservation.
+        return {"num_gpus": engine.tensor_parallel_size, "num_cpus": 1}
+    return {"num_cpus": engine.cpus_per_actor}

@@ -1,0 +1,232 @@
+"""How busy the engines are, while the job runs and in its summary.
+
+Each engine actor keeps an `EngineMeter`: the rows it answered, the output tokens, and the time its
+engine had at least one row in it (busy). A thread sends the figures every few seconds to the job's
+`JobStats` actor, which lives on the driver's node: nothing the job needs at its end lives in a
+process that a lost node takes with it, and if the stats are lost anyway the job still finishes (the
+records and their tallies are on disk; only these figures are missing).
+
+The driver prints a progress line from the same figures (rows done/total, output tokens/s, engine
+busy share, ETA) and, at the end, each engine's busy share and the job's engine utilisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+BEAT_S = 2.0  # how often an engine actor reports
+PROGRESS_S = 5.0  # how often the driver prints a progress line
+
+
+class EngineUse(BaseModel):
+    """One engine (a vLLM engine process; an actor that restarts its engine has several)."""
+
+    engine: str = Field(description="`<actor>-<n>`: the actor's id and its n-th engine.")
+    node: str = Field("", description="The Ray node it ran on.")
+    startup_s: float = 0.0
+    rows: int = Field(0, description="Rows it answered (a row answered again after a death counts again).")
+    completion_tokens: int = 0
+    busy_s: float = Field(0.0, description="Time with at least one row in the engine.")
+    alive_s: float = Field(0.0, description="Time from its start-up's end to its end (or the job's).")
+    busy_share: float = Field(0.0, description="busy_s / alive_s.")
+
+
+class EngineMeter:
+    """Counts one actor's engine work and reports it to the job's stats actor (actor side)."""
+
+    def __init__(self, stats: Any, actor_id: str, node: str) -> None:
+        self._stats = stats
+        self._actor = actor_id
+        self._node = node
+        self._generation = 0
+        self._lock = threading.Lock()
+        self._figures = self._fresh()
+        self._in_engine = 0
+        self._busy_since: float | None = None
+        if stats is not None:
+            threading.Thread(target=self._beat_forever, daemon=True, name="engine-meter").start()
+
+    @staticmethod
+    def _fresh() -> dict[str, Any]:
+        return {"rows": 0, "completion_tokens": 0, "busy_s": 0.0}
+
+    @property
+    def engine_id(self) -> str:
+        return f"{self._actor}-{self._generation}"
+
+    def engine_started(self, startup_s: float) -> None:
+        """A new engine is ready: its figures start from zero."""
+        now = time.time()
+        with self._lock:
+            if self._generation:
+                self._send("stopped", self.engine_id, now)
+            self._generation += 1
+            self._figures = self._fresh()
+            self._busy_since = now if self._in_engine else None
+        self._send("engine", self.engine_id, {"node": self._node, "startup_s": startup_s, "ready_at": now})
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._in_engine == 0:
+                self._busy_since = time.time()
+            self._in_engine += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_engine -= 1
+            if self._in_engine == 0 and self._busy_since is not None:
+                self._figures["busy_s"] += time.time() - self._busy_since
+                self._busy_since = None
+
+    def answered(self, completion_tokens: int) -> None:
+        with self._lock:
+            self._figures["rows"] += 1
+            self._figures["completion_tokens"] += completion_tokens
+
+    def shard_started(self, name: str) -> None:
+        self._send("shard_started", name)
+
+    def beat(self) -> None:
+        now = time.time()
+        with self._lock:
+            figures = dict(self._figures)
+            if self._busy_since is not None:
+                figures["busy_s"] += now - self._busy_since
+            engine = self.engine_id
+        self._send("beat", engine, figures, now)
+
+    def _beat_forever(self) -> None:
+        while True:
+            time.sleep(BEAT_S)
+            if self._generation:
+                self.beat()
+
+    def _send(self, method: str, *args: Any) -> None:
+        if self._stats is None:
+            return
+        try:
+            getattr(self._stats, method).remote(*args)
+        except Exception:  # noqa: BLE001 - figures are best effort; the records are what matters
+            log.debug("could not report %s to the job's stats actor", method, exc_info=True)
+
+
+class _Stats:
+    """The job's stats actor (driver's node): the latest figures of every engine."""
+
+    def __init__(self) -> None:
+        self.engines: dict[str, dict[str, Any]] = {}
+        self.shard_starts: list[str] = []
+
+    def engine(self, engine: str, info: dict[str, Any]) -> None:
+        self.engines.setdefault(engine, {}).update(info, last_at=info["ready_at"])
+
+    def beat(self, engine: str, figures: dict[str, Any], at: float) -> None:
+        entry = self.engines.setdefault(engine, {})
+        if at >= entry.get("last_at", 0):
+            entry.update(figures, last_at=at)
+
+    def stopped(self, engine: str, at: float) -> None:
+        self.engines.setdefault(engine, {})["stopped_at"] = at
+
+    def shard_started(self, name: str) -> None:
+        self.shard_starts.append(name)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"engines": self.engines, "shard_starts": self.shard_starts}
+
+
+def start_stats() -> Any:
+    """The stats actor, pinned to this (the driver's) node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0)(_Stats)
+    return actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+
+
+def snapshot(stats: Any, last: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stats actor's figures; the last ones known (or none) if it cannot answer."""
+    import ray
+
+    try:
+        return ray.get(stats.snapshot.remote(), timeout=30)
+    except Exception as exc:  # noqa: BLE001 - the job does not depend on these figures
+        log.warning("the job's engine statistics are incomplete (%s); the records are not affected", exc)
+        return last or {"engines": {}, "shard_starts": []}
+
+
+def engine_use(engines: dict[str, dict[str, Any]], end: float) -> list[EngineUse]:
+    """Each engine's busy share. An engine still reporting near the end was alive until the end; one
+    that stopped (replaced after a death) or went silent (its actor or node was lost) until then."""
+    used = []
+    for name, e in sorted(engines.items()):
+        if "ready_at" not in e:
+            continue
+        until = e.get("stopped_at") or (end if end - e["last_at"] <= 3 * BEAT_S else e["last_at"])
+        alive = max(until - e["ready_at"], 0.0)
+        busy = min(e.get("busy_s", 0.0), alive)
+        used.append(EngineUse(engine=name, node=e.get("node", ""), startup_s=round(e.get("startup_s", 0.0), 3),
+                              rows=e.get("rows", 0), completion_tokens=e.get("completion_tokens", 0),
+                              busy_s=round(busy, 3), alive_s=round(alive, 3),
+                              busy_share=round(busy / alive, 4) if alive else 0.0))
+    return used
+
+
+def utilisation(used: list[EngineUse]) -> float:
+    """The job's engine utilisation: busy time over alive time, all engines together."""
+    alive = sum(u.alive_s for u in used)
+    return round(sum(u.busy_s for u in used) / alive, 4) if alive else 0.0
+
+
+class ProgressLine:
+    """Prints `rows done/total, output tokens/s, engines busy, ETA` every few seconds (driver side)."""
+
+    def __init__(self, stats: Any, total_rows: int, done_rows: int = 0, interval_s: float = PROGRESS_S) -> None:
+        self._stats = stats
+        self._total = total_rows
+        self._done_before = done_rows
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._started = time.time()
+        self._history: list[tuple[float, int, int]] = []  # (time, rows, tokens)
+        self.last: dict[str, Any] | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="progress-line")
+
+    def __enter__(self) -> "ProgressLine":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.last = snapshot(self._stats, self.last)
+            print(self.render(self.last, time.time()), flush=True)
+
+    def render(self, snap: dict[str, Any], now: float) -> str:
+        engines = snap["engines"].values()
+        rows = min(self._total, self._done_before + sum(e.get("rows", 0) for e in engines))
+        tokens = sum(e.get("completion_tokens", 0) for e in engines)
+        self._history = [h for h in self._history if now - h[0] <= 30] + [(now, rows, tokens)]
+        first = self._history[0]
+        span = now - first[0]
+        tok_s = (tokens - first[2]) / span if span > 0 else 0.0
+        row_s = (rows - first[1]) / span if span > 0 else 0.0
+        eta = f"{int((self._total - rows) / row_s) // 60}:{int((self._total - rows) / row_s) % 60:02d}" \
+            if row_s > 0 else "--"
+        used = engine_use(snap["engines"], now)
+        live = [u for u in used if u.alive_s and now - snap["engines"][u.engine].get("last_at", 0) <= 3 * BEAT_S]
+        share = f"{utilisation(live):.0%} busy" if live else "starting"
+        pct = rows / self._total if self._total else 1.0
+        return (f"progress: {rows:,}/{self._total:,} rows ({pct:.0%}) | {tok_s:,.0f} output tok/s | "
+                f"{len(live)} engine{'s' if len(live) != 1 else ''} {share} | ETA {eta} | "
+                f"{now - self._started:.0f}s")
