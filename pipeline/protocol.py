@@ -116,4 +116,5 @@ def completion_id(row_key: str, body: dict[str, Any]) -> str:
     """A response `id` that depends only on the row's key and its request: the same in every rerun of
     the row, different for another row or another request (a sweep's variants)."""
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return "cmpl-" + hashlib.sha256(f"{row_key}\n{canonical}".encode()).hexdigest()[:32]
+    # surrogatepass: a body may hold a lone surrogate (its row then gets a 400, but still an id)
+    return "cmpl-" + hashlib.sha256(f"{row_key}\n{canonical}".encode("utf-8", "surrogatepass")).hexdigest()[:32]

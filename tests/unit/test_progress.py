@@ -1,0 +1,56 @@
+"""Engine busy shares and the progress line, from the figures engine actors report."""
+
+from pipeline.progress import BEAT_S, EngineMeter, ProgressLine, engine_use, utilisation
+
+
+def test_busy_share_of_live_stopped_and_lost_engines():
+    end = 1000.0
+    engines = {
+        "a.1-1": {"node": "n1", "startup_s": 20.0, "ready_at": 900.0, "last_at": end - 1, "busy_s": 90.0,
+                  "rows": 10, "completion_tokens": 100},
+        "a.1-2": {"node": "n1", "ready_at": 900.0, "last_at": 940.0, "stopped_at": 950.0, "busy_s": 25.0},
+        "b.2-1": {"node": "n2", "ready_at": 900.0, "last_at": 960.0, "busy_s": 60.0},  # its node was lost
+        "c.3-1": {"node": "n2"},  # reported a beat but never its start: ignored
+    }
+    used = {u.engine: u for u in engine_use(engines, end)}
+    assert set(used) == {"a.1-1", "a.1-2", "b.2-1"}
+    assert (used["a.1-1"].alive_s, used["a.1-1"].busy_share) == (100.0, 0.9)  # alive until the end
+    assert (used["a.1-2"].alive_s, used["a.1-2"].busy_share) == (50.0, 0.5)  # until it was replaced
+    assert (used["b.2-1"].alive_s, used["b.2-1"].busy_share) == (60.0, 1.0)  # until it went silent
+    assert utilisation(list(used.values())) == round(175 / 210, 4)
+    assert utilisation([]) == 0.0
+
+
+def test_meter_counts_busy_time_only_with_rows_in_the_engine(monkeypatch):
+    clock = iter([0.0, 10.0, 15.0, 20.0]).__next__
+    monkeypatch.setattr("pipeline.progress.time.time", lambda: clock())
+    sent = []
+
+    class Stats:
+        def __getattr__(self, method):
+            return type("M", (), {"remote": staticmethod(lambda *a: sent.append((method, a)))})
+
+    meter = EngineMeter(None, "a.1", "node")
+    meter._stats = Stats()  # report without the background thread
+    meter.engine_started(5.0)  # t=0
+    meter.enter()  # t=10: busy from here
+    meter.enter()  # a second row: still one busy stretch
+    meter.leave()
+    meter.leave()  # t=15: idle
+    meter.answered(7)
+    meter.beat()  # t=20
+    method, (engine, figures, at) = sent[-1]
+    assert (method, engine, at) == ("beat", "a.1-1", 20.0)
+    assert figures == {"rows": 1, "completion_tokens": 7, "busy_s": 5.0}
+
+
+def test_progress_line_shows_rows_rate_and_eta():
+    line = ProgressLine(stats=None, total_rows=1000)
+    line._started = 0.0
+    snap = {"engines": {"a.1-1": {"ready_at": 0.0, "last_at": 10.0, "rows": 100, "completion_tokens": 1000,
+                                  "busy_s": 9.0}}, "shard_starts": []}
+    line.render(snap, 10.0)
+    snap["engines"]["a.1-1"].update(last_at=20.0, rows=300, completion_tokens=3000, busy_s=19.0)
+    text = line.render(snap, 20.0)
+    assert text.startswith("progress: 300/1,000 rows (30%) | 200 output tok/s | 1 engine 95% busy | ETA 0:35")
+    assert BEAT_S < 10

@@ -1,0 +1,44 @@
+"""Plumbing: whatever goes wrong with one row becomes that row's error record (no engine needed)."""
+
+import asyncio
+
+from pipeline.protocol import completion_id
+from pipeline.records import ERROR_TYPE, RESPONSE_TYPE, result_arrays
+from pipeline.runner import EngineActor, _Retries
+
+
+class Meter:
+    def enter(self): ...
+    def leave(self): ...
+    def answered(self, tokens): ...
+
+
+class ExplodingBuilder:
+    served_name = "tiny-llama"
+
+    def body(self, row):
+        if row["prompt"] == "boom":
+            raise RuntimeError("an unforeseen bug")
+        return {"prompt": row["prompt"]}
+
+
+def test_an_exception_answering_one_row_is_that_rows_500_record():
+    actor = EngineActor.__new__(EngineActor)  # no engine: the body fails before it is needed
+    actor._builder, actor._meter = ExplodingBuilder(), Meter()
+    response, error = asyncio.run(actor._answer("r1", {"prompt": "boom"}, None, {}, _Retries()))
+    assert response is None
+    assert error["code"] == 500 and error["type"] == "InternalServerError"
+    assert "RuntimeError: an unforeseen bug" in error["message"] and "other rows were answered" in error["message"]
+    responses, errors = result_arrays([(response, error)])
+    assert responses.type == RESPONSE_TYPE and errors.type == ERROR_TYPE and errors[0]["code"].as_py() == 500
+
+
+def test_a_row_problem_found_while_reading_is_kept_as_is():
+    actor = EngineActor.__new__(EngineActor)
+    problem = {"message": "bad bytes", "type": "BadRequestError", "param": "prompt", "code": 400}
+    assert asyncio.run(actor._answer("r1", None, problem, {}, _Retries())) == (None, problem)
+
+
+def test_completion_id_of_a_body_with_a_lone_surrogate():
+    assert completion_id("k", {"prompt": "a\ud800b"}).startswith("cmpl-")
+    assert completion_id("k", {"prompt": "a\ud800b"}) != completion_id("k", {"prompt": "a\ud801b"})
