@@ -102,7 +102,45 @@ def response_body(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def result_arrays(answers: list[tuple[dict | None, dict | None]]) -> tuple[pa.Array, pa.Array]:
-    """Arrow arrays for the `response` and `error` columns of a batch of (response, error) answers."""
+    """Arrow arrays for the `response` and `error` columns of a batch of (response, error) answers.
+
+    A row whose answer Arrow cannot hold (a string that is not valid Unicode, e.g. a lone surrogate an
+    error message quotes from the request) is stored with such characters escaped (`\\ud800`); one
+    that still cannot be stored becomes a 500 error record. Either way the other rows are untouched.
+    """
     responses = [None if r is None else response_record(r) for r, _ in answers]
     errors = [e for _, e in answers]
+    try:
+        return pa.array(responses, type=RESPONSE_TYPE), pa.array(errors, type=ERROR_TYPE)
+    except (pa.ArrowException, UnicodeError, TypeError, ValueError, OverflowError):
+        pass
+    for i, (response, error) in enumerate(zip(responses, errors)):
+        try:
+            responses[i], errors[i] = _storable(response, RESPONSE_TYPE), _storable(error, ERROR_TYPE)
+        except (pa.ArrowException, UnicodeError, TypeError, ValueError, OverflowError) as exc:
+            responses[i] = None
+            errors[i] = {"message": f"the answer to this row could not be stored ({type(exc).__name__}: "
+                                    f"{_escaped(str(exc))}); this is a bug, please report it with the row",
+                         "type": "InternalServerError", "param": None, "code": 500}
     return pa.array(responses, type=RESPONSE_TYPE), pa.array(errors, type=ERROR_TYPE)
+
+
+def _escaped(value: Any) -> Any:
+    """Strings with anything UTF-8 cannot hold escaped (backslashreplace), recursively."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escaped(v) for v in value]
+    return value
+
+
+def _storable(value: dict | None, type_: pa.DataType) -> dict | None:
+    try:
+        pa.array([value], type=type_)
+        return value
+    except (pa.ArrowException, UnicodeError):
+        escaped = _escaped(value)
+        pa.array([escaped], type=type_)  # raises if escaping was not enough
+        return escaped

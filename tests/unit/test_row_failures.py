@@ -42,3 +42,15 @@ def test_a_row_problem_found_while_reading_is_kept_as_is():
 def test_completion_id_of_a_body_with_a_lone_surrogate():
     assert completion_id("k", {"prompt": "a\ud800b"}).startswith("cmpl-")
     assert completion_id("k", {"prompt": "a\ud800b"}) != completion_id("k", {"prompt": "a\ud801b"})
+
+
+def test_an_answer_arrow_cannot_hold_is_stored_escaped_and_the_others_untouched():
+    quoting = {"message": "stop must not be '\ud800'", "type": "BadRequestError", "param": "stop", "code": 400}
+    fine = {"message": "n must be at least 1", "type": "BadRequestError", "param": "n", "code": 400}
+    unstorable = {"message": "too big", "type": "BadRequestError", "param": None, "code": 10**30}
+    responses, errors = result_arrays([(None, quoting), (None, fine), (None, unstorable)])
+    stored = errors.to_pylist()
+    assert stored[0]["message"] == "stop must not be '\\ud800'" and stored[0]["code"] == 400
+    assert stored[1] == fine
+    assert stored[2]["code"] == 500 and "could not be stored" in stored[2]["message"]
+    assert responses.null_count == 3
