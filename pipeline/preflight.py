@@ -140,7 +140,7 @@ def check_rows(config: JobConfig) -> Iterator[RowCheck]:
 
 
 def _prepare(config: JobConfig) -> tuple[Any, Any, RequestChecker]:
-    plan = inputs.plan_input(config.input, config.output.rows_per_file)
+    plan = inputs.plan_input(config.input, config.output.rows_per_file or 2048)  # any size serves validate
     return plan, request_builder(config, plan.format), RequestChecker(config)
 
 

@@ -22,7 +22,7 @@ def test_demo_config_is_valid():
 
 def test_gpu_example_config_is_valid():
     config = load_config("configs/gpu-cluster.yaml")
-    assert config.engine.device == "gpu" and config.engine.num_actors == 8
+    assert config.engine.device == "gpu" and config.engine.actor_range() == (2, 8)
 
 
 def test_spec_defaults_when_not_configured():

@@ -1,0 +1,166 @@
+"""Chaos on a real two-node Ray cluster: no lost process can fail the job.
+
+The test starts a Ray head and a second node on this machine (`ray start`, one CPU each, a temp dir and
+an auth token of their own), and runs the job against it with two engine actors, so one actor runs on
+each node. While the job runs it kills, one after another:
+
+  1. the vLLM engine core process under the second node's actor (the actor starts a new engine),
+  2. the engine actor's process on the head node (Ray starts it again, Ray Data re-sends its shards),
+  3. the second node's raylet, with every process it started (the node is lost).
+
+The job must still exit 0 with every row answered exactly once, `summary.json` and `_SUCCESS`. The
+cluster is stopped at the end whatever happens, by killing the processes it started (`ray stop` would
+stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.engine
+RAY = str(Path(sys.executable).parent / "ray")
+ROWS, MAX_TOKENS = 1280, 200
+ACTOR, CORE = "MapWorker(MapBatches(EngineActor))", "VLLM::EngineCore"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()) or proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
+
+
+def under(root: psutil.Process, name: str) -> list[psutil.Process]:
+    """The live processes below `root` whose command line contains `name`."""
+    try:
+        return [p for p in root.children(recursive=True) if name in cmdline(p) and p.status() != "zombie"]
+    except psutil.NoSuchProcess:
+        return []
+
+
+class TwoNodeCluster:
+    def __init__(self) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="rtn-", dir="/tmp")  # short: Ray's socket paths are limited
+        self.port, self.node2_port = free_port(), free_port()
+        self.env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CI")},
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+    def start(self) -> None:
+        common = ["--num-cpus=1", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        for args in (["--head", f"--port={self.port}", "--include-dashboard=false"],
+                     [f"--address=127.0.0.1:{self.port}", f"--node-manager-port={self.node2_port}"]):
+            started = subprocess.run([RAY, "start", *args, *common], capture_output=True, text=True, env=self.env,
+                                     timeout=180)
+            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        raylets = [p for p in psutil.process_iter() if "raylet/raylet" in cmdline(p) and self.temp_dir in cmdline(p)]
+        (self.node2,) = [p for p in raylets if f"--node_manager_port={self.node2_port}" in cmdline(p)]
+        (self.head,) = [p for p in raylets if p.pid != self.node2.pid]
+
+    def stop(self) -> None:
+        mine = [p for p in psutil.process_iter() if self.temp_dir in cmdline(p)]
+        for proc in list(mine):
+            try:
+                mine += proc.children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        for proc in mine:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(mine, timeout=30)
+
+
+def rows_done(log: Path) -> int:
+    found = re.findall(r"progress: ([\d,]+)/", log.read_text(errors="replace"))
+    return int(found[-1].replace(",", "")) if found else 0
+
+
+def test_engine_actor_and_node_deaths_in_one_job(tmp_path):
+    ids = [f"row-{i:04d}" for i in range(ROWS)]
+    pq.write_table(pa.table({"id": ids, "prompt": [f"Row {i} says" for i in range(ROWS)]}), tmp_path / "in.parquet")
+    cluster = TwoNodeCluster()
+    log = tmp_path / "job.log"
+    killed: list[str] = []
+    try:
+        cluster.start()
+        command = [sys.executable, "-m", "pipeline", "run", "--config", "configs/local-cpu.yaml",
+                   "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+                   "--set", f"ray_address=127.0.0.1:{cluster.port}", "--set", "engine.num_actors=2",
+                   "--set", "engine.max_model_len=512", "--set", "input.id_column=id",
+                   "--set", f"defaults.max_tokens={MAX_TOKENS}", "--set", "defaults.temperature=0",
+                   "--set", "defaults.ignore_eos=true"]
+        with open(log, "w") as out:
+            job = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=cluster.env)
+        deadline = time.monotonic() + 600
+        first_core = head_actor = None
+        while job.poll() is None and time.monotonic() < deadline and len(killed) < 3:
+            time.sleep(0.5)
+            if not killed:  # 1. once rows are being answered: the second node's engine core
+                cores = under(cluster.node2, CORE)
+                if rows_done(log) > 0 and cores:
+                    first_core = cores[0]
+                    first_core.kill()
+                    killed.append("engine core on node 2")
+            elif len(killed) == 1:  # 2. once that engine is back: the head node's engine actor
+                back = [c for c in under(cluster.node2, CORE) if c.pid != first_core.pid]
+                actors = under(cluster.head, ACTOR)
+                if back and actors:
+                    head_actor = actors[0]
+                    head_actor.kill()
+                    killed.append("engine actor on the head")
+            else:  # 3. once the head's actor and its engine are back: the second node
+                again = [a for a in under(cluster.head, ACTOR) if a.pid != head_actor.pid]
+                if again and under(again[0], CORE):
+                    node = [cluster.node2] + cluster.node2.children(recursive=True)
+                    cluster.node2.send_signal(signal.SIGKILL)
+                    time.sleep(1)
+                    for proc in node:  # the node's machine is gone: so are its processes
+                        try:
+                            proc.kill()
+                        except psutil.NoSuchProcess:
+                            pass
+                    killed.append("node 2 (raylet and its processes)")
+        assert len(killed) == 3, f"the job ended (or timed out) after only these kills: {killed}; raise ROWS"
+        job.wait(timeout=600)
+    finally:
+        if "job" in locals() and job.poll() is None:
+            job.kill()
+        cluster.stop()
+    text = log.read_text(errors="replace")
+    assert job.returncode == 0, text[-4000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+    table = pq.read_table(tmp_path / "out" / "data", columns=["row_key", "response", "error"])
+    assert sorted(table.column("row_key").to_pylist()) == ids  # each row exactly once: 0 lost, 0 duplicated
+    assert table.column("error").null_count == ROWS  # every row answered
+    assert summary["rows_out"] == ROWS and summary["errors"] == 0
+    assert len({e["node"] for e in summary["engines"]}) == 2  # the actors ran on both nodes
+    assert summary["engine_restarts"] >= 1  # the killed engine core was replaced in its actor
+    assert summary["shards_redone"] >= 1  # the killed actor's and the lost node's shards ran again
+    print(f"\ntwo-node chaos: {ROWS} rows, {table.num_rows} records, 0 lost, 0 duplicated, 0 errors; kills: "
+          f"{', '.join(killed)}; {summary['shards']} shards, {summary['shards_redone']} shard attempts redone, "
+          f"{len(summary['engines'])} engines started on {len({e['node'] for e in summary['engines']})} nodes "
+          f"({summary['engine_restarts']} in-actor restarts); utilisation {summary['engine_utilisation']:.0%}; "
+          f"wall {summary['wall_s']:.0f}s; exit {job.returncode}")
