@@ -4,9 +4,12 @@ The test starts a Ray head and a second node on this machine (`ray start`, one C
 an auth token of their own), and runs the job against it with two engine actors, so one actor runs on
 each node. While the job runs it kills, one after another:
 
-  1. the vLLM engine core process under the second node's actor (the actor starts a new engine),
-  2. the engine actor's process on the head node (Ray starts it again, Ray Data re-sends its shards),
-  3. the second node's raylet, with every process it started (the node is lost).
+  1. the vLLM engine core process under the head node's actor (the actor starts a new engine),
+  2. the engine actor's process on the second node (Ray starts it again, Ray Data re-sends its shards),
+  3. once that actor is back, the second node's raylet, with every process it started (the node is lost).
+
+The kills follow each other within seconds of the first answered rows, so they land on every machine
+however fast; the head's actor then answers the rest.
 
 The job must still exit 0 with every row answered exactly once, `summary.json` and `_SUCCESS`. The
 cluster is stopped at the end whatever happens, by killing the processes it started (`ray stop` would
@@ -51,12 +54,18 @@ def cmdline(proc: psutil.Process) -> str:
         return ""
 
 
-def under(root: psutil.Process, name: str) -> list[psutil.Process]:
-    """The live processes below `root` whose command line contains `name`."""
+def under(root: psutil.Process, name: str, direct: bool = False) -> list[psutil.Process]:
+    """The live processes below `root` (its children only, if `direct`) whose command line holds `name`."""
     try:
-        return [p for p in root.children(recursive=True) if name in cmdline(p) and p.status() != "zombie"]
+        return [p for p in root.children(recursive=not direct) if name in cmdline(p) and p.status() != "zombie"]
     except psutil.NoSuchProcess:
         return []
+
+
+def actors(raylet: psutil.Process) -> list[psutil.Process]:
+    """The engine actors' worker processes of a node: the raylet's own children (a process the actor
+    forks carries the actor's title too)."""
+    return under(raylet, ACTOR, direct=True)
 
 
 class TwoNodeCluster:
@@ -114,34 +123,31 @@ def test_engine_actor_and_node_deaths_in_one_job(tmp_path):
         with open(log, "w") as out:
             job = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=cluster.env)
         deadline = time.monotonic() + 600
-        first_core = head_actor = None
+        node2_actor = None
         while job.poll() is None and time.monotonic() < deadline and len(killed) < 3:
             time.sleep(0.5)
-            if not killed:  # 1. once rows are being answered: the second node's engine core
-                cores = under(cluster.node2, CORE)
+            if not killed:  # 1. once rows are being answered: the head's engine core (its actor replaces it)
+                cores = under(cluster.head, CORE)
                 if rows_done(log) > 0 and cores:
-                    first_core = cores[0]
-                    first_core.kill()
-                    killed.append("engine core on node 2")
-            elif len(killed) == 1:  # 2. once that engine is back: the head node's engine actor
-                back = [c for c in under(cluster.node2, CORE) if c.pid != first_core.pid]
-                actors = under(cluster.head, ACTOR)
-                if back and actors:
-                    head_actor = actors[0]
-                    head_actor.kill()
-                    killed.append("engine actor on the head")
-            else:  # 3. once the head's actor and its engine are back: the second node
-                again = [a for a in under(cluster.head, ACTOR) if a.pid != head_actor.pid]
-                if again and under(again[0], CORE):
-                    node = [cluster.node2] + cluster.node2.children(recursive=True)
-                    cluster.node2.send_signal(signal.SIGKILL)
-                    time.sleep(1)
-                    for proc in node:  # the node's machine is gone: so are its processes
-                        try:
-                            proc.kill()
-                        except psutil.NoSuchProcess:
-                            pass
-                    killed.append("node 2 (raylet and its processes)")
+                    cores[0].kill()
+                    killed.append(f"engine core on the head (pid {cores[0].pid})")
+            elif len(killed) == 1:  # 2. the second node's engine actor (Ray starts it again there)
+                on_node2 = actors(cluster.node2)
+                if on_node2:
+                    node2_actor = on_node2[0]
+                    node2_actor.kill()
+                    killed.append(f"engine actor on node 2 (pid {node2_actor.pid})")
+            elif [a for a in actors(cluster.node2) if a.pid != node2_actor.pid]:
+                # 3. once Ray has started that actor again: the second node, raylet and all
+                node = [cluster.node2] + cluster.node2.children(recursive=True)
+                cluster.node2.send_signal(signal.SIGKILL)
+                time.sleep(1)
+                for proc in node:  # the node's machine is gone: so are its processes
+                    try:
+                        proc.kill()
+                    except psutil.NoSuchProcess:
+                        pass
+                killed.append("node 2 (raylet and its processes)")
         assert len(killed) == 3, f"the job ended (or timed out) after only these kills: {killed}; raise ROWS"
         job.wait(timeout=600)
     finally:
@@ -157,7 +163,7 @@ def test_engine_actor_and_node_deaths_in_one_job(tmp_path):
     assert table.column("error").null_count == ROWS  # every row answered
     assert summary["rows_out"] == ROWS and summary["errors"] == 0
     assert len({e["node"] for e in summary["engines"]}) == 2  # the actors ran on both nodes
-    assert summary["engine_restarts"] >= 1  # the killed engine core was replaced in its actor
+    assert summary["engine_restarts"] >= 1  # the head's killed engine core was replaced in its actor
     assert summary["shards_redone"] >= 1  # the killed actor's and the lost node's shards ran again
     print(f"\ntwo-node chaos: {ROWS} rows, {table.num_rows} records, 0 lost, 0 duplicated, 0 errors; kills: "
           f"{', '.join(killed)}; {summary['shards']} shards, {summary['shards_redone']} shard attempts redone, "
