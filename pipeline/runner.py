@@ -19,12 +19,12 @@ import logging
 import os
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline import inputs, outputs
+from pipeline import inputs, outputs, storage
 from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan, Shard
 from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_body
@@ -269,7 +269,7 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     _init_ray(config)
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("CI") != "true"
     stats = _stats_actor()
-    actor_plan = replace(plan, shards=[])  # each actor gets its shards from Ray Data, not the whole list
+    actor_plan = plan.for_readers()  # each actor gets its shards from Ray Data, not the whole list
     params = {item.variant.name: item.variant.params for item in items}
     work = ray.data.from_items([{**asdict(i.shard), "variant": i.variant.name, "out": i.out} for i in items],
                                override_num_blocks=len(items))
@@ -322,7 +322,7 @@ def run(config: JobConfig) -> JobSummary:
     ready = counts["engine_ready_at"]
     summary = JobSummary.of(
         total, run_tally,
-        input=inputs.redact(config.input.path), output=inputs.redact(config.output.path), rows_in=plan.rows,
+        input=storage.redact(config.input.path), output=storage.redact(config.output.path), rows_in=plan.rows,
         variants=[v.name for v in variants if v.name], records_expected=plan.rows * len(variants),
         nothing_to_do=finished, shards=len(items), shards_kept=len(items) - len(pending),
         shards_run=len(pending), shards_redone=len(attempts) - len(set(attempts)),
@@ -337,7 +337,7 @@ def run(config: JobConfig) -> JobSummary:
         summary.comparison = write_comparison(config, variants, by_variant)
     if not finished:
         text = json.dumps(summary.model_dump(), indent=2)
-        outputs.write_text(outputs.run_log_path(config.output.path, started), text)
-        outputs.write_text(outputs.summary_path(config.output.path), text)
-        outputs.write_text(outputs.marker_path(config.output.path), "")
+        storage.write_text(outputs.run_log_path(config.output.path, started), text)
+        storage.write_text(outputs.summary_path(config.output.path), text)
+        storage.write_text(outputs.marker_path(config.output.path), "")
     return summary
