@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Literal
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -110,6 +111,12 @@ def _visible(path: str) -> bool:
 def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
     """The files a path names (itself, the files under a folder, or the files a glob matches) and
     their root: the folder, the glob's fixed part, or the file's folder."""
+    fs, root, infos = _listing(uri)
+    return fs, root, [i.path for i in infos]
+
+
+def _listing(uri: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
+    """list_files, with each file's size as the listing gave it (reading a footer then needs no HEAD)."""
     try:
         fs, path = filesystem(uri)
     except StorageError as exc:
@@ -117,17 +124,17 @@ def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
     if any(ch in path for ch in "*?["):
         base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+        files = [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
         if not files:
             raise InputError(f"input {redact(uri)} matches no files")
-        return fs, base, sorted(files)
+        return fs, base, sorted(files, key=lambda i: i.path)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {redact(uri)} does not exist; pass --input with a file, a folder or a glob")
     if info.type == pafs.FileType.File:
-        return fs, path.rsplit("/", 1)[0], [path]
+        return fs, path.rsplit("/", 1)[0], [info]
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and _visible(i.path))
+    files = sorted((i for i in infos if i.type == pafs.FileType.File and _visible(i.path)), key=lambda i: i.path)
     if not files:
         raise InputError(f"input folder {redact(uri)} holds no files")
     return fs, path.rstrip("/"), files
@@ -145,10 +152,10 @@ def plan_input(config: InputConfig, rows_per_shard: int | None = None) -> InputP
 
     With `rows_per_shard`, the plan's shards are cut too; without, `cut_shards` does it later (the
     shard size may depend on the row count)."""
-    fs, root, paths = list_files(config.path)
-    fmt = _format(config, paths)
-    plan = (_plan_parquet(config, fs, root, paths) if fmt == "parquet"
-            else _plan_batch(config, fs, root, paths))
+    fs, root, infos = _listing(config.path)
+    fmt = _format(config, [i.path for i in infos])
+    plan = (_plan_parquet(config, fs, root, infos) if fmt == "parquet"
+            else _plan_batch(config, fs, root, [i.path for i in infos]))
     if plan.rows == 0:
         raise InputError(f"input {redact(config.path)} holds no rows; nothing to do")
     _check_columns(plan)
@@ -174,20 +181,24 @@ def cut_shards(plan: InputPlan, rows_per_shard: int) -> list[Shard]:
     return shards
 
 
-def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, root: str, paths: list[str]) -> InputPlan:
-    """The footers, FOOTER_READERS at a time: on an object store each is a round trip or two."""
+def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, root: str, infos: list[pafs.FileInfo]) -> InputPlan:
+    """The footers, FOOTER_READERS at a time. On an object store each is one ranged GET: the file's
+    size comes from the listing, so no HEAD request is needed to find the footer."""
+    parquet = pads.ParquetFileFormat()
 
-    def footer(path: str) -> tuple[pa.Schema, int]:
+    def footer(info: pafs.FileInfo) -> tuple[pa.Schema, int]:
         try:
-            meta = pq.read_metadata(path, filesystem=fs)
+            fragment = parquet.make_fragment(info.path, filesystem=fs, file_size=info.size)
+            fragment.ensure_complete_metadata()
+            return fragment.physical_schema.remove_metadata(), fragment.metadata.num_rows
         except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"input file {path} is not a readable Parquet file ({exc}); remove or "
+            raise InputError(f"input file {info.path} is not a readable Parquet file ({exc}); remove or "
                              "replace it, nothing was processed") from None
-        return meta.schema.to_arrow_schema().remove_metadata(), meta.num_rows
 
-    pool = ThreadPoolExecutor(min(FOOTER_READERS, len(paths)))
+    paths = [i.path for i in infos]
+    pool = ThreadPoolExecutor(min(FOOTER_READERS, len(infos)))
     try:
-        footers = list(pool.map(footer, paths))  # in file order: the first bad file is the one reported
+        footers = list(pool.map(footer, infos))  # in file order: the first bad file is the one reported
     finally:
         pool.shutdown(cancel_futures=True)
     try:
@@ -248,7 +259,7 @@ class _CustomIds:
 
         if not self._numbers:
             return [array("q") for _ in rows_per_file]
-        digests = np.frombuffer(bytes(self._digests), dtype=[("high", "<u8"), ("low", "<u8")])
+        digests = np.frombuffer(self._digests, dtype=[("high", "<u8"), ("low", "<u8")])
         first = np.zeros(len(digests), dtype=bool)
         first[np.unique(digests, return_index=True)[1]] = True  # the first line with each custom_id
         numbers = np.frombuffer(self._numbers, dtype=np.int64)[~first]  # ascending
