@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "bench/results/planning.json"))
     args = parser.parse_args()
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
+    load_at_start = round(os.getloadavg()[0], 1)  # other work on the machine slows both trees alike
     results: dict[str, dict] = {}
     work = Path(tempfile.mkdtemp(prefix="plan-bench-"))
     try:
@@ -140,6 +141,7 @@ def main() -> None:
               f"same shards: {same}")
     report = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs",
+              "load_average_1min": {"start": load_at_start, "end": round(os.getloadavg()[0], 1)},
               "trees": {k: str(v) for k, v in trees.items()}, "rows_per_shard": args.rows_per_shard, **results}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Literal
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -108,15 +107,10 @@ def _visible(path: str) -> bool:
     return not any(part.startswith((".", "_")) for part in path.split("/")[-1:])
 
 
-def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
-    """The files a path names (itself, the files under a folder, or the files a glob matches) and
-    their root: the folder, the glob's fixed part, or the file's folder."""
-    fs, root, infos = _listing(uri)
-    return fs, root, [i.path for i in infos]
-
-
-def _listing(uri: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
-    """list_files, with each file's size as the listing gave it (reading a footer then needs no HEAD)."""
+def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
+    """The files a path names (itself, the files under a folder, or the files a glob matches), with
+    their sizes as the listing gave them, and their root: the folder, the glob's fixed part, or the
+    file's folder."""
     try:
         fs, path = filesystem(uri)
     except StorageError as exc:
@@ -152,7 +146,7 @@ def plan_input(config: InputConfig, rows_per_shard: int | None = None) -> InputP
 
     With `rows_per_shard`, the plan's shards are cut too; without, `cut_shards` does it later (the
     shard size may depend on the row count)."""
-    fs, root, infos = _listing(config.path)
+    fs, root, infos = list_files(config.path)
     fmt = _format(config, [i.path for i in infos])
     plan = (_plan_parquet(config, fs, root, infos) if fmt == "parquet"
             else _plan_batch(config, fs, root, [i.path for i in infos]))
@@ -184,6 +178,8 @@ def cut_shards(plan: InputPlan, rows_per_shard: int) -> list[Shard]:
 def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, root: str, infos: list[pafs.FileInfo]) -> InputPlan:
     """The footers, FOOTER_READERS at a time. On an object store each is one ranged GET: the file's
     size comes from the listing, so no HEAD request is needed to find the footer."""
+    import pyarrow.dataset as pads  # here, not above: 55 MB the engine actors, which import this module, never use
+
     parquet = pads.ParquetFileFormat()
 
     def footer(info: pafs.FileInfo) -> tuple[pa.Schema, int]:
