@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "bench/results/planning.json"))
     args = parser.parse_args()
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
-    load_at_start = round(os.getloadavg()[0], 1)  # other work on the machine slows both trees alike
+    load_at_start = round(os.getloadavg()[0], 1)  # other work on the machine slows the figures down
     results: dict[str, dict] = {}
     work = Path(tempfile.mkdtemp(prefix="plan-bench-"))
     try:
