@@ -3,7 +3,8 @@
 Two cases, each planned by two trees of the code (`--before`, e.g. main's checkout, and this one), each
 run in a fresh subprocess that plans the input once and reports its wall time and peak RSS (the
 process's VmHWM, its resident high-water mark, and its RSS before planning: imports included). Each is
-planned --repeat times, alternating trees; the fastest time is reported (the machine may be shared):
+planned --repeat times, alternating trees; the fastest time is reported (the machine may be shared),
+with the CPU time (user + system, all threads) of that run:
 
     parquet-s3   --files small Parquet files on an S3 endpoint (moto's server on 127.0.0.1)
     jsonl        one OpenAI batch JSONL file of --jsonl-gb GB on local disk (a few repeated custom_ids)
@@ -37,20 +38,20 @@ HERE = Path(__file__).resolve().parents[1]
 
 # Runs in the subprocess, with the tree under test first on PYTHONPATH.
 CHILD = r"""
-import hashlib, json, sys, time
+import hashlib, json, os, sys, time
 import psutil
 from pipeline import inputs
 from pipeline.config import InputConfig
 config = InputConfig(path=sys.argv[1])
 baseline = psutil.Process().memory_info().rss
-started = time.perf_counter()
+started, cpu_started = time.perf_counter(), sum(os.times()[:2])
 plan = inputs.plan_input(config, int(sys.argv[2]))
-seconds = time.perf_counter() - started
+seconds, cpu_seconds = time.perf_counter() - started, sum(os.times()[:2]) - cpu_started
 # the high-water mark of this process's memory (VmHWM; unlike ru_maxrss, not inherited from the parent)
 peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
 digest = hashlib.sha256(repr([(s.id, s.start, s.stop, s.byte_start, s.byte_stop, tuple(s.duplicates))
                               for s in plan.shards] + [str(plan.schema)]).encode()).hexdigest()[:16]
-print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mb": round(peak / 2**20, 1),
+print(json.dumps({"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "peak_rss_mb": round(peak / 2**20, 1),
                   "rss_before_planning_mb": round(baseline / 2**20, 1), "rows": plan.rows,
                   "shards": len(plan.shards), "shards_digest": digest}))
 """
@@ -73,6 +74,7 @@ def plan_repeatedly(trees: dict[str, Path], uri: str, rows_per_shard: int, env: 
         for name, tree in trees.items():
             runs[name].append(plan_in_subprocess(tree, uri, rows_per_shard, env))
     return {name: {**min(found, key=lambda r: r["seconds"]), "seconds_each": [r["seconds"] for r in found],
+                   "cpu_seconds_each": [r["cpu_seconds"] for r in found],
                    "peak_rss_mb": max(r["peak_rss_mb"] for r in found)}
             for name, found in runs.items()}
 
@@ -138,11 +140,11 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"{'case':<12} {'tree':<7} {'seconds':>8} {'peak RSS MB':>12} {'RSS before MB':>14} {'rows':>9} {'shards':>7}")
+    print(f"{'case':<12} {'tree':<7} {'seconds':>8} {'CPU s':>6} {'peak RSS MB':>12} {'RSS before MB':>14} {'rows':>9} {'shards':>7}")
     for case, figures in results.items():
         for name in trees:
             f = figures[name]
-            print(f"{case:<12} {name:<7} {f['seconds']:>8} {f['peak_rss_mb']:>12} {f['rss_before_planning_mb']:>14} "
+            print(f"{case:<12} {name:<7} {f['seconds']:>8} {f['cpu_seconds']:>6} {f['peak_rss_mb']:>12} {f['rss_before_planning_mb']:>14} "
                   f"{f['rows']:>9} {f['shards']:>7}")
         before, after = figures["before"], figures["after"]
         same = before["shards_digest"] == after["shards_digest"]
