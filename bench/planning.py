@@ -51,7 +51,8 @@ seconds, cpu_seconds = time.perf_counter() - started, sum(os.times()[:2]) - cpu_
 peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
 digest = hashlib.sha256(repr([(s.id, s.start, s.stop, s.byte_start, s.byte_stop, tuple(s.duplicates))
                               for s in plan.shards] + [str(plan.schema)]).encode()).hexdigest()[:16]
-print(json.dumps({"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "peak_rss_mb": round(peak / 2**20, 1),
+print(json.dumps({"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+                  "peak_rss_mb": round(peak / 2**20, 1),
                   "rss_before_planning_mb": round(baseline / 2**20, 1), "rows": plan.rows,
                   "shards": len(plan.shards), "shards_digest": digest}))
 """
@@ -140,12 +141,13 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"{'case':<12} {'tree':<7} {'seconds':>8} {'CPU s':>6} {'peak RSS MB':>12} {'RSS before MB':>14} {'rows':>9} {'shards':>7}")
+    print(f"{'case':<12} {'tree':<7} {'seconds':>8} {'CPU s':>6} {'peak RSS MB':>12} {'RSS before MB':>14} "
+          f"{'rows':>9} {'shards':>7}")
     for case, figures in results.items():
         for name in trees:
             f = figures[name]
-            print(f"{case:<12} {name:<7} {f['seconds']:>8} {f['cpu_seconds']:>6} {f['peak_rss_mb']:>12} {f['rss_before_planning_mb']:>14} "
-                  f"{f['rows']:>9} {f['shards']:>7}")
+            print(f"{case:<12} {name:<7} {f['seconds']:>8} {f['cpu_seconds']:>6} {f['peak_rss_mb']:>12} "
+                  f"{f['rss_before_planning_mb']:>14} {f['rows']:>9} {f['shards']:>7}")
         before, after = figures["before"], figures["after"]
         same = before["shards_digest"] == after["shards_digest"]
         figures["same_shards"] = same
