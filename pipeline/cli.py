@@ -51,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.outputs import OutputError
     from pipeline.runner import run
+    from pipeline.storage import StorageError
 
     try:
         summary = run(config)
-    except (InputError, OutputError) as exc:
+    except (InputError, OutputError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     import ray

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from pipeline import outputs
 from pipeline.config import JobConfig, Variant
-from pipeline.inputs import filesystem
+from pipeline.storage import filesystem, join, write_bytes, write_text
 from pipeline.summary import Tally
 
 COLUMNS = ("variant", "model", "params", "rows", "errors", "prompt_tokens", "completion_tokens",
@@ -33,7 +33,7 @@ def _percentile(ordered: list[int], q: float) -> int:
 
 def completion_lengths(config: JobConfig, variant: Variant) -> list[int]:
     """`usage.completion_tokens` of each answered record of the variant, sorted."""
-    folder = outputs.data_dir(config.output.path) + "/" + variant.folder()
+    folder = join(outputs.data_dir(config.output.path), variant.folder())
     fs, path = filesystem(folder)
     if config.output.format == "parquet":
         table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
@@ -127,12 +127,11 @@ def plot(lines: list[dict[str, Any]]) -> bytes:
 def write_comparison(config: JobConfig, variants: list[Variant], tallies: dict[str, Tally]) -> list[dict[str, Any]]:
     """comparison.csv, comparison.json and comparison.png beside the records; returns the lines."""
     lines = comparison(config, variants, tallies)
-    root = config.output.path.rstrip("/")
     sink = io.StringIO()
     writer = csv.DictWriter(sink, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows({**line, "finish_reasons": json.dumps(line["finish_reasons"])} for line in lines)
-    outputs.write_text(f"{root}/comparison.csv", sink.getvalue())
-    outputs.write_text(f"{root}/comparison.json", json.dumps(lines, indent=2))
-    outputs.write_bytes(f"{root}/comparison.png", plot(lines))
+    write_text(join(config.output.path, "comparison.csv"), sink.getvalue())
+    write_text(join(config.output.path, "comparison.json"), json.dumps(lines, indent=2))
+    write_bytes(join(config.output.path, "comparison.png"), plot(lines))
     return lines

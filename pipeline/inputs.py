@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from array import array
+from bisect import bisect_left
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -22,6 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
 from pipeline.protocol import error_body
+from pipeline.storage import StorageError, filesystem, redact
 
 ROW_KEY = "row_key"
 LINE_ERROR = "InvalidBatchLine"  # error type of an OpenAI batch line that never became a request
@@ -30,6 +35,8 @@ BATCH_COLUMNS = pa.schema([("custom_id", pa.string()), ("method", pa.string()), 
                            ("body", pa.string())])
 ERROR_STRUCT = pa.struct([("message", pa.string()), ("type", pa.string()), ("param", pa.string()),
                           ("code", pa.int64())])
+FOOTER_READERS = 32  # Parquet footers read at once while planning (object stores: round trips in flight)
+READ_CHUNK = 1 << 20  # bytes of a JSONL file in memory at once while planning
 
 
 class InputError(ValueError):
@@ -48,7 +55,7 @@ class Shard:
     file: str
     start: int  # first row (JSONL: line) of the file in the shard
     stop: int  # one past the last
-    byte_start: int = -1  # JSONL: where line `start` begins (-1: read the file whole, e.g. gzip)
+    byte_start: int = -1  # JSONL: where line `start` begins (-1: stream the file from its start, e.g. gzip)
     byte_stop: int = -1
     duplicates: tuple[int, ...] = ()  # JSONL: lines in the shard whose custom_id an earlier line has
 
@@ -58,17 +65,35 @@ class Shard:
 
 
 @dataclass
+class InputFile:
+    """One input file as planning counted it: enough to cut it at any row without reading it again."""
+
+    path: str
+    rows: int
+    # uncompressed JSONL: the byte where each line begins, then one past the last line (rows + 1 entries,
+    # 8 bytes each); None for Parquet (row groups are found by the reader) and for gzip (streamed)
+    line_starts: array | None = None
+    duplicates: array = field(default_factory=lambda: array("q"))  # JSONL: lines whose custom_id an earlier line has
+
+
+@dataclass
 class InputPlan:
-    """What a job will read: the files, their format, the unified schema, the rows and the shards."""
+    """What a job will read: the files and their rows, their format, the unified schema, and (once cut)
+    the shards."""
 
     config: InputConfig
     format: Literal["parquet", "openai_batch"]
     filesystem: pafs.FileSystem
     root: str  # the folder shard ids are relative to
-    files: list[str]
+    files: list[InputFile]
     schema: pa.Schema  # the rows as the reader yields them, row_key first, INPUT_ERROR excluded
     rows: int
     shards: list[Shard] = field(default_factory=list)
+
+    def for_readers(self) -> InputPlan:
+        """What a shard's reader needs (format, filesystem, schema, config), without the per-file counts
+        and the shard list, which can be large and each reader gets its own shards."""
+        return replace(self, files=[], shards=[])
 
 
 def shard_id(root: str, path: str, start: int) -> str:
@@ -78,49 +103,32 @@ def shard_id(root: str, path: str, start: int) -> str:
     return f"{stem}-{hashlib.sha256(relative.encode()).hexdigest()[:8]}-{start:09d}"
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """pyarrow's filesystem for a URI (s3://, gs://, hdfs://, file://) or a local path."""
-    if "://" in uri:
-        try:
-            return pafs.FileSystem.from_uri(uri)
-        except (pa.ArrowInvalid, ValueError) as exc:
-            raise InputError(f"cannot open {redact(uri)}: {str(exc).replace(uri, redact(uri))}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def redact(uri: str) -> str:
-    """A URI fit for logs and summaries: credentials (user:secret@, ?secret_key=...) removed."""
-    if "://" not in uri:
-        return uri
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def _visible(path: str) -> bool:
     return not any(part.startswith((".", "_")) for part in path.split("/")[-1:])
 
 
-def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
-    """The files a path names (itself, the files under a folder, or the files a glob matches) and
-    their root: the folder, the glob's fixed part, or the file's folder."""
-    fs, path = filesystem(uri)
+def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
+    """The files a path names (itself, the files under a folder, or the files a glob matches), with
+    their sizes as the listing gave them, and their root: the folder, the glob's fixed part, or the
+    file's folder."""
+    try:
+        fs, path = filesystem(uri)
+    except StorageError as exc:
+        raise InputError(str(exc)) from None
     if any(ch in path for ch in "*?["):
         base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+        files = [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
         if not files:
             raise InputError(f"input {redact(uri)} matches no files")
-        return fs, base, sorted(files)
+        return fs, base, sorted(files, key=lambda i: i.path)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {redact(uri)} does not exist; pass --input with a file, a folder or a glob")
     if info.type == pafs.FileType.File:
-        return fs, path.rsplit("/", 1)[0], [path]
+        return fs, path.rsplit("/", 1)[0], [info]
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and _visible(i.path))
+    files = sorted((i for i in infos if i.type == pafs.FileType.File and _visible(i.path)), key=lambda i: i.path)
     if not files:
         raise InputError(f"input folder {redact(uri)} holds no files")
     return fs, path.rstrip("/"), files
@@ -132,72 +140,146 @@ def _format(config: InputConfig, files: list[str]) -> Literal["parquet", "openai
     return "openai_batch" if all(f.endswith((".jsonl", ".jsonl.gz")) for f in files) else "parquet"
 
 
-def plan_input(config: InputConfig, rows_per_shard: int = 2048) -> InputPlan:
-    """Check the input without reading its rows (Parquet: footers only) or with one pass (JSONL), and
-    cut it into shards of `rows_per_shard` rows; raise InputError."""
-    fs, root, files = list_files(config.path)
-    fmt = _format(config, files)
-    plan = (_plan_parquet(config, fs, root, files, rows_per_shard) if fmt == "parquet"
-            else _plan_batch(config, fs, root, files, rows_per_shard))
+def plan_input(config: InputConfig, rows_per_shard: int | None = None) -> InputPlan:
+    """Find the input's files, check them and count their rows without reading them into memory
+    (Parquet: the footers, several at a time; JSONL: one streamed pass); raise InputError.
+
+    With `rows_per_shard`, the plan's shards are cut too; without, `cut_shards` does it later (the
+    shard size may depend on the row count)."""
+    fs, root, infos = list_files(config.path)
+    fmt = _format(config, [i.path for i in infos])
+    plan = (_plan_parquet(config, fs, root, infos) if fmt == "parquet"
+            else _plan_batch(config, fs, root, [i.path for i in infos]))
     if plan.rows == 0:
         raise InputError(f"input {redact(config.path)} holds no rows; nothing to do")
     _check_columns(plan)
+    if rows_per_shard is not None:
+        plan.shards = cut_shards(plan, rows_per_shard)
     return plan
 
 
-def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, root: str, files: list[str],
-                  rows_per_shard: int) -> InputPlan:
-    schemas, rows, shards = [], 0, []
-    for path in files:
+def cut_shards(plan: InputPlan, rows_per_shard: int) -> list[Shard]:
+    """Each file's rows in runs of `rows_per_shard` (the last run of a file may be shorter), from the
+    counts planning kept: no file is read again."""
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be at least 1, not {rows_per_shard}")
+    shards = []
+    for file in plan.files:
+        starts, repeated = file.line_starts, file.duplicates
+        for start in range(0, file.rows, rows_per_shard):
+            stop = min(start + rows_per_shard, file.rows)
+            duplicates = tuple(repeated[bisect_left(repeated, start):bisect_left(repeated, stop)])
+            shards.append(Shard(shard_id(plan.root, file.path, start), file.path, start, stop,
+                                starts[start] if starts is not None else -1,
+                                starts[stop] if starts is not None else -1, duplicates))
+    return shards
+
+
+def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, root: str, infos: list[pafs.FileInfo]) -> InputPlan:
+    """The footers, FOOTER_READERS at a time. On an object store each is one ranged GET: the file's
+    size comes from the listing, so no HEAD request is needed to find the footer."""
+    import pyarrow.dataset as pads  # here, not above: 55 MB the engine actors, which import this module, never use
+
+    parquet = pads.ParquetFileFormat()
+
+    def footer(info: pafs.FileInfo) -> tuple[pa.Schema, int]:
         try:
-            meta = pq.read_metadata(path, filesystem=fs)
+            fragment = parquet.make_fragment(info.path, filesystem=fs, file_size=info.size)
+            fragment.ensure_complete_metadata()
+            return fragment.physical_schema.remove_metadata(), fragment.metadata.num_rows
         except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"input file {path} is not a readable Parquet file ({exc}); remove or "
+            raise InputError(f"input file {info.path} is not a readable Parquet file ({exc}); remove or "
                              "replace it, nothing was processed") from None
-        schemas.append(meta.schema.to_arrow_schema().remove_metadata())
-        rows += meta.num_rows
-        shards += [Shard(shard_id(root, path, start), path, start, min(start + rows_per_shard, meta.num_rows))
-                   for start in range(0, meta.num_rows, rows_per_shard)]
+
+    paths = [i.path for i in infos]
+    pool = ThreadPoolExecutor(min(FOOTER_READERS, len(infos)))
     try:
-        schema = pa.unify_schemas(schemas, promote_options="permissive")
+        footers = list(pool.map(footer, infos))  # in file order: the first bad file is the one reported
+    finally:
+        pool.shutdown(cancel_futures=True)
+    try:
+        schema = pa.unify_schemas(list({s: None for s, _ in footers}), promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise InputError(f"the files of {redact(config.path)} disagree on column types: {exc}") from None
     if ROW_KEY in schema.names:
         raise InputError(f"input column `{ROW_KEY}` is reserved for the row key; rename it")
     schema = pa.schema([pa.field(ROW_KEY, pa.string())] + list(schema))
-    return InputPlan(config, "parquet", fs, root, files, schema, rows, shards)
+    files = [InputFile(path, rows) for path, (_, rows) in zip(paths, footers)]
+    return InputPlan(config, "parquet", fs, root, files, schema, sum(f.rows for f in files))
 
 
-def _plan_batch(config: InputConfig, fs: pafs.FileSystem, root: str, files: list[str],
-                rows_per_shard: int) -> InputPlan:
-    """One pass over the JSONL files: count lines, note where each shard's bytes begin, and find
+def _plan_batch(config: InputConfig, fs: pafs.FileSystem, root: str, paths: list[str]) -> InputPlan:
+    """One streamed pass over the JSONL files, in order: count lines, note where each begins, and find
     repeated custom_ids (the first line keeps it; the others become error records)."""
-    seen: set[str] = set()
-    duplicates: dict[str, list[int]] = {}
-    rows, shards = 0, []
-    for path in files:
-        seekable = not path.endswith(".gz")
-        lines = _raw_lines(_read_bytes(fs, path))
-        offsets = [0]
-        for number, line in enumerate(lines):
-            offsets.append(offsets[-1] + len(line) + 1)
-            rows += 1
-            try:
-                custom_id = json.loads(line).get("custom_id")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(custom_id, str):
-                if custom_id in seen:
-                    duplicates.setdefault(path, []).append(number)
-                seen.add(custom_id)
-        for start in range(0, len(lines), rows_per_shard):
-            stop = min(start + rows_per_shard, len(lines))
-            repeated = tuple(n for n in duplicates.get(path, ()) if start <= n < stop)
-            shards.append(Shard(shard_id(root, path, start), path, start, stop,
-                                offsets[start] if seekable else -1, offsets[stop] if seekable else -1,
-                                repeated))
+    ids = _CustomIds()
+    files = []
+    for path in paths:
+        compressed = path.endswith(".gz")
+        starts = None if compressed else array("q", [0])
+        rows = 0
+        with _open_lines(fs, path) as stream:
+            for line in _lines(stream):
+                if starts is not None:
+                    starts.append(starts[-1] + len(line) + 1)
+                ids.add(line)
+                rows += 1
+        files.append(InputFile(path, rows, starts))
+    for file, duplicates in zip(files, ids.repeated([f.rows for f in files])):
+        file.duplicates = duplicates
     schema = pa.schema([pa.field(ROW_KEY, pa.string())] + list(BATCH_COLUMNS))
-    return InputPlan(config, "openai_batch", fs, root, files, schema, rows, shards)
+    return InputPlan(config, "openai_batch", fs, root, files, schema, sum(f.rows for f in files))
+
+
+class _CustomIds:
+    """The custom_id of every line, kept as a 128-bit digest (24 bytes a line, not a Python string
+    each), to find the lines that repeat an earlier line's custom_id. Two different ids share a digest
+    with a chance of about lines² / 2¹²⁹ (1e-27 for a million lines): never, in practice."""
+
+    def __init__(self) -> None:
+        self._lines = 0
+        self._numbers = array("q")  # lines (counted across files) with a string custom_id
+        self._digests = bytearray()  # their custom_ids' digests, 16 bytes each
+
+    def add(self, line: bytes) -> None:
+        try:
+            custom_id = json.loads(line).get("custom_id")
+        except (ValueError, AttributeError):
+            custom_id = None
+        if isinstance(custom_id, str):
+            self._numbers.append(self._lines)
+            self._digests += hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        self._lines += 1
+
+    def repeated(self, rows_per_file: list[int]) -> list[array]:
+        """Per file, its lines (numbered within the file, ascending) whose custom_id an earlier line has."""
+        import numpy as np
+
+        if not self._numbers:
+            return [array("q") for _ in rows_per_file]
+        digests = np.frombuffer(self._digests, dtype=[("high", "<u8"), ("low", "<u8")])
+        first = np.zeros(len(digests), dtype=bool)
+        first[np.unique(digests, return_index=True)[1]] = True  # the first line with each custom_id
+        numbers = np.frombuffer(self._numbers, dtype=np.int64)[~first]  # ascending
+        bounds = np.cumsum([0] + rows_per_file)
+        cuts = np.searchsorted(numbers, bounds)
+        return [array("q", (numbers[a:b] - lo).tolist()) for a, b, lo in zip(cuts[:-1], cuts[1:], bounds[:-1])]
+
+
+def _open_lines(fs: pafs.FileSystem, path: str) -> pa.NativeFile:
+    compression = "gzip" if path.endswith(".gz") else None
+    return fs.open_input_stream(path, compression=compression, buffer_size=READ_CHUNK)
+
+
+def _lines(stream: pa.NativeFile) -> Iterator[bytes]:
+    """The lines of a stream, without their `\\n`, a chunk in memory at a time (a last line without a
+    `\\n` counts; nothing after a final `\\n` does)."""
+    rest = b""
+    while chunk := stream.read(READ_CHUNK):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
 
 
 def _check_columns(plan: InputPlan) -> None:
@@ -232,22 +314,6 @@ def _check_columns(plan: InputPlan) -> None:
         need(column, f"input.columns.{request_field}")
     if config.id_column:
         need(config.id_column, "input.id_column")
-
-
-def _read_bytes(fs: pafs.FileSystem, path: str, start: int = -1, stop: int = -1) -> bytes:
-    if start >= 0:
-        with fs.open_input_file(path) as file:
-            return file.read_at(stop - start, start)
-    compression = "gzip" if path.endswith(".gz") else None
-    with fs.open_input_stream(path, compression=compression) as stream:
-        return stream.read()
-
-
-def _raw_lines(data: bytes) -> list[bytes]:
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    return lines
 
 
 # --- reading (runs in Ray tasks) ----------------------------------------------------------------------
@@ -324,9 +390,7 @@ def _utf8_errors(table: pa.Table) -> tuple[pa.Table, list[dict[str, Any] | None]
 def read_batch_shard(plan: InputPlan, shard: Shard) -> pa.Table:
     """An OpenAI batch JSONL shard: a row per line; a bad line is a row with its error."""
     name = shard.file.rsplit("/", 1)[-1]
-    lines = _raw_lines(_read_bytes(plan.filesystem, shard.file, shard.byte_start, shard.byte_stop))
-    if shard.byte_start < 0:
-        lines = lines[shard.start:shard.stop]
+    lines = _shard_lines(plan.filesystem, shard)
     duplicates = set(shard.duplicates)
     rows, errors = [], []
     for number, raw in enumerate(lines, start=shard.start):
@@ -336,6 +400,16 @@ def read_batch_shard(plan: InputPlan, shard: Shard) -> pa.Table:
         errors.append(error)
     table = pa.Table.from_pylist(rows, schema=plan.schema)
     return table.append_column(pa.field(INPUT_ERROR, ERROR_STRUCT), pa.array(errors, ERROR_STRUCT))
+
+
+def _shard_lines(fs: pafs.FileSystem, shard: Shard) -> list[bytes]:
+    """A JSONL shard's lines: its byte range, or (gzip) the file streamed up to the shard's last line."""
+    if shard.byte_start >= 0:
+        with fs.open_input_file(shard.file) as file:
+            data = file.read_at(shard.byte_stop - shard.byte_start, shard.byte_start)
+        return list(_lines(pa.BufferReader(data)))
+    with _open_lines(fs, shard.file) as stream:
+        return list(itertools.islice(_lines(stream), shard.start, shard.stop))
 
 
 def _batch_line(line: str, duplicate: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:

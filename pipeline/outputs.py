@@ -30,8 +30,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import OutputConfig
-from pipeline.inputs import LINE_ERROR, ROW_KEY, filesystem, redact
+from pipeline.inputs import LINE_ERROR, ROW_KEY
 from pipeline.records import response_body
+from pipeline.storage import delete, exists, filesystem, join, read_json, redact, write_bytes, write_text
 from pipeline.summary import Tally
 
 MARKER = "_SUCCESS"
@@ -43,65 +44,27 @@ class OutputError(ValueError):
     """The output folder holds something this job must not add to. The message says what to do."""
 
 
-def _join(output: str, *parts: str) -> str:
-    return "/".join([output.rstrip("/"), *parts])
-
-
 def data_dir(output: str) -> str:
-    return _join(output, "data")
+    return join(output, "data")
 
 
 def summary_path(output: str) -> str:
-    return _join(output, "summary.json")
+    return join(output, "summary.json")
 
 
 def marker_path(output: str) -> str:
-    return _join(output, MARKER)
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a file atomically where the filesystem allows: a hidden temporary name, then a rename
-    (object stores: the upload completes as a whole)."""
-    fs, path = filesystem(uri)
-    folder = posixpath.dirname(path)
-    fs.create_dir(folder, recursive=True)
-    temp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    with fs.open_output_stream(temp) as out:
-        out.write(data)
-    fs.move(temp, path)
-
-
-def write_text(uri: str, text: str) -> None:
-    write_bytes(uri, text.encode())
-
-
-def _read_json(uri: str) -> Any | None:
-    fs, path = filesystem(uri)
-    try:
-        with fs.open_input_stream(path) as stream:
-            return json.loads(stream.read())
-    except FileNotFoundError:
-        return None
-
-
-def _delete(uri: str) -> None:
-    fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
+    return join(output, MARKER)
 
 
 def clear(output: str) -> None:
     """Remove a previous run's output (the marker first, so no reader trusts what is left)."""
     for name in (MARKER, "summary.json", JOB_FILE, "data", "shards", "runs"):
-        _delete(_join(output, name))
+        delete(join(output, name))
 
 
 def unmark(output: str) -> None:
     """The output is about to change: it is not complete until the marker is written again."""
-    _delete(marker_path(output))
+    delete(marker_path(output))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -120,7 +83,7 @@ def prepare(config: OutputConfig, identity: dict[str, Any]) -> set[str]:
     """
     if config.mode == "overwrite":
         clear(config.path)
-    recorded = _read_json(_join(config.path, JOB_FILE))
+    recorded = read_json(join(config.path, JOB_FILE))
     done = done_shards(config)
     if recorded is None and done:
         raise OutputError(f"output {redact(config.path)} holds records but no {JOB_FILE}, so it was not written by "
@@ -138,7 +101,7 @@ def prepare(config: OutputConfig, identity: dict[str, Any]) -> set[str]:
                               "new output.path, or set output.mode: overwrite to replace it")
         identity = {**identity, "variants": {**had, **has}}
     if recorded != identity:
-        write_text(_join(config.path, JOB_FILE), json.dumps(identity, indent=2, sort_keys=True))
+        write_text(join(config.path, JOB_FILE), json.dumps(identity, indent=2, sort_keys=True))
     return done
 
 
@@ -146,13 +109,12 @@ def recorded_identity(config: OutputConfig) -> dict[str, Any] | None:
     """The identity in the output's _job.json (None: a new output, or one about to be overwritten)."""
     if config.mode == "overwrite":
         return None
-    return _read_json(_join(config.path, JOB_FILE))
+    return read_json(join(config.path, JOB_FILE))
 
 
 def shard_written(config: OutputConfig, name: str) -> bool:
     """Whether a shard's data file is in place (its records are done)."""
-    fs, path = filesystem(_join(data_dir(config.path), name + EXTENSIONS[config.format]))
-    return fs.get_file_info(path).type == pafs.FileType.File
+    return exists(join(data_dir(config.path), name + EXTENSIONS[config.format]))
 
 
 def done_shards(config: OutputConfig) -> set[str]:
@@ -167,14 +129,14 @@ def done_shards(config: OutputConfig) -> set[str]:
 
 
 def tally_path(output: str, name: str) -> str:
-    return _join(output, "shards", f"{name}.json")
+    return join(output, "shards", f"{name}.json")
 
 
 def read_tallies(output: str, shard_ids: list[str]) -> list[Tally]:
     """The tallies of finished shards (small files, read a few dozen at a time)."""
 
     def read(shard_id: str) -> Tally:
-        data = _read_json(tally_path(output, shard_id))
+        data = read_json(tally_path(output, shard_id))
         if data is None:
             raise OutputError(f"shard {shard_id} of {redact(output)} has records but no tally at "
                               f"{tally_path(output, shard_id)}; set output.mode: overwrite to rewrite the output")
@@ -185,13 +147,12 @@ def read_tallies(output: str, shard_ids: list[str]) -> list[Tally]:
 
 
 def is_complete(output: str) -> bool:
-    fs, path = filesystem(marker_path(output))
-    return fs.get_file_info(path).type == pafs.FileType.File
+    return exists(marker_path(output))
 
 
 def run_log_path(output: str, started: float) -> str:
     """runs/<the run's UTC start time>-<random>.json: one per run that changed the output."""
-    return _join(output, "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)) + f"-{uuid.uuid4().hex[:6]}.json")
+    return join(output, "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)) + f"-{uuid.uuid4().hex[:6]}.json")
 
 
 def write_shard(config: OutputConfig, name: str, records: pa.Table, tally: Tally) -> None:
@@ -204,7 +165,7 @@ def write_shard(config: OutputConfig, name: str, records: pa.Table, tally: Tally
     else:
         data = "".join(json.dumps(batch_output_line(row), ensure_ascii=False) + "\n"
                        for row in records.to_pylist()).encode()
-    write_bytes(_join(data_dir(config.path), name + EXTENSIONS[config.format]), data)
+    write_bytes(join(data_dir(config.path), name + EXTENSIONS[config.format]), data)
 
 
 def batch_output_line(row: dict[str, Any]) -> dict[str, Any]:

@@ -19,12 +19,12 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline import inputs, outputs, pool
+from pipeline import inputs, outputs, pool, storage
 from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan, Shard
 from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_body
@@ -219,7 +219,7 @@ class EngineActor:
             except Exception as exc:  # noqa: BLE001 - storage errors come in every type
                 message = f"{type(exc).__name__}: {exc}"
                 for uri in (self._config.input.path, self._config.output.path):
-                    message = message.replace(uri, inputs.redact(uri))
+                    message = message.replace(uri, storage.redact(uri))
                 if attempt == SHARD_TRIES - 1:
                     raise ShardFailed(f"{what} failed {SHARD_TRIES} times, the last with {message}") from exc
                 log.warning("%s failed (%s); trying again", what, message)
@@ -303,7 +303,7 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     show = os.environ.get("CI") != "true"
     ray.data.DataContext.get_current().enable_progress_bars = show
     stats = start_stats()
-    actor_plan = replace(plan, shards=[])  # each actor gets its shards from Ray Data, not the whole list
+    actor_plan = plan.for_readers()  # each actor gets its shards from Ray Data, not the whole list
     params = {item.variant.name: item.variant.params for item in items}
     rows = sum(i.shard.rows for i in items)
     work = ray.data.from_items([{**asdict(i.shard), "variant": i.variant.name, "out": i.out} for i in items],
@@ -333,7 +333,7 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     return Ran(engine_use(snap["engines"], end), snap["shard_starts"], failed, min(ready) if ready else None)
 
 
-def _shard_size(config: JobConfig) -> JobConfig:
+def _shard_size(config: JobConfig, rows: int) -> JobConfig:
     """The config with `output.rows_per_file` set: the user's, the one this output was planned with, or
     one sized to the cluster (several shards per engine actor)."""
     if config.output.rows_per_file is not None:
@@ -341,7 +341,6 @@ def _shard_size(config: JobConfig) -> JobConfig:
     recorded = outputs.recorded_identity(config.output)
     size = (recorded or {}).get("output", {}).get("rows_per_file")
     if size is None:
-        rows = inputs.plan_input(config.input, pool.MAX_SHARD_ROWS).rows
         size = pool.shard_rows(rows, config.engine.actor_range()[1])
     return config.model_copy(update={"output": config.output.model_copy(update={"rows_per_file": size})})
 
@@ -349,8 +348,9 @@ def _shard_size(config: JobConfig) -> JobConfig:
 def run(config: JobConfig) -> JobSummary:
     """Run the job (or the part earlier runs left) and return the summary of the whole output."""
     started = time.time()
-    config = _shard_size(config)
-    plan = inputs.plan_input(config.input, config.output.rows_per_file)  # InputError before Ray starts
+    plan = inputs.plan_input(config.input)  # the files and their rows; InputError before Ray starts
+    config = _shard_size(config, plan.rows)
+    plan.shards = inputs.cut_shards(plan, config.output.rows_per_file)
     schema = _record_schema(config, plan)
     done = outputs.prepare(config.output, config.identity())  # OutputError before Ray starts
     variants = config.variants()
@@ -383,7 +383,7 @@ def run(config: JobConfig) -> JobSummary:
     missing.update({name: why for r in ran for name, why in r.failed.items()})
     summary = JobSummary.of(
         total, run_tally,
-        input=inputs.redact(config.input.path), output=inputs.redact(config.output.path), rows_in=plan.rows,
+        input=storage.redact(config.input.path), output=storage.redact(config.output.path), rows_in=plan.rows,
         variants=[v.name for v in variants if v.name], records_expected=plan.rows * len(variants),
         nothing_to_do=finished, shards=len(items), shards_kept=len(items) - len(pending),
         shards_run=len(pending) - len(missing), rows_per_shard=config.output.rows_per_file,
@@ -399,8 +399,8 @@ def run(config: JobConfig) -> JobSummary:
         summary.comparison = write_comparison(config, variants, by_variant)
     if not finished:
         text = json.dumps(summary.model_dump(), indent=2)
-        outputs.write_text(outputs.run_log_path(config.output.path, started), text)
-        outputs.write_text(outputs.summary_path(config.output.path), text)
+        storage.write_text(outputs.run_log_path(config.output.path, started), text)
+        storage.write_text(outputs.summary_path(config.output.path), text)
         if not missing:
-            outputs.write_text(outputs.marker_path(config.output.path), "")
+            storage.write_text(outputs.marker_path(config.output.path), "")
     return summary
