@@ -400,7 +400,8 @@ def python_rows(table: pa.Table, problems: list[dict | None]) -> list[dict[str, 
     """
     good = [i for i, p in enumerate(problems) if p is None]
     try:
-        converted = iter(table.to_pylist() if len(good) == table.num_rows else table.take(good).to_pylist())
+        converted = iter(table.to_pylist() if len(good) == table.num_rows
+                         else table.take(pa.array(good, pa.int64())).to_pylist())  # typed: [] may be all
     except _UNCONVERTIBLE:
         converted = iter(_rows_one_by_one(table, good, problems))
     return [None if p is not None else next(converted) for p in problems]

@@ -187,3 +187,67 @@ def verdict_problem(error: dict | None) -> str | None:
     except UnicodeEncodeError:
         return f"an error an output file cannot hold: {error!r}"
     return None
+
+
+# --- a mixed hostile file: `python -m tests.hostile FILE` ---------------------------------------------
+
+def _kinds() -> dict[str, str]:
+    """Named hostile request bodies, as the JSON text of a Parquet `body` column."""
+    deep = "[" * 3000 + "]" * 3000
+    kinds: dict[str, object] = {
+        "deep_3000_list": None, "deep_3000_object": None, "deep_150_stop": {"prompt": "x", "stop": nest(150, "list", "a")},
+        "surrogate_prompt": {"prompt": "a\ud800b"}, "surrogate_list_prompt": {"prompt": ["ok", "\udfff"]},
+        "surrogate_stop": {"prompt": "hi", "stop": "\ud800"}, "surrogate_user": {"prompt": "hi", "user": "\udc00"},
+        "surrogate_key": {"prompt": "hi", "logit_bias": {"\ud800": 1}}, "surrogate_model": {"prompt": "hi", "model": "m\ud800"},
+        "nul_prompt": {"prompt": "a\x00b"}, "bidi_prompt": {"prompt": "\u202eabc\u2066"}, "bom_prompt": {"prompt": "\ufeffhi"},
+        "long_prompt": {"prompt": "word " * 50_000}, "empty_prompt": {"prompt": ""}, "empty_list": {"prompt": []},
+        "no_prompt": {"max_tokens": 3}, "null_prompt": {"prompt": None}, "int_prompt": {"prompt": 5},
+        "token_ids_out_of_vocab": {"prompt": [1, 2, 10**30]}, "negative_token_id": {"prompt": [-1]},
+        "nan_temperature": {"prompt": "hi", "temperature": math.nan}, "inf_top_p": {"prompt": "hi", "top_p": math.inf},
+        "neg_zero_temperature": {"prompt": "hi", "temperature": -0.0, "max_tokens": 3},
+        "huge_max_tokens": {"prompt": "hi", "max_tokens": 10**400}, "max_tokens_1e308": {"prompt": "hi", "max_tokens": 1e308},
+        "negative_max_tokens": {"prompt": "hi", "max_tokens": -1}, "huge_seed": {"prompt": "hi", "seed": 2**64},
+        "huge_n": {"prompt": "hi", "n": 10**6}, "string_n": {"prompt": "hi", "n": "2"},
+        "nan_logit_bias": {"prompt": "hi", "logit_bias": {"1": math.nan}, "max_tokens": 3},
+        "out_of_vocab_logit_bias": {"prompt": "hi", "logit_bias": {"99999": 1}},
+        "structured_outputs_string": {"prompt": "hi", "structured_outputs": "x"},
+        "structured_outputs_empty": {"prompt": "hi", "structured_outputs": {}},
+        "bad_regex": {"prompt": "hi", "structured_outputs": {"regex": "("}},
+        "bad_json_schema": {"prompt": "hi", "response_format": {"type": "json_schema",
+                                                                  "json_schema": {"name": "x", "schema": {"type": 5}}}},
+        "response_format_string": {"prompt": "hi", "response_format": "json"},
+        "stop_too_many": {"prompt": "hi", "stop": ["x"] * 500}, "stop_empty": {"prompt": "hi", "stop": [""]},
+        "stop_wrong_type": {"prompt": "hi", "stop": {"a": 1}}, "echo_stream": {"prompt": "hi", "echo": True, "stream": True},
+        "unknown_model": {"prompt": "hi", "model": "nope"}, "unknown_fields": {"prompt": "hi", "max_tokens": 3, "zzz": [1]},
+        "suffix": {"prompt": "hi", "suffix": "x"}, "logprobs_huge": {"prompt": "hi", "logprobs": 10**9},
+        "vllm_xargs_list": {"prompt": "hi", "vllm_xargs": ["a"]},
+    }
+    texts = {name: _dumps(body) for name, body in kinds.items() if body is not None}
+    texts.update(deep_3000_list='{"prompt": "x", "stop": ' + deep + "}",
+                 deep_3000_object='{"prompt": "x", "a": ' + '{"a": ' * 3000 + "1" + "}" * 3000 + "}",
+                 not_json='{"prompt": "cut', array="[1, 2]", json_string='"hi"', empty_text="",
+                 huge_int_digits='{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}",
+                 nan_literal='{"prompt": "hi", "temperature": NaN}', duplicate_keys='{"prompt": "a", "prompt": "b"}')
+    return texts
+
+
+def mixed_hostile_table(good: int = 108) -> "pa.Table":
+    """`good` rows with plain prompts, then every hostile kind once: an `id`, a `kind` and a `body`."""
+    import pyarrow as pa
+
+    prompts = ["Hello", "The sky is", "1 2 3", "Once upon a time", "a b c d"]
+    rows = [(f"good-{i}", "good", _dumps({"prompt": prompts[i % len(prompts)], "max_tokens": 4}))
+            for i in range(good)]
+    rows += [(f"hostile-{name}", name, text) for name, text in _kinds().items()]
+    ids, kinds, bodies_ = zip(*rows)
+    return pa.table({"id": list(ids), "kind": list(kinds), "body": list(bodies_)})
+
+
+if __name__ == "__main__":
+    import sys
+
+    import pyarrow.parquet as pq
+
+    table = mixed_hostile_table()
+    pq.write_table(table, sys.argv[1])
+    print(f"{sys.argv[1]}: {table.num_rows} rows ({table.num_rows - 108} hostile)")
