@@ -71,10 +71,15 @@ def value_problem(value: Any, name: str, *, text: bool = True) -> str | None:
                 for key, element in item.items():
                     if text and isinstance(key, str) and (problem := _not_unicode(key)):
                         return f"a key of `{printable(where)}` {problem}"
-                    stack.append((element, f"{where}.{key}", depth + 1))
-            else:
-                stack.extend((element, f"{where}[{i}]", depth + 1) for i, element in enumerate(item))
+                    if isinstance(element, _WALKED):
+                        stack.append((element, f"{where}.{key}", depth + 1))
+            else:  # numbers are never a problem: skip them (a prompt of token ids can be long)
+                stack.extend((element, f"{where}[{i}]", depth + 1) for i, element in enumerate(item)
+                             if isinstance(element, _WALKED))
     return None
+
+
+_WALKED = (str, dict, list, tuple)
 
 
 def _not_unicode(text: str) -> str | None:

@@ -21,8 +21,6 @@ pytestmark = pytest.mark.engine
 
 # Rows per job in CI (HYPOTHESIS_PROFILE=long: ten times as many).
 BODY_ROWS, BATCH_LINES, STRUCT_ROWS = 240 * SCALE, 100 * SCALE, 40 * SCALE
-# One example of many rows: each example is a whole job, so hypothesis neither repeats nor shrinks it.
-ONE_JOB = settings(max_examples=1, phases=[Phase.generate])
 # Work, not validity: a valid body may ask for thousands of sequences or tokens; the job answers it
 # with at most 8, so the test stays fast. Values outside this window (huge, negative) stay as drawn.
 BOUNDED = ("n", "best_of", "max_tokens", "min_tokens")
@@ -54,11 +52,26 @@ def _config(tmp_path, path: str, **input_config) -> JobConfig:
         "defaults": {"max_tokens": 4}})
 
 
-def _check_job(result, config, keys: list[str]) -> None:
+def _draw(strategy: st.SearchStrategy, count: int) -> list:
+    """`count` examples of `strategy`, drawn as hypothesis draws a test's examples (the profile's seed),
+    for one job over all of them: a job per example would take hours. No shrinking: a failure shows
+    its row's key and record instead."""
+    drawn: list = []
+
+    @settings(max_examples=count, phases=[Phase.generate])
+    @given(strategy)
+    def collect(value: object) -> None:
+        drawn.append(value)
+
+    collect()
+    return drawn
+
+
+def _check_job(table: pa.Table, config: JobConfig, keys: list[str]) -> None:
     """One record per row, each a 200 or a named 4xx, and `validate`'s verdict on every row the same."""
     from pipeline.preflight import check_rows
 
-    records = {row["row_key"]: row for row in result.table.to_pylist()}
+    records = {row["row_key"]: row for row in table.to_pylist()}
     assert sorted(records) == sorted(keys), "not one record per row"
     verdicts = {check.key: check.error for check in check_rows(config)}
     assert verdicts.keys() == records.keys()
@@ -73,48 +86,44 @@ def _check_job(result, config, keys: list[str]) -> None:
                 {k: record["error"][k] for k in ("type", "code", "param")}, key
 
 
-@ONE_JOB
-@given(raw=st.lists(string_bodies, min_size=BODY_ROWS, max_size=BODY_ROWS))
-def test_a_job_over_generated_string_bodies(run_job, tmp_path_factory, raw):
+def test_a_job_over_generated_string_bodies(run_job, tmp_path_factory):
     import pyarrow.parquet as pq
 
+    raw = _draw(string_bodies, BODY_ROWS)
     table = pa.table({"id": [f"r{i}" for i in range(len(raw))], "body": pa.array(raw, pa.string())})
     result = run_job(table, input={"body_column": "body", "id_column": "id"}, defaults={"max_tokens": 4})
     folder = tmp_path_factory.mktemp("validate")
     pq.write_table(table, folder / "input.parquet")
-    _check_job(result, _config(folder, str(folder / "input.parquet"), body_column="body", id_column="id"),
+    _check_job(result.table, _config(folder, str(folder / "input.parquet"), body_column="body", id_column="id"),
                table.column("id").to_pylist())
     assert result.summary.rows_out == len(raw)
 
 
-@ONE_JOB
-@given(body_values=st.lists(struct_bodies.map(_bounded), min_size=STRUCT_ROWS, max_size=STRUCT_ROWS))
-def test_a_job_over_generated_struct_bodies(run_job, tmp_path_factory, body_values):
+def test_a_job_over_generated_struct_bodies(run_job, tmp_path_factory):
     import pyarrow.parquet as pq
 
+    body_values = _draw(struct_bodies.map(_bounded), STRUCT_ROWS)
     table = pa.table({"id": [f"s{i}" for i in range(len(body_values))], "body": pa.array(body_values)})
     result = run_job(table, input={"body_column": "body", "id_column": "id"}, defaults={"max_tokens": 4})
     folder = tmp_path_factory.mktemp("validate")
     pq.write_table(table, folder / "input.parquet")
-    _check_job(result, _config(folder, str(folder / "input.parquet"), body_column="body", id_column="id"),
+    _check_job(result.table, _config(folder, str(folder / "input.parquet"), body_column="body", id_column="id"),
                table.column("id").to_pylist())
 
 
-@ONE_JOB
-@given(lines=st.lists(batch_lines(), min_size=BATCH_LINES, max_size=BATCH_LINES))
-def test_a_job_over_generated_batch_lines(tmp_path_factory, run_job, lines):
+def test_a_job_over_generated_batch_lines(run_job, tmp_path_factory):
     import pyarrow.parquet as pq
 
     from pipeline.runner import run
-    from tests.integration.conftest import JobResult
 
-    lines = lines + lines[:5]  # repeated custom_ids: the first line keeps each
+    lines = _draw(batch_lines(), BATCH_LINES)
+    lines += lines[:5]  # repeated custom_ids: the first line keeps each
     folder = tmp_path_factory.mktemp("batch")
     (folder / "requests.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     config = _config(folder, str(folder / "requests.jsonl"))
     config = config.model_copy(update={"output": config.output.model_copy(update={"path": str(folder / "out")})})
-    summary = run(config)
-    result = JobResult(pq.read_table(folder / "out" / "data"), summary, pa.table({}))
-    keys = result.table.column("row_key").to_pylist()
+    run(config)  # run_job's shared Ray; a JSONL input, so not run_job itself
+    table = pq.read_table(folder / "out" / "data")
+    keys = table.column("row_key").to_pylist()
     assert len(keys) == len(lines) == len(set(keys))
-    _check_job(result, config, keys)
+    _check_job(table, config, keys)
