@@ -154,12 +154,15 @@ def naming_param(create_error_response: Callable[..., Any]) -> Callable[..., Any
     The product's rule (completions-semantics.md) is that every 400 names the field; vLLM's server
     leaves `param` null for some sampling checks ("n must be at least 1, got 0."). vLLM words those
     messages as "<field> must/cannot ...", so a message that starts with a request field's name
-    names that field. Everything else in the body stays the server's.
+    names that field; a 400 raised inside one of the checks in _PARAM_BY_ORIGIN names the field that
+    check is about; and a `param` that is no request field (_PARAM_ALIASES) becomes the field.
+    Everything else in the body stays the server's.
     """
     from vllm.exceptions import VLLMValidationError
 
     def create(message: Any, *args: Any, **kwargs: Any) -> Any:
         response = create_error_response(message, *args, **kwargs)
+        response.error.param = _PARAM_ALIASES.get(response.error.param, response.error.param)
         if response.error.param is None and isinstance(message, Exception) and response.error.code == 400:
             field = str(message).split(" ", 1)[0]
             if isinstance(message, VLLMValidationError) and field in REQUEST_FIELDS:
@@ -171,6 +174,9 @@ def naming_param(create_error_response: Callable[..., Any]) -> Callable[..., Any
     return create
 
 
+# Names vLLM gives `param` that are no request field: the prompt's length checks name what the
+# prompt became ("input_text", "input_tokens").
+_PARAM_ALIASES = {"input_text": "prompt", "input_tokens": "prompt"}
 # vLLM functions that raise 400s naming no field, and the field each one checks.
 _PARAM_BY_ORIGIN = {
     "StructuredOutputsParams.__post_init__": "structured_outputs",

@@ -8,6 +8,8 @@ the job gave it. See docs/hostile-input.md.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pyarrow as pa
 import pytest
 from hypothesis import Phase, given, settings
@@ -73,6 +75,9 @@ def _check_job(table: pa.Table, config: JobConfig, keys: list[str]) -> None:
 
     records = {row["row_key"]: row for row in table.to_pylist()}
     assert sorted(records) == sorted(keys), "not one record per row"
+    outcomes = Counter("200" if r["error"] is None else f"{r['error']['code']} {r['error']['type']}"
+                       for r in records.values())
+    print(f"{config.input.path}: {len(records)} records, {dict(outcomes)}")  # shown with pytest -s
     verdicts = {check.key: check.error for check in check_rows(config)}
     assert verdicts.keys() == records.keys()
     for key, record in records.items():

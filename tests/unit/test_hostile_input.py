@@ -129,3 +129,4 @@ def test_known_holes_stay_closed(verdict):
     grammar = verdict(FIELD_COLUMNS, {"prompt": "hi", "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}})
     assert grammar["param"] == "response_format", grammar  # was: valid, then a 400 naming no field
+    assert verdict(FIELD_COLUMNS, {"prompt": "word " * 5000})["param"] == "prompt"  # was: "input_text"
