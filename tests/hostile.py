@@ -72,7 +72,7 @@ def bodies(draw: st.DrawFn) -> dict:
     return body
 
 
-def _dumps(value: object) -> str:
+def dumps(value: object) -> str:
     """JSON text as Python writes it (NaN and Infinity included, lone surrogates as \\u escapes), for
     values of any depth: json.dumps itself stops at about a thousand levels."""
     parts: list[str] = []
@@ -106,18 +106,18 @@ class _Raw:
         self.text = text
 
 
-def _dumps_deep(depth: int) -> str:
+def dumps_deep(depth: int) -> str:
     return '{"prompt": "x", "stop": ' + "[" * depth + "]" * depth + "}"
 
 
 # What a string body column can hold: a body's JSON, a deep one (too deep for json.loads), broken JSON,
 # JSON that is not an object, or random text.
 raw_bodies = st.one_of(
-    bodies().map(_dumps),
-    st.integers(100, 100_000).map(_dumps_deep),
+    bodies().map(dumps),
+    st.integers(100, 100_000).map(dumps_deep),
     st.sampled_from(['{"prompt": "cut', "", " ", "null", "[]", "1e999", '"\\ud800"', '{"prompt": NaN}',
                      '{"a": 1, "a": 2}', '{"prompt": "x"}\x00', "\ufeff{}"]),
-    unicode, json_values.map(_dumps),
+    unicode, json_values.map(dumps),
 )
 
 
@@ -140,8 +140,8 @@ def batch_lines(draw: st.DrawFn) -> bytes:
     if kind == "not_json":
         return draw(st.binary(max_size=40).filter(lambda b: b"\n" not in b and b"\r" not in b))
     if kind == "not_object":
-        return _dumps(draw(json_values)).encode()
-    text = _dumps(line).encode()
+        return dumps(draw(json_values)).encode()
+    text = dumps(line).encode()
     if kind == "bad_utf8":
         cut = draw(st.integers(0, len(text)))
         text = text[:cut] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80\x80"])) + text[cut:]
@@ -222,7 +222,7 @@ def _kinds() -> dict[str, str]:
         "suffix": {"prompt": "hi", "suffix": "x"}, "logprobs_huge": {"prompt": "hi", "logprobs": 10**9},
         "vllm_xargs_list": {"prompt": "hi", "vllm_xargs": ["a"]},
     }
-    texts = {name: _dumps(body) for name, body in kinds.items() if body is not None}
+    texts = {name: dumps(body) for name, body in kinds.items() if body is not None}
     texts.update(deep_3000_list='{"prompt": "x", "stop": ' + deep + "}",
                  deep_3000_object='{"prompt": "x", "a": ' + '{"a": ' * 3000 + "1" + "}" * 3000 + "}",
                  not_json='{"prompt": "cut', array="[1, 2]", json_string='"hi"', empty_text="",
@@ -236,7 +236,7 @@ def mixed_hostile_table(good: int = 108) -> "pa.Table":
     import pyarrow as pa
 
     prompts = ["Hello", "The sky is", "1 2 3", "Once upon a time", "a b c d"]
-    rows = [(f"good-{i}", "good", _dumps({"prompt": prompts[i % len(prompts)], "max_tokens": 4}))
+    rows = [(f"good-{i}", "good", dumps({"prompt": prompts[i % len(prompts)], "max_tokens": 4}))
             for i in range(good)]
     rows += [(f"hostile-{name}", name, text) for name, text in _kinds().items()]
     ids, kinds, bodies_ = zip(*rows)

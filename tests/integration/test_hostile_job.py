@@ -16,7 +16,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import JobConfig
-from tests.hostile import SCALE, _dumps, batch_lines, bodies, raw_bodies, struct_bodies, verdict_problem
+from tests.hostile import SCALE, batch_lines, bodies, dumps, raw_bodies, struct_bodies, verdict_problem
 from tests.integration.conftest import CONTEXT
 
 pytestmark = pytest.mark.engine
@@ -44,7 +44,7 @@ def _utf8(text: str) -> bool:
 
 
 # A Parquet string column holds UTF-8 only: a lone surrogate reaches it as a JSON escape, never raw.
-string_bodies = st.one_of(bodies().map(_bounded).map(_dumps), raw_bodies.filter(_utf8))
+string_bodies = st.one_of(bodies().map(_bounded).map(dumps), raw_bodies.filter(_utf8))
 
 
 def _config(tmp_path, path: str, **input_config) -> JobConfig:
