@@ -135,7 +135,7 @@ class CompletionEngine:
             return Answer(response=result.model_dump(mode="json"))
         if self._engine.errored:
             raise EngineDeadError(f"vLLM engine died: {self._engine.dead_error}")
-        return Answer(error=result.model_dump(mode="json")["error"])
+        return Answer(error=param_in_body(result.model_dump(mode="json")["error"], body))
 
     def shutdown(self) -> None:
         from vllm.utils.async_utils import cancel_task_threadsafe
@@ -154,19 +154,53 @@ def naming_param(create_error_response: Callable[..., Any]) -> Callable[..., Any
     The product's rule (completions-semantics.md) is that every 400 names the field; vLLM's server
     leaves `param` null for some sampling checks ("n must be at least 1, got 0."). vLLM words those
     messages as "<field> must/cannot ...", so a message that starts with a request field's name
-    names that field. Everything else in the body stays the server's.
+    names that field; a 400 raised inside one of the checks in _PARAM_BY_ORIGIN names the field that
+    check is about; and a `param` that is no request field (_PARAM_ALIASES) becomes the field.
+    Everything else in the body stays the server's.
     """
     from vllm.exceptions import VLLMValidationError
 
     def create(message: Any, *args: Any, **kwargs: Any) -> Any:
         response = create_error_response(message, *args, **kwargs)
-        if isinstance(message, VLLMValidationError) and response.error.param is None:
+        response.error.param = _PARAM_ALIASES.get(response.error.param, response.error.param)
+        if response.error.param is None and isinstance(message, Exception) and response.error.code == 400:
             field = str(message).split(" ", 1)[0]
-            if field in REQUEST_FIELDS:
+            if isinstance(message, VLLMValidationError) and field in REQUEST_FIELDS:
                 response.error.param = field
+            else:
+                response.error.param = _param_by_origin(message)
         return response
 
     return create
+
+
+# Names vLLM gives `param` that are no request field: the prompt's length checks name what the
+# prompt became ("input_text", "input_tokens").
+_PARAM_ALIASES = {"input_text": "prompt", "input_tokens": "prompt"}
+# vLLM functions that raise 400s naming no field, and the field each one checks.
+_PARAM_BY_ORIGIN = {
+    "StructuredOutputsParams.__post_init__": "structured_outputs",
+    "SamplingParams._validate_structured_outputs": "structured_outputs",
+    "BaseRenderer.validate_token_ids": "prompt",
+}
+
+
+def _param_by_origin(exc: BaseException) -> str | None:
+    """The field checked by the innermost function of _PARAM_BY_ORIGIN the error was raised in."""
+    field, frame = None, exc.__traceback__
+    while frame is not None:
+        field = _PARAM_BY_ORIGIN.get(frame.tb_frame.f_code.co_qualname, field)
+        frame = frame.tb_next
+    return field
+
+
+def param_in_body(error: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """The error, its `param` naming the field the row wrote: vLLM checks `response_format` as the
+    `structured_outputs` it becomes, and names that."""
+    if error.get("param") == "structured_outputs" and "structured_outputs" not in body \
+            and "response_format" in body:
+        return {**error, "param": "response_format"}
+    return error
 
 
 @functools.cache
@@ -180,6 +214,7 @@ def batch_request_class() -> type:
     """
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import StructuredOutputsParams
 
     class _PlainValidationError(VLLMValidationError):
         def __str__(self) -> str:  # the message alone, as the server words this error
@@ -187,6 +222,18 @@ def batch_request_class() -> type:
 
     class BatchCompletionRequest(CompletionRequest):
         _max_tokens_defaulted: bool = PrivateAttr(False)
+
+        @model_validator(mode="before")
+        @classmethod
+        def _structured_outputs_is_an_object(cls, data: Any) -> Any:
+            # The server's own before-check calls `.get` on it and so answers a string or a list with
+            # a 500 AttributeError; the type check proper comes later, too late to prevent that.
+            value = data.get("structured_outputs") if isinstance(data, dict) else None
+            if value is not None and not isinstance(value, (dict, StructuredOutputsParams)):
+                raise VLLMValidationError(
+                    f"structured_outputs must be an object (e.g. {{\"regex\": \"...\"}}), not "
+                    f"{type(value).__name__}", parameter="structured_outputs")
+            return data
 
         @model_validator(mode="after")
         def _no_echo_with_stream(self) -> "BatchCompletionRequest":

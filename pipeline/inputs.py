@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
-from pipeline.protocol import error_body
+from pipeline.protocol import MAX_BODY_DEPTH, error_body, value_problem
 from pipeline.storage import StorageError, filesystem, redact
 
 ROW_KEY = "row_key"
@@ -243,7 +243,7 @@ class _CustomIds:
     def add(self, line: bytes) -> None:
         try:
             custom_id = json.loads(line).get("custom_id")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # the reader makes it the line's error
             custom_id = None
         if isinstance(custom_id, str):
             self._numbers.append(self._lines)
@@ -394,7 +394,7 @@ def read_batch_shard(plan: InputPlan, shard: Shard) -> pa.Table:
     duplicates = set(shard.duplicates)
     rows, errors = [], []
     for number, raw in enumerate(lines, start=shard.start):
-        row, error = _batch_line(raw.decode("utf-8", errors="replace"), number in duplicates)
+        row, error = _batch_line(raw, number in duplicates)
         row[ROW_KEY] = row["custom_id"] if row.get("custom_id") and error is None else f"{name}:{number}"
         rows.append(row)
         errors.append(error)
@@ -412,18 +412,36 @@ def _shard_lines(fs: pafs.FileSystem, shard: Shard) -> list[bytes]:
         return list(itertools.islice(_lines(stream), shard.start, shard.stop))
 
 
-def _batch_line(line: str, duplicate: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _batch_line(raw: bytes, duplicate: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A line's row (its parts as strings, the body as JSON text) and its error, if it has one.
+
+    Problems with the whole line (not UTF-8, not JSON, not an object) have no field to name: their
+    `param` is null. Everything else names the part at fault.
+    """
     def fail(message: str, param: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
         return row, error_body(message, LINE_ERROR, 400, param)
 
     row: dict[str, Any] = {"custom_id": None, "method": None, "url": None, "body": None}
     try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return fail(f"the line holds bytes that are not UTF-8 ({exc.reason} at byte {exc.start}); "
+                    "JSONL files must be UTF-8", None)
+    try:
         data = json.loads(line)
+    except RecursionError:
+        return fail(f"the line is nested too deeply to read (more than {MAX_BODY_DEPTH} levels of lists "
+                    "and objects are refused)", None)
     except ValueError as exc:
         return fail(f"the line is not valid JSON ({exc}); was the file cut short?", None)
     if not isinstance(data, dict):
         return fail("the line must be a JSON object with custom_id, method, url and body", None)
+    for part in ("custom_id", "method", "url"):
+        if (problem := value_problem(data.get(part), part)) is not None:
+            return fail(problem, part)
     custom_id, body = data.get("custom_id"), data.get("body")
+    if (problem := value_problem(body, "body", text=False)) is not None:
+        return fail(problem, "body")
     row.update(custom_id=custom_id if isinstance(custom_id, str) else None,
                method=data.get("method") if isinstance(data.get("method"), str) else None,
                url=data.get("url") if isinstance(data.get("url"), str) else None,
@@ -431,24 +449,60 @@ def _batch_line(line: str, duplicate: bool) -> tuple[dict[str, Any], dict[str, A
     if not isinstance(custom_id, str) or not custom_id:
         return fail("custom_id must be a non-empty string", "custom_id")
     if duplicate:
-        return fail(f"custom_id {custom_id!r} appears on an earlier line; custom_ids must be unique",
+        return fail(f"custom_id {_brief(custom_id)} appears on an earlier line; custom_ids must be unique",
                     "custom_id")
     if data.get("method") != "POST":
-        return fail(f"method must be POST, not {data.get('method')!r}", "method")
+        return fail(f"method must be POST, not {_brief(data.get('method'))}", "method")
     if data.get("url") != "/v1/completions":
-        return fail(f"url must be /v1/completions, not {data.get('url')!r}", "url")
+        return fail(f"url must be /v1/completions, not {_brief(data.get('url'))}", "url")
     if not isinstance(body, dict):
         return fail("body must be a JSON object (the /v1/completions request)", "body")
     return row, None
 
 
+def _brief(value: Any, limit: int = 80) -> str:
+    """A value for a message: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def python_rows(table: pa.Table, problems: list[dict | None]) -> list[dict[str, Any] | None]:
-    """The rows as Python values; a row with a reading problem is not converted (None)."""
-    if not any(problems):
-        return table.to_pylist()
+    """The rows as Python values; a row with a reading problem is not converted (None).
+
+    A row holding a value Python cannot represent (a timestamp past the year 9999, say) gets that
+    problem, a 400 naming the column, written into `problems` in place, and is None as well.
+    """
     good = [i for i, p in enumerate(problems) if p is None]
-    converted = iter(table.take(good).to_pylist())
+    try:
+        converted = iter(table.to_pylist() if len(good) == table.num_rows
+                         else table.take(pa.array(good, pa.int64())).to_pylist())  # typed: [] may be all
+    except _UNCONVERTIBLE:
+        converted = iter(_rows_one_by_one(table, good, problems))
     return [None if p is not None else next(converted) for p in problems]
+
+
+_UNCONVERTIBLE = (pa.ArrowException, ValueError, OverflowError)
+
+
+def _rows_one_by_one(table: pa.Table, indices: list[int], problems: list[dict | None]) -> list[dict[str, Any]]:
+    """The rows that convert; each row that does not gets its problem (the first column at fault)."""
+    rows = []
+    for i in indices:
+        try:
+            rows.append(table.slice(i, 1).to_pylist()[0])
+            continue
+        except _UNCONVERTIBLE:
+            pass
+        for name in table.column_names:
+            try:
+                table.column(name).slice(i, 1).to_pylist()
+            except _UNCONVERTIBLE as exc:
+                problems[i] = error_body(f"column `{name}` holds a value that cannot be read "
+                                         f"({type(exc).__name__}: {exc})", "BadRequestError", 400, name)
+                break
+        else:  # the row as a whole failed although no single column did; report the row
+            problems[i] = error_body("the row holds values that cannot be read", "BadRequestError", 400, None)
+    return rows
 
 
 def read_shard(plan: InputPlan, shard: Shard) -> pa.Table:

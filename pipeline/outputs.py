@@ -163,8 +163,12 @@ def write_shard(config: OutputConfig, name: str, records: pa.Table, tally: Tally
         pq.write_table(records, sink)
         data = sink.getvalue()
     else:
+        # Only the columns a batch output line holds: another input column may hold values Python
+        # cannot represent (a timestamp past the year 9999), which the line never shows anyway.
+        lines = records.select([c for c in (ROW_KEY, "custom_id", "response", "error")
+                                if c in records.column_names])
         data = "".join(json.dumps(batch_output_line(row), ensure_ascii=False) + "\n"
-                       for row in records.to_pylist()).encode()
+                       for row in lines.to_pylist()).encode()
     write_bytes(join(data_dir(config.path), name + EXTENSIONS[config.format]), data)
 
 

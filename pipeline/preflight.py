@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from pipeline import inputs
 from pipeline.config import JobConfig
-from pipeline.engine import batch_request_class, naming_param, validation_error_body
+from pipeline.engine import batch_request_class, naming_param, param_in_body, validation_error_body
 from pipeline.inputs import INPUT_ERROR, ROW_KEY
 from pipeline.protocol import BodyError, error_body
 from pipeline.runner import request_builder
@@ -66,6 +66,7 @@ class RequestChecker:
     def __init__(self, config: JobConfig) -> None:
         from vllm.renderers import renderer_from_config
         from vllm.renderers.online_renderer import OnlineRenderer
+        from vllm.v1.engine.input_processor import InputProcessor
 
         from pipeline.engine import batch_serving_class, engine_args
 
@@ -90,6 +91,9 @@ class RequestChecker:
         base.tokenize_prompts_async = tokenize_inline
         self.request_class = batch_request_class()
         self.context_rule = batch_serving_class().context_error
+        # The engine's own admission checks (sampling parameters with structured outputs compiled by
+        # the configured backend, prompt token ids in the vocabulary), run in this process.
+        self.admission = InputProcessor(vllm_config, base)
 
     async def check(self, body: dict[str, Any]) -> tuple[dict | None, list[int], int]:
         """(error body or None, prompt token counts, max new tokens) for one request body."""
@@ -114,15 +118,15 @@ class RequestChecker:
             if problem is not None:
                 raise problem
             total = 0
-            for length in lengths:
+            for engine_input, length in zip(inputs_, lengths):
                 max_tokens = get_max_tokens(self.context, request.max_tokens, length, self.defaults)
                 params = request.to_sampling_params(max_tokens, self.defaults)
-                params.verify(self.model_config, None, None, self.renderer.renderer.tokenizer)
+                self.admission.process_inputs("validate", engine_input, params, supported_tasks=("generate",))
                 total += max_tokens * (request.n or 1)
         except ValidationError as exc:
             return validation_error_body(exc), [], 0
         except Exception as exc:  # noqa: BLE001 - mapped exactly as the engine path maps it
-            return create_error(exc).error.model_dump(), [], 0
+            return param_in_body(create_error(exc).error.model_dump(), body), [], 0
         return None, lengths, total
 
 

@@ -44,6 +44,58 @@ class BodyError(ValueError):
         self.error = error_body(message, "BadRequestError", 400, param)
 
 
+# How deep lists and objects may nest in a request body. The deepest legitimate bodies (JSON schemas
+# in `response_format`) are a few dozen levels; past about a thousand, Python's JSON reader and writer
+# (and the engine's request handling) fail with RecursionError instead of answering.
+MAX_BODY_DEPTH = 100
+
+
+def value_problem(value: Any, name: str, *, text: bool = True) -> str | None:
+    """What makes `value` (the field `name`) unfit for a request body, or None if nothing does.
+
+    Nesting deeper than MAX_BODY_DEPTH, and (with `text`) a string or key holding a lone surrogate:
+    JSON's `\\ud800` escapes decode to one, but it is not Unicode text, so neither the tokenizer, nor
+    the engine, nor a UTF-8 output file can take it. Walks without recursion, so any depth is safe.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, name, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, str):
+            if text and (problem := _not_unicode(item)):
+                return f"`{printable(where)}` {problem}"
+        elif isinstance(item, (dict, list, tuple)):
+            if depth >= MAX_BODY_DEPTH:
+                return (f"`{printable(name)}` is nested more than {MAX_BODY_DEPTH} levels deep (lists and "
+                        "objects inside each other); flatten it")
+            if isinstance(item, dict):
+                for key, element in item.items():
+                    if text and isinstance(key, str) and (problem := _not_unicode(key)):
+                        return f"a key of `{printable(where)}` {problem}"
+                    if isinstance(element, _WALKED):
+                        stack.append((element, f"{where}.{key}", depth + 1))
+            else:  # numbers are never a problem: skip them (a prompt of token ids can be long)
+                stack.extend((element, f"{where}[{i}]", depth + 1) for i, element in enumerate(item)
+                             if isinstance(element, _WALKED))
+    return None
+
+
+_WALKED = (str, dict, list, tuple)
+
+
+def _not_unicode(text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"holds a lone surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}, which is "
+                "not Unicode text; write the character itself or its full surrogate pair")
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` with any lone surrogate written as its escape, so a message or `param` can hold it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _row_body(row: dict[str, Any], body_column: str) -> dict[str, Any]:
     raw = row.get(body_column)
     if raw is None:
@@ -53,6 +105,13 @@ def _row_body(row: dict[str, Any], body_column: str) -> dict[str, Any]:
             raw = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BodyError(f"the request body in column `{body_column}` is not valid JSON: {exc}",
+                            body_column) from None
+        except RecursionError:
+            raise BodyError(f"the request body in column `{body_column}` is nested too deeply to read "
+                            f"(more than {MAX_BODY_DEPTH} levels of lists and objects are refused)",
+                            body_column) from None
+        except ValueError as exc:  # e.g. an integer longer than Python reads (4,300 digits)
+            raise BodyError(f"the request body in column `{body_column}` cannot be read as JSON: {exc}",
                             body_column) from None
     if not isinstance(raw, dict):
         raise BodyError(f"the request body in column `{body_column}` must be a JSON object, "
@@ -83,7 +142,8 @@ class RequestBuilder:
         self.field_columns = field_columns
 
     def body(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The row's request body; raises BodyError (a 400 record) when it cannot be built."""
+        """The row's request body; raises BodyError (a 400 record naming the field) when it cannot be
+        built or holds what no endpoint can take (see `value_problem`)."""
         from pipeline.templates import TemplateError, fill
 
         body = dict(self.body_defaults)
@@ -104,6 +164,12 @@ class RequestBuilder:
         elif self.prompt_column != "prompt" and row.get(self.prompt_column) is not None:
             body["prompt"] = row[self.prompt_column]
         body.setdefault("model", self.served_name)
+        for name, value in body.items():
+            problem = value_problem(value, name)
+            if problem is None and (bad_name := _not_unicode(name)):
+                problem = f"the field name `{printable(name)}` {bad_name}"
+            if problem is not None:
+                raise BodyError(problem, printable(name))
         return body
 
 
