@@ -7,20 +7,24 @@ record keeps one row per input row and its `response` is exactly that answer: `c
 context + choice i, and `choices[i].logprobs` covers every token of it (position 0, the first prompt
 token, has a null logprob).
 
-Which tokens belong to the continuation (the rule, as lm-evaluation-harness splits context and
-continuation, but from the endpoint's answer alone): the echoed `tokens` are the prompt's tokens as
-text and `text_offset` their cumulative offsets, so the echoed prompt ends at
-`text_offset[-1] + len(tokens[-1])`; the continuation starts len(choice) characters before that end
-(measured from the end, because position 0 may be a special token such as `<s>` that is not in the
-prompt text). Its tokens are those that END after that start: a token straddling the boundary (the
-context's trailing space merged into the choice's first word, " Paris") belongs to the continuation,
-as the harness gives such a token to the continuation when it moves the context's trailing spaces. The
-rule is checked on every choice: the continuation's token texts must end with the choice, and must not
-reach position 0; otherwise (a decoding that does not reproduce the text) the row is not scored (null).
+Which tokens belong to the continuation (the rule): lm-evaluation-harness first moves the context's
+trailing whitespace to the continuation ("Answer: " + "Paris" is scored as "Answer:" + " Paris"), then
+gives the continuation every token of context + continuation after the context's own tokens. From the
+endpoint's answer alone the same split is found by text offsets: the continuation is the choice plus
+the context's trailing whitespace, C characters; the echoed `tokens` are the prompt's tokens as text
+and `text_offset` their cumulative offsets, so the echoed prompt ends at `text_offset[-1] +
+len(tokens[-1])` and the continuation starts C characters before that end (measured from the end,
+because position 0 may be a special token such as `<s>` that is not in the prompt text). Its tokens are
+those that END after that start, so a token straddling the boundary (a context's last characters merged
+with the choice's first) belongs to the continuation, where the harness's tokenizer split would have
+cut inside it. The rule is checked on every choice: the continuation's token texts must end with it,
+and it must not reach position 0; otherwise (a decoding that does not reproduce the text) the row is not
+scored (null). tests/parity/test_loglikelihood_parity.py compares the token counts with the harness's
+tokenizer split and the sums with the reference server's answers.
 
 Log-likelihood of a choice = the sum of its tokens' logprobs (−inf is clamped to −9999.0 by the
 endpoint); the normalised variant divides by the choice's length in characters (the harness's
-`acc_norm`). Ties go to the first choice.
+`acc_norm`, which divides by the length of the choice as given). Ties go to the first choice.
 """
 
 from __future__ import annotations
@@ -52,12 +56,15 @@ class LoglikelihoodRequests:
         return body
 
 
-def continuation_logprob(logprobs: dict[str, Any], continuation: str) -> tuple[float, int] | None:
-    """(sum of logprobs, token count) of the echoed prompt's last `continuation` characters, by the rule in
-    the module docstring; None when the echoed tokens do not reproduce the continuation."""
+def continuation_logprob(logprobs: dict[str, Any], text: str, choice: str) -> tuple[float, int] | None:
+    """(sum of logprobs, token count) of `choice` at the end of the echoed prompt `text`, with the context's
+    trailing whitespace, by the rule in the module docstring; None when the echoed tokens do not
+    reproduce it."""
     tokens, offsets, values = logprobs["tokens"], logprobs["text_offset"], logprobs["token_logprobs"]
-    if not tokens or not continuation:
+    if not tokens or not choice or not text.endswith(choice):
         return None
+    context = text[:len(text) - len(choice)]
+    continuation = context[len(context.rstrip()):] + choice
     start = offsets[-1] + len(tokens[-1]) - len(continuation)
     first = next((i for i in range(len(tokens)) if offsets[i] + len(tokens[i]) > start), None)
     if first is None or first == 0 or not "".join(tokens[first:]).endswith(continuation):
@@ -85,7 +92,7 @@ def _right_index(reference: Any, choices: list[str]) -> int | None:
 def choice_score(scorer: MultipleChoice, response: dict[str, Any], choices: list[str], reference: Any) -> dict[str, Any]:
     """The score fields of one answered multiple-choice row (see records.score_type)."""
     name = scorer.output()
-    found = [continuation_logprob(c["logprobs"], choice) if c.get("logprobs") else None
+    found = [continuation_logprob(c["logprobs"], c["text"], choice) if c.get("logprobs") else None
              for c, choice in zip(response["choices"], choices)]
     score = {name: None, name + "_norm": None, "prediction": None, "prediction_norm": None,
              "choice_logprobs": [None if f is None else f[0] for f in found],

@@ -98,15 +98,19 @@ def echoed(tokens: list[str], logprobs: list[float | None]) -> dict:
 def test_continuation_tokens_are_found_from_the_end_of_the_echo():
     # position 0 is BOS, not part of the prompt's text: offsets are measured from the end
     lp = echoed(["<s>", "Answer", ":", " Par", "is"], [None, -1.0, -2.0, -3.0, -0.5])
-    assert continuation_logprob(lp, " Paris") == (-3.5, 2)
-    assert continuation_logprob(lp, "is") == (-0.5, 1)
-    # a token straddling the boundary (context "Answer: " + choice "Paris") belongs to the continuation
-    assert continuation_logprob(lp, "aris") == (-3.5, 2)
-    # the continuation may not reach the first position (no logprob) nor be empty
-    assert continuation_logprob(echoed(["Paris"], [None]), "Paris") is None
-    assert continuation_logprob(lp, "") is None
+    assert continuation_logprob(lp, "Answer: Paris", " Paris") == (-3.5, 2)
+    assert continuation_logprob(lp, "Answer: Paris", "is") == (-0.5, 1)
+    # a token straddling the boundary ("Answer: P" + "aris") belongs to the continuation
+    assert continuation_logprob(lp, "Answer: Paris", "aris") == (-3.5, 2)
+    # the context's trailing whitespace goes with the continuation, as in lm-evaluation-harness
+    spaced = echoed(["<s>", "Answer", ":", " ", "Rome"], [None, -1.0, -2.0, -0.25, -4.0])
+    assert continuation_logprob(spaced, "Answer: Rome", "Rome") == (-4.25, 2)
+    # the continuation may not reach the first position (no logprob), be empty, or not end the text
+    assert continuation_logprob(echoed(["Paris"], [None]), "Paris", "Paris") is None
+    assert continuation_logprob(lp, "Answer: Paris", "") is None
+    assert continuation_logprob(lp, "Answer: Paris", "Rome") is None
     # token texts that do not reproduce the choice (a decoding artefact) are not scored
-    assert continuation_logprob(echoed(["<s>", "A", "\ufffd"], [None, -1.0, -1.0]), "é") is None
+    assert continuation_logprob(echoed(["<s>", "A", "\ufffd"], [None, -1.0, -1.0]), "Aé", "é") is None
 
 
 def test_multiple_choice_prediction_total_and_per_character():
