@@ -172,8 +172,8 @@ def _quality_panels(axes: Any, lines: list[dict[str, Any]]) -> None:
     axes[0].set_xlim(0, 1.05)
     axes[0].legend(loc="best", fontsize="small")
     axes[1].axvline(0, color="black", linewidth=0.8)
-    axes[1].set_title(f"difference from {lines[0]['baseline'] or '(job)'}, paired, 95% interval",
-                      fontsize="medium", wrap=True)
+    axes[1].set_title("paired difference from the baseline, 95% interval", fontsize="medium")
+    axes[1].set_xlabel(f"minus {lines[0]['baseline'] or '(job)'}", fontsize="small")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(5))
 
@@ -189,7 +189,7 @@ def plot(lines: list[dict[str, Any]]) -> bytes:
     names = [line["variant"] or "(job)" for line in lines]
     x = range(len(names))
     scored = bool(lines) and bool(lines[0].get("scores"))
-    width = max(8, 1.1 * len(names) + 4)
+    width = max(8, 1.1 * len(names) + 4) + (0.08 * max(len(n) for n in names) if scored else 0)  # room for labels
     quality_height = max(2.5, 0.3 * len(names) * (len(lines[0]["scores"]) if scored else 0) + 1)
     fig = plt.figure(figsize=(width, 8 + (quality_height if scored else 0)))
     grid = fig.add_gridspec(3 if scored else 2, 2, height_ratios=([quality_height] if scored else []) + [4, 4])

@@ -34,9 +34,14 @@ def bootstrap_mean(values: list[float]) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of a mean (fixed seed)."""
     if not values:
         return (math.nan, math.nan)
-    data = np.asarray(values, dtype=np.float64)
+    # Resampling n rows with replacement = drawing how often each distinct value is drawn (a multinomial),
+    # so memory grows with the distinct values (three for a difference of 0/1 scores), not with the rows.
+    distinct, counts = np.unique(np.asarray(values, dtype=np.float64), return_counts=True)
+    n = len(values)
     rng = np.random.default_rng(SEED)
-    means = data[rng.integers(0, len(data), size=(RESAMPLES, len(data)))].mean(axis=1)
+    chunk = max(1, min(RESAMPLES, 5_000_000 // len(distinct)))
+    means = np.concatenate([rng.multinomial(n, counts / n, size=min(chunk, RESAMPLES - done)) @ distinct / n
+                            for done in range(0, RESAMPLES, chunk)])
     low, high = np.percentile(means, [2.5, 97.5])
     return (float(low), float(high))
 
