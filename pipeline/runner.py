@@ -29,8 +29,8 @@ from pipeline import inputs, outputs
 from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan, Shard
 from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_body
-from pipeline.records import SCORE, output_schema, result_arrays
 from pipeline.scoring import score
+from pipeline.records import output_schema, result_arrays
 from pipeline.summary import JobSummary, Tally
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,7 @@ class EngineActor:
                                          for key, row, problem in zip(keys, rows, problems)))
         response, error = result_arrays(answers)
         records = table.append_column("response", response).append_column("error", error)
-        if self._config.scoring is not None:
-            records = records.append_column(SCORE, score.score_column(self._config.scoring, records))
+        records = score.with_scores(self._config.scoring, records)  # a scored job's `score` column
         if VARIANT_PARAMS in self._schema.names:
             records = records.append_column(VARIANT_PARAMS, pa.array([json.dumps(params)] * len(keys), pa.string()))
         records = records.select(self._schema.names).cast(self._schema)

@@ -150,6 +150,6 @@ class JobSummary(BaseModel):
         if self.comparison:
             from pipeline.compare import render
 
-            what = f"sweep: {len(self.variants)} variants" if self.variants else "scores"
-            lines += ["", f"{what} (comparison.csv, .json, .png in {self.output})", render(self.comparison)]
+            lines += ["", f"sweep: {len(self.variants)} variants (comparison.csv, .json, .png in {self.output})",
+                      render(self.comparison)]
         return "\n".join(lines)

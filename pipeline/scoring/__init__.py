@@ -5,7 +5,7 @@ multiple_choice.py and stats.py. The flow calls score.py at two points, both set
 `scoring` section:
   - `request_builder` wraps the row -> body builder: a multiple-choice row becomes one request for the
     log-likelihood of each of its choices (multiple_choice.py);
-  - `score_column` turns a shard's answered records into their `score` column (text.py for generated
+  - `with_scores` adds a shard's answered records' `score` column (text.py for generated
     answers, multiple_choice.py for log-likelihoods), before the shard is written.
 compare.py reads the column back for the means, intervals and paired differences (stats.py).
 """

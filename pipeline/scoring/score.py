@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from pipeline.inputs import InputError
 from pipeline.protocol import RequestBuilder
-from pipeline.records import score_type
+from pipeline.records import SCORE, score_type
 from pipeline.scoring.config import MultipleChoice, PythonScorer, ScoringConfig
 from pipeline.scoring.multiple_choice import LoglikelihoodRequests, choice_score
 from pipeline.scoring.text import extract, text_score
@@ -46,6 +46,11 @@ def score_schema(scoring: ScoringConfig, input_columns: list[str]) -> pa.DataTyp
         if isinstance(scorer, PythonScorer):
             _python_function(scorer)
     return score_type(scoring.outputs(), scoring.multiple_choice() is not None)
+
+
+def with_scores(scoring: ScoringConfig | None, records: pa.Table) -> pa.Table:
+    """A shard's answered records, with their `score` column when the job is scored."""
+    return records if scoring is None else records.append_column(SCORE, score_column(scoring, records))
 
 
 def score_column(scoring: ScoringConfig, records: pa.Table) -> pa.Array:

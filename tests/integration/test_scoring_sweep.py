@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.compare import render
 from pipeline.config import JobConfig
 from pipeline.runner import run
 from tests.integration.conftest import CONTEXT, tokenizer  # noqa: F401 - fixture
@@ -76,7 +77,7 @@ def test_comparison_has_means_intervals_and_paired_differences(scored):
     assert (seven["diff"], seven["diff_low"], seven["diff_high"]) == (0.0, 0.0, 0.0)
     header = (tmp_path / "out" / "comparison.csv").read_text().splitlines()[0]
     assert "exact_match_mean" in header and "after_is_diff_high" in header
-    text = summary.render()
+    text = render(summary.comparison)
     assert text.index("diff vs seven") < text.index("tok/s")  # quality first
     assert (tmp_path / "out" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
