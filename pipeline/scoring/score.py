@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any, Callable
 
 import pyarrow as pa
 
-from pipeline.inputs import InputError
+from pipeline.inputs import ROW_KEY, InputError
 from pipeline.protocol import RequestBuilder
 from pipeline.records import SCORE, score_type
 from pipeline.scoring.config import MultipleChoice, PythonScorer, ScoringConfig
 from pipeline.scoring.multiple_choice import LoglikelihoodRequests, choice_score
 from pipeline.scoring.text import extract, text_score
+
+log = logging.getLogger(__name__)
 
 
 def request_builder(builder: RequestBuilder, scoring: ScoringConfig | None) -> Any:
@@ -32,6 +35,16 @@ def _python_function(scorer: PythonScorer) -> Callable[..., Any]:
     if not callable(function):
         raise InputError(f"scorer {scorer.output()}: module {scorer.module!r} has no function {scorer.function!r}")
     return function
+
+
+def _call(function: Callable[..., Any], name: str, answer: str, reference: Any, row: dict[str, Any]) -> float | None:
+    """A python scorer's value for one row; its failure on a row leaves that row unscored (null), logged."""
+    try:
+        value = function(answer, reference, row)
+        return None if value is None else float(value)
+    except Exception:  # noqa: BLE001 - user code: one row's failure must not fail the shard
+        log.warning("scorer %s failed on row %s; the row is not scored", name, row.get(ROW_KEY), exc_info=True)
+        return None
 
 
 def score_schema(scoring: ScoringConfig, input_columns: list[str]) -> pa.DataType:
@@ -78,8 +91,7 @@ def score_column(scoring: ScoringConfig, records: pa.Table) -> pa.Array:
                 if reference is None:
                     score[name] = None
                 elif name in functions:
-                    value = functions[name](extract(text, scorer.extract), reference, row)
-                    score[name] = None if value is None else float(value)
+                    score[name] = _call(functions[name], name, extract(text, scorer.extract), reference, row)
                 else:
                     score[name] = text_score(scorer, text, reference)
             scores.append(score)

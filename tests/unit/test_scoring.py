@@ -75,11 +75,13 @@ def test_error_rows_are_null_and_rows_without_reference_unscored():
 def test_python_scorer_imports_only_the_named_module(tmp_path, monkeypatch):
     (tmp_path / "my_scorers.py").write_text(
         "def length_ok(answer, reference, row):\n    return float(len(answer) == int(reference)) if row['id'] else None\n")
+    # a scorer failing on a row leaves that row unscored; the other rows are scored
     monkeypatch.syspath_prepend(str(tmp_path))
     config = scoring({"kind": "python", "module": "my_scorers", "function": "length_ok", "name": "length"})
     assert "my_scorers" not in sys.modules  # config validation imports nothing
-    table = records([(response("abc"), None), (response("ab"), None)], id=["a", "b"], answer=[3, 3])
-    assert score_column(config, table).to_pylist() == [{"length": 1.0}, {"length": 0.0}]
+    table = records([(response("abc"), None), (response("ab"), None), (response("x"), None)], id=["a", "b", "c"],
+                    answer=["3", "3", "not a number"])
+    assert score_column(config, table).to_pylist() == [{"length": 1.0}, {"length": 0.0}, {"length": None}]
     with pytest.raises(InputError, match="no function 'nope'"):
         score_schema(scoring({"kind": "python", "module": "my_scorers", "function": "nope"}), ["answer"])
     with pytest.raises(ValidationError, match="not a path"):
