@@ -82,6 +82,8 @@ def _argmax(values: list[float]) -> int:
 def _right_index(reference: Any, choices: list[str]) -> int | None:
     if isinstance(reference, bool):
         return None
+    if isinstance(reference, float) and reference.is_integer():  # an index read from a float column
+        reference = int(reference)
     if isinstance(reference, int):
         return reference if 0 <= reference < len(choices) else None
     if isinstance(reference, str) and reference in choices:

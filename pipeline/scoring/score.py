@@ -1,4 +1,5 @@
-"""The two entry points of scoring the flow calls (see the package docstring)."""
+"""What the flow calls (see the package docstring): `request_builder` and `with_scores` in the engine
+actors, `score_schema` when the output's schema is planned, before Ray starts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from pipeline.inputs import ROW_KEY, InputError
+from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputError
 from pipeline.protocol import RequestBuilder
 from pipeline.records import SCORE, score_type
 from pipeline.scoring.config import MultipleChoice, PythonScorer, ScoringConfig
@@ -79,7 +80,8 @@ def score_column(scoring: ScoringConfig, records: pa.Table) -> pa.Array:
             scores.append(None if response is None else choice_score(choice, response, choices, reference))
     else:
         functions = {s.output(): _python_function(s) for s in scoring.scorers if isinstance(s, PythonScorer)}
-        rows = records.drop_columns(["response", "error"]).to_pylist() if functions else [None] * len(responses)
+        inputs = [c for c in records.column_names if c not in ("response", "error", INPUT_ERROR)]
+        rows = records.select(inputs).to_pylist() if functions else [None] * len(responses)
         for response, reference, row in zip(responses, references, rows):
             if response is None:
                 scores.append(None)

@@ -125,6 +125,7 @@ def test_multiple_choice_prediction_total_and_per_character():
     assert score == {"mc": 0.0, "mc_norm": 1.0, "prediction": 0, "prediction_norm": 1,
                      "choice_logprobs": [-2.0, -4.0], "choice_tokens": [1, 2]}
     assert choice_score(config.scorers[0], answer, choices, " a")["mc"] == 1.0  # the reference as the choice's text
+    assert choice_score(config.scorers[0], answer, choices, 1.0)["mc"] == 0.0  # an index from a float column
     assert choice_score(config.scorers[0], answer, choices, 5)["mc"] is None  # no such choice: not scored
 
 
