@@ -182,3 +182,14 @@ def test_scoring_config_is_checked_before_anything_runs():
         score_schema(scoring({"kind": "contains"}), ["prompt"])
     assert score_schema(scoring({"kind": "multiple_choice"}), ["prompt", "answer", "choices"]).names == [
         "multiple_choice", "multiple_choice_norm", "prediction", "prediction_norm", "choice_logprobs", "choice_tokens"]
+
+
+def test_every_scoring_field_is_described():
+    from pipeline.scoring import config as models
+
+    for name in ("ScoringConfig", "Normalize", "ExactMatch", "Contains", "Numeric", "MultipleChoice", "PythonScorer"):
+        model = getattr(models, name)
+        assert model.model_config["extra"] == "forbid", name
+        undescribed = [f for f, info in model.model_fields.items() if not info.description]
+        assert not undescribed, (name, undescribed)
+    assert JobConfig.model_fields["scoring"].description
