@@ -169,7 +169,9 @@ def _quality_panels(axes: Any, lines: list[dict[str, Any]]) -> None:
     for ax in axes:
         ax.set_ylim(len(lines) - 0.5, -0.5)  # the first variant on top
     axes[0].set_title("mean score, 95% interval", fontsize="medium")
-    axes[0].set_xlim(0, 1.05)
+    highest = max([s["ci_high"] or 0.0 for line in lines for s in line["scores"].values()] + [1.0])
+    axes[0].set_xlim(min([s["ci_low"] or 0.0 for line in lines for s in line["scores"].values()] + [0.0]),
+                     highest * 1.05)  # 0 to 1 for the built-in scorers; a python scorer's values may range wider
     axes[0].legend(loc="best", fontsize="small")
     axes[1].axvline(0, color="black", linewidth=0.8)
     axes[1].set_title("paired difference from the baseline, 95% interval", fontsize="medium")
