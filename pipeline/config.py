@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.scoring.config import CHOICE_REQUEST_FIELDS, ScoringConfig
+
 
 class ConfigError(ValueError):
     """A config that cannot run. The message names the key and what to fix."""
@@ -251,6 +253,9 @@ class JobConfig(_Strict):
     defaults: RequestDefaults = Field(default_factory=RequestDefaults)
     sweep: SweepConfig | None = Field(None, description=(
         "Run the dataset once per model and variant of request parameters; see README, Sweeps."))
+    scoring: ScoringConfig | None = Field(None, description=(
+        "Score each record against the row's reference answer (a `score` column; a sweep's comparison "
+        "gains mean scores with 95% intervals); see docs/evaluation.md."))
     ray_address: str | None = Field(None, description=(
         "Ray cluster to join (`auto` inside `ray job submit`). None: use the job's cluster when run by "
         "`ray job submit`, else start a local Ray in-process."))
@@ -263,6 +268,23 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _unique_variants(self) -> "JobConfig":
         self.variants()  # raises on repeated names
+        return self
+
+    @model_validator(mode="after")
+    def _scoring_fits(self) -> "JobConfig":
+        scoring = self.scoring
+        if scoring is None:
+            return self
+        if self.output.format != "parquet":
+            raise ValueError("scoring writes a `score` column: it needs output.format parquet")
+        names = [v.name for v in self.variants()]
+        if scoring.baseline is not None and scoring.baseline not in names:
+            raise ValueError(f"scoring.baseline {scoring.baseline!r} is not a variant; the variants: {names}")
+        if scoring.multiple_choice() is not None:
+            varied = sorted({k for v in self.variants() for k in v.params} & set(CHOICE_REQUEST_FIELDS))
+            if varied:
+                raise ValueError(f"a multiple_choice job sets {varied} itself (echo, no new tokens); the sweep "
+                                 "must not vary them")
         return self
 
     def variants(self) -> list[Variant]:
@@ -302,6 +324,8 @@ class JobConfig(_Strict):
             "variants": {v.name: {"model": {"path": v.model.path, "served_name": v.model.resolved_served_name()},
                                   "params": v.params} for v in self.variants()},
         }
+        if self.scoring is not None:  # the scores are in the records; the baseline only in the comparison
+            identity["scoring"] = self.scoring.model_dump(exclude={"baseline"})
         return json.loads(json.dumps(identity))
 
 

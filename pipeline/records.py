@@ -1,4 +1,5 @@
-"""The output record: every input column, plus `response` and `error` with an explicit Arrow schema.
+"""The output record: every input column, plus `response` and `error` with an explicit Arrow schema
+(and `score`, when the job is scored: see `score_type`).
 
 Exactly one of `response` and `error` is non-null per row. `response` is the endpoint's response body
 and `error` the `error` object of its error body, field for field, with one exception Parquet forces:
@@ -48,15 +49,34 @@ ERROR_TYPE = pa.struct([
     pa.field("code", pa.int64()),
 ])
 RESULT_FIELDS = (pa.field("response", RESPONSE_TYPE), pa.field("error", ERROR_TYPE))
+SCORE = "score"
 RESULT_COLUMNS = tuple(f.name for f in RESULT_FIELDS)
 
 
-def output_schema(input_schema: pa.Schema) -> pa.Schema:
-    """The output schema: the input's columns unchanged, then `response` and `error`."""
-    clashes = [name for name in RESULT_COLUMNS if name in input_schema.names]
+def score_type(outputs: list[str], multiple_choice: bool) -> pa.DataType:
+    """The `score` column of a scored job: one float per score value (1.0 right, 0.0 wrong, null when the
+    row has no reference), and for multiple choice the predicted choice (by total and by per-character
+    log-likelihood) and each choice's log-likelihood and token count. The whole struct is null on a row
+    that has an error instead of a response."""
+    fields = [pa.field(name, pa.float64()) for name in outputs]
+    if multiple_choice:
+        fields += [pa.field("prediction", pa.int64()), pa.field("prediction_norm", pa.int64()),
+                   pa.field("choice_logprobs", pa.list_(pa.float64())),
+                   pa.field("choice_tokens", pa.list_(pa.int64()))]
+    return pa.struct(fields)
+
+
+def output_schema(input_schema: pa.Schema, score: pa.DataType | None = None) -> pa.Schema:
+    """The output schema: the input's columns unchanged, then `response` and `error` (and `score`, typed
+    by `score_type`, when the job is scored)."""
+    reserved = RESULT_COLUMNS + ((SCORE,) if score is not None else ())
+    clashes = [name for name in reserved if name in input_schema.names]
     if clashes:
         raise ValueError(f"input columns {clashes} clash with the output's result columns; rename them")
-    return pa.schema(list(input_schema) + list(RESULT_FIELDS), metadata=input_schema.metadata)
+    fields = list(input_schema) + list(RESULT_FIELDS)
+    if score is not None:
+        fields.append(pa.field(SCORE, score))
+    return pa.schema(fields, metadata=input_schema.metadata)
 
 
 def _record_logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:

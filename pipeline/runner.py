@@ -6,6 +6,7 @@
            reads its rows (Parquet or OpenAI batch JSONL), each with a row key,
            turns each row into a /v1/completions body (spec defaults < job defaults < row values),
            answers them all concurrently (the response body or the error body),
+           scores them against the rows' reference answers, when the job is scored,
            writes the shard's tally, then its records, atomically: the shard is done
       -> the summary of the whole output, the run log, then _SUCCESS
 """
@@ -28,6 +29,7 @@ from pipeline import inputs, outputs, pool, storage
 from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan, Shard
 from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_body
+from pipeline.scoring import score
 from pipeline.records import output_schema, result_arrays
 from pipeline.progress import EngineMeter, EngineUse, ProgressLine, engine_use, start_stats, utilisation
 from pipeline.progress import snapshot as progress_snapshot
@@ -43,11 +45,13 @@ def request_builder(config: JobConfig, input_format: str) -> RequestBuilder:
     served_name = config.model.resolved_served_name()
     defaults = config.defaults.body_defaults()
     if input_format == "openai_batch":
-        return RequestBuilder(served_name=served_name, body_defaults=defaults, body_column="body",
-                              field_columns=False)
-    cfg = config.input
-    return RequestBuilder(served_name=served_name, body_defaults=defaults, body_column=cfg.body_column,
-                          prompt_column=cfg.prompt_column, columns=cfg.columns, template=cfg.template)
+        builder = RequestBuilder(served_name=served_name, body_defaults=defaults, body_column="body",
+                                 field_columns=False)
+    else:
+        cfg = config.input
+        builder = RequestBuilder(served_name=served_name, body_defaults=defaults, body_column=cfg.body_column,
+                                 prompt_column=cfg.prompt_column, columns=cfg.columns, template=cfg.template)
+    return score.request_builder(builder, config.scoring)  # multiple choice: one request per row's choices
 
 
 @dataclass
@@ -127,6 +131,9 @@ class EngineActor:
                 failure = None
             except ShardFailed as exc:
                 rows, failure = 0, str(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug must not take the other shards with it
+                log.exception("shard %s failed", out)
+                rows, failure = 0, f"{type(exc).__name__}: {exc} (a bug: please report it)"
             done.append({"shard": out, "rows": rows, "seconds": time.time() - started, "error": failure})
         return pa.Table.from_pylist(done, schema=SHARD_DONE)
 
@@ -146,6 +153,7 @@ class EngineActor:
                                          for key, row, problem in zip(keys, rows, problems)))
         response, error = result_arrays(answers)
         records = table.append_column("response", response).append_column("error", error)
+        records = score.with_scores(self._config.scoring, records)  # a scored job's `score` column
         if VARIANT_PARAMS in self._schema.names:
             records = records.append_column(VARIANT_PARAMS, pa.array([json.dumps(params)] * len(keys), pa.string()))
         records = records.select(self._schema.names).cast(self._schema)
@@ -256,7 +264,7 @@ def _init_ray(config: JobConfig) -> None:
 
 def _record_schema(config: JobConfig, plan: InputPlan) -> pa.Schema:
     """The output columns: the row key, the kept input columns, a sweep's `variant_params`, then
-    `response` and `error`."""
+    `response` and `error` (and a scored job's `score`)."""
     keep = config.output.columns
     if keep is not None:
         missing = sorted(set(keep) - set(plan.schema.names))
@@ -269,7 +277,8 @@ def _record_schema(config: JobConfig, plan: InputPlan) -> pa.Schema:
             raise inputs.InputError(f"input columns `variant` and `{VARIANT_PARAMS}` are reserved in a sweep; "
                                     "rename them")
         fields.append(pa.field(VARIANT_PARAMS, pa.string()))
-    return output_schema(pa.schema(fields))
+    scored = score.score_schema(config.scoring, plan.schema.names) if config.scoring is not None else None
+    return output_schema(pa.schema(fields), scored)
 
 
 @dataclass(frozen=True)
@@ -393,7 +402,7 @@ def run(config: JobConfig) -> JobSummary:
         first_engine_ready_s=round(min(ready) - started, 3) if ready else 0.0,
         wall_s=round(time.time() - started, 3),
     )
-    if config.sweep is not None and not finished:
+    if (config.sweep is not None or config.scoring is not None) and not finished:
         from pipeline.compare import write_comparison
 
         summary.comparison = write_comparison(config, variants, by_variant)

@@ -117,7 +117,7 @@ class JobSummary(BaseModel):
     run_completion_tokens: int = 0
     output_tokens_per_s: float = Field(0.0, description="This run's completion tokens / wall_s.")
     comparison: list[dict[str, Any]] = Field(default_factory=list, description=(
-        "A sweep's comparison, one line per variant (also comparison.csv/.json/.png)."))
+        "A sweep's (or a scored job's) comparison, one line per variant (also comparison.csv/.json/.png)."))
 
     @classmethod
     def of(cls, total: Tally, run: Tally, **fields) -> "JobSummary":
@@ -164,5 +164,6 @@ class JobSummary(BaseModel):
                       "same command again to run only these:"]
             lines += [f"  {name}: {why or 'not written'}" for name, why in sorted(self.shards_failed.items())]
         if self.comparison:
-            lines += ["", f"sweep: {len(self.variants)} variants (comparison.csv, .json, .png in {self.output})"]
+            what = f"sweep: {len(self.variants)} variants" if self.variants else "scores"
+            lines += ["", f"{what} (comparison.csv, .json, .png in {self.output})"]
         return "\n".join(lines)
