@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import inputs, outputs
+from pipeline import adapters, inputs, outputs
 from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan, Shard
 from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_body
@@ -70,7 +69,7 @@ class EngineActor:
     """
 
     def __init__(self, config: JobConfig, plan: InputPlan, builder: RequestBuilder, schema: pa.Schema,
-                 params: dict[str, dict[str, Any]], stats: Any = None) -> None:
+                 variants: dict[str, Variant], stats: Any = None) -> None:
         # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -79,9 +78,10 @@ class EngineActor:
         self._config = config
         self._plan = plan
         self._model_path = resolve_model(config.model.path)
+        self._adapters = adapters.localize(adapters.discover(config.model))  # remote ones copied here
         self._schema = schema
         self._builder = builder
-        self._params = params  # variant name -> its request fields (a sweep), which beat the row's
+        self._variants = variants  # by name: its request fields (a sweep), which beat the row's
         self._stats = stats
         self._engine = self._start_engine()
         self._restart_lock = asyncio.Lock()
@@ -91,7 +91,7 @@ class EngineActor:
         from pipeline.engine import CompletionEngine
 
         engine = CompletionEngine.start(self._config.engine, self._model_path, self._builder.served_name,
-                                        self._config.defaults.sampling_defaults())
+                                        self._config.defaults.sampling_defaults(), self._adapters)
         self._report("engine_startup_s", engine.startup_s)
         self._report("engine_ready_at", time.time())
         return engine
@@ -121,8 +121,8 @@ class EngineActor:
         keys = table.column(ROW_KEY).to_pylist()
         rows = inputs.python_rows(table.drop_columns([INPUT_ERROR]), problems)
         retries = _Retries()
-        params = self._params[variant]
-        answers = await asyncio.gather(*(self._answer(key, row, problem, params, retries)
+        params = self._variants[variant].params
+        answers = await asyncio.gather(*(self._answer(key, row, problem, self._variants[variant], retries)
                                          for key, row, problem in zip(keys, rows, problems)))
         response, error = result_arrays(answers)
         records = table.append_column("response", response).append_column("error", error)
@@ -133,12 +133,12 @@ class EngineActor:
         await asyncio.to_thread(outputs.write_shard, self._config.output, out, records, tally)
         return {"shard": out, "rows": shard.rows, "seconds": time.time() - started}
 
-    async def _answer(self, key: str, row: dict[str, Any] | None, problem: dict | None, params: dict[str, Any],
+    async def _answer(self, key: str, row: dict[str, Any] | None, problem: dict | None, variant: Variant,
                       retries: _Retries) -> tuple[dict | None, dict | None]:
         if problem is not None:
             return None, problem
         try:
-            body = {**self._builder.body(row), **params}
+            body = {**self._builder.body(row, variant.served_name), **variant.params}
         except BodyError as exc:
             return None, exc.error
         answer = await self._complete(body, retries)
@@ -270,12 +270,12 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("CI") != "true"
     stats = _stats_actor()
     actor_plan = replace(plan, shards=[])  # each actor gets its shards from Ray Data, not the whole list
-    params = {item.variant.name: item.variant.params for item in items}
+    variants = {item.variant.name: item.variant for item in items}
     work = ray.data.from_items([{**asdict(i.shard), "variant": i.variant.name, "out": i.out} for i in items],
                                override_num_blocks=len(items))
     done = work.map_batches(
         EngineActor,
-        fn_constructor_args=(config, actor_plan, request_builder(config, plan.format), schema, params, stats),
+        fn_constructor_args=(config, actor_plan, request_builder(config, plan.format), schema, variants, stats),
         batch_format="pyarrow",
         batch_size=1,
         compute=ActorPoolStrategy(size=min(config.engine.num_actors, len(items)),
@@ -295,6 +295,7 @@ def run(config: JobConfig) -> JobSummary:
     started = time.time()
     plan = inputs.plan_input(config.input, config.output.rows_per_file)  # InputError before Ray starts
     schema = _record_schema(config, plan)
+    adapters.check_job(config)  # AdapterError before Ray starts
     done = outputs.prepare(config.output, config.identity())  # OutputError before Ray starts
     variants = config.variants()
     items = [WorkItem(v, s) for v in variants for s in plan.shards]
@@ -305,9 +306,13 @@ def run(config: JobConfig) -> JobSummary:
         outputs.unmark(config.output.path)
         log.info("%d of %d shards to run (%d rows); %d done by earlier runs", len(pending), len(items),
                  sum(i.shard.rows for i in pending), len(items) - len(pending))
-        # one model after another (variants are listed model by model): each engine loads once
-        for model, group in itertools.groupby(pending, key=lambda i: i.variant.model):
-            reported = _run_items(config.model_copy(update={"model": model}), plan, list(group), schema)
+        # one model after another, each engine loaded once (a base model and its adapters: one model)
+        by_model: dict[str, list[WorkItem]] = {}
+        for item in pending:
+            by_model.setdefault(item.variant.model.model_dump_json(), []).append(item)
+        for group in by_model.values():
+            model = group[0].variant.model
+            reported = _run_items(config.model_copy(update={"model": model}), plan, group, schema)
             for name, values in reported.items():
                 counts[name] += values
 
