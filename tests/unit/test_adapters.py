@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -54,6 +55,8 @@ def test_named_adapters_are_discovered_with_their_ranks():
     found = discover(job(adapters=BUILTINS).model)
     assert found.paths == BUILTINS and found.ranks == {"tiny-lora-a": 8, "tiny-lora-b": 8}
     assert found.max_rank == 8
+    assert found.target_modules() == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"])
     local = localize(found)
     assert local.paths["tiny-lora-a"] == str(ensure_built("tiny-lora-a")) and local.ranks == found.ranks
     assert not discover(job().model) and not job().model.has_adapters()
@@ -174,11 +177,71 @@ def test_lora_engine_arguments_follow_the_adapters():
 
     gpu, cpu = EngineConfig(device="gpu"), EngineConfig(device="cpu")
     assert lora_args(gpu, AdapterSet()) == lora_args(cpu, AdapterSet()) == {}  # no adapters: LoRA off
-    two = AdapterSet({"a": "/a", "b": "/b"}, {"a": 8, "b": 12})
-    assert lora_args(gpu, two) == {"enable_lora": True, "max_lora_rank": 16, "max_loras": 2, "max_cpu_loras": 2}
+    two = AdapterSet({"a": "/a", "b": "/b"}, {"a": 8, "b": 12}, {"a": ("q_proj", "v_proj"), "b": ("v_proj", "o_proj")})
+    assert lora_args(gpu, two) == {"enable_lora": True, "max_lora_rank": 16, "max_loras": 2, "max_cpu_loras": 2,
+                                   "lora_target_modules": ["o_proj", "q_proj", "v_proj"]}
     assert lora_args(EngineConfig(device="gpu", max_loras=1), two)["max_loras"] == 1
     # CPU: one slot more than adapters, never used, which rows without an adapter read
     assert lora_args(EngineConfig(device="cpu", max_loras=1), two) == {
-        "enable_lora": True, "max_lora_rank": 16, "max_loras": 3, "max_cpu_loras": 3}
+        "enable_lora": True, "max_lora_rank": 16, "max_loras": 3, "max_cpu_loras": 3,
+        "lora_target_modules": ["o_proj", "q_proj", "v_proj"]}
+    # an adapter naming its layers by a pattern: every layer vLLM can adapt
+    pattern = AdapterSet({"a": "/a"}, {"a": 8}, {"a": None})
+    assert lora_args(gpu, pattern)["lora_target_modules"] is None
     with pytest.raises(AdapterError, match="adapter 'a' has LoRA rank 600; vLLM serves ranks up to 512"):
         lora_args(gpu, AdapterSet({"a": "/a"}, {"a": 600}))
+
+
+@pytest.fixture
+def s3(tmp_path):
+    """An S3 endpoint on 127.0.0.1 (moto's server in a thread) and a URI maker for it."""
+    import socket
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                           access_key="k", secret_key="s", allow_bucket_creation=True)
+    fs.create_dir("adapters")
+    try:
+        yield fs, lambda path: f"s3://{path}?{query}"
+    finally:
+        server.stop()
+
+
+def test_a_remote_adapter_folder_is_listed_there_and_copied_to_the_local_cache(s3, tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    fs, uri = s3
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    for name, builtin in (("support-bot", "tiny-lora-a"), ("legal", "tiny-lora-b")):
+        pafs.copy_files(str(ensure_built(builtin)), f"adapters/{name}", destination_filesystem=fs)
+    monkeypatch.setenv("PIPELINE_MODEL_CACHE", str(tmp_path / "cache"))
+    found = discover(job(adapter_folder=uri("adapters")).model)
+    assert sorted(found.paths) == ["legal", "support-bot"] and found.max_rank == 8
+    local = localize(found)
+    for name, builtin in (("support-bot", "tiny-lora-a"), ("legal", "tiny-lora-b")):
+        copy = local.paths[name]
+        assert copy.startswith(str(tmp_path / "cache")), copy
+        assert {k: v for k, v in digest(Path(copy)).items() if k != "build.json"} == \
+            {k: v for k, v in digest(ensure_built(builtin)).items() if k != "build.json"}
+    stamp = Path(local.paths["legal"]) / "build.json"
+    assert "endpoint_override" not in stamp.read_text()  # the cache records the URI without its query
+    (Path(local.paths["legal"]) / "marker").write_text("")
+    assert localize(found).paths == local.paths  # cached: the same folder, not copied again
+    assert (Path(local.paths["legal"]) / "marker").exists()
+    fs.delete_file("adapters/legal/adapter_config.json")  # the remote adapter changed: copied again
+    with pytest.raises(AdapterError, match="has no adapter_config.json"):
+        discover(job(adapter_folder=uri("adapters")).model)
+    pafs.copy_files(str(ensure_built("tiny-lora-a")), "adapters/legal", destination_filesystem=fs)
+    assert localize(found).paths == local.paths
+    assert not (Path(local.paths["legal"]) / "marker").exists()
+    assert digest(Path(local.paths["legal"]))["adapter_model.safetensors"] == \
+        digest(ensure_built("tiny-lora-a"))["adapter_model.safetensors"]
