@@ -187,11 +187,15 @@ class CompletionEngine:
         await asyncio.shield(self._adapters_loaded)
 
     async def _load_adapters(self) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+
         t0 = time.monotonic()
         models = self._serving.models
         try:
             await models.init_static_loras()
-        except ValueError as exc:
+        except VllmEngineDead as exc:
+            raise EngineDeadError(f"vLLM engine died loading the adapters: {exc}") from exc
+        except ValueError as exc:  # the server's own words for an adapter that does not load
             raise AdapterError(f"a LoRA adapter did not load into {self.served_name}: {exc}") from exc
         if models.static_lora_modules:
             log.info("loaded %d adapters in %.2fs", len(models.static_lora_modules), time.monotonic() - t0)

@@ -114,6 +114,7 @@ class EngineActor:
         return pa.Table.from_pylist(done, schema=SHARD_DONE)
 
     async def _shard(self, shard: Shard, variant: str, out: str) -> dict[str, Any]:
+        await self._engine.load_adapters()  # an adapter that does not load fails the job, not its rows
         started = time.time()
         self._report("shard_started", out)
         table = await asyncio.to_thread(inputs.read_shard, self._plan, shard)
