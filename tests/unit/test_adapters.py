@@ -237,11 +237,13 @@ def test_a_remote_adapter_folder_is_listed_there_and_copied_to_the_local_cache(s
     (Path(local.paths["legal"]) / "marker").write_text("")
     assert localize(found).paths == local.paths  # cached: the same folder, not copied again
     assert (Path(local.paths["legal"]) / "marker").exists()
-    fs.delete_file("adapters/legal/adapter_config.json")  # the remote adapter changed: copied again
+    fs.delete_file("adapters/legal/adapter_config.json")
     with pytest.raises(AdapterError, match="has no adapter_config.json"):
         discover(job(adapter_folder=uri("adapters")).model)
-    pafs.copy_files(str(ensure_built("tiny-lora-a")), "adapters/legal", destination_filesystem=fs)
+    # the remote adapter changed (a file's size or time): copied again
+    config = json.loads((ensure_built("tiny-lora-b") / "adapter_config.json").read_text())
+    with fs.open_output_stream("adapters/legal/adapter_config.json") as out:
+        out.write(json.dumps({**config, "revision": "v2"}).encode())
     assert localize(found).paths == local.paths
     assert not (Path(local.paths["legal"]) / "marker").exists()
-    assert digest(Path(local.paths["legal"]))["adapter_model.safetensors"] == \
-        digest(ensure_built("tiny-lora-a"))["adapter_model.safetensors"]
+    assert json.loads((Path(local.paths["legal"]) / "adapter_config.json").read_text())["revision"] == "v2"
