@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import check_adapter_name
 from pipeline.inputs import InputError, filesystem, redact
-from pipeline.tiny_adapter import ensure_built, is_builtin_adapter
+from pipeline.tiny_adapter import ADAPTERS, ensure_built, is_builtin_adapter
 from pipeline.tiny_model import BUILTIN_PREFIX, cached_build
 
 if TYPE_CHECKING:
@@ -82,8 +82,6 @@ def read_adapter(path: str) -> tuple[int, tuple[str, ...] | None]:
     shown = redact(path)
     if path.startswith(BUILTIN_PREFIX):
         if not is_builtin_adapter(path):
-            from pipeline.tiny_adapter import ADAPTERS
-
             raise AdapterError(f"unknown builtin adapter {path!r}; choose one of "
                                f"{[BUILTIN_PREFIX + n for n in sorted(ADAPTERS)]}")
         path = str(ensure_built(path[len(BUILTIN_PREFIX):]))
