@@ -92,7 +92,7 @@ def comparison(config: JobConfig, variants: list[Variant], tallies: dict[str, Ta
         busy = tally.busy_s()
         lines.append({
             "variant": variant.name,
-            "model": variant.model.resolved_served_name(),
+            "model": variant.served_name,
             "params": json.dumps(variant.params, sort_keys=True),
             "rows": tally.rows,
             "errors": tally.rows - tally.completions,

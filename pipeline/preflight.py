@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel, Field, ValidationError
 
 from pipeline import inputs
+from pipeline.adapters import discover, unknown_model_message
 from pipeline.config import JobConfig
 from pipeline.engine import batch_request_class, naming_param, param_in_body, validation_error_body
 from pipeline.inputs import INPUT_ERROR, ROW_KEY
@@ -74,6 +75,7 @@ class RequestChecker:
         sampling = config.defaults.sampling_defaults()
         self.default_max_tokens = sampling.pop("max_tokens")
         self.served = config.model.resolved_served_name()
+        self.adapters = sorted(discover(config.model).paths)  # AdapterError for a bad adapter
         vllm_config = engine_args(config.engine, path, self.served, sampling).create_engine_config()
         self.model_config = vllm_config.model_config
         self.context = self.model_config.max_model_len
@@ -104,9 +106,9 @@ class RequestChecker:
         create_error = naming_param(create_error_response)
         try:
             request = self.request_class.model_validate(body)
-            if request.model and request.model != self.served:
-                return error_body(f"The model `{request.model}` does not exist. Valid aliases: "
-                                  f"{self.served}.", "NotFoundError", 404, "model"), [], 0
+            if request.model and request.model != self.served and request.model not in self.adapters:
+                return error_body(unknown_model_message(request.model, self.served, self.adapters),
+                                  "NotFoundError", 404, "model"), [], 0
             defaulted = body.get("max_tokens") is None
             if defaulted:
                 request.use_default_max_tokens(self.default_max_tokens)

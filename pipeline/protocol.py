@@ -141,9 +141,12 @@ class RequestBuilder:
         self.template = template
         self.field_columns = field_columns
 
-    def body(self, row: dict[str, Any]) -> dict[str, Any]:
+    def body(self, row: dict[str, Any], served_name: str | None = None) -> dict[str, Any]:
         """The row's request body; raises BodyError (a 400 record naming the field) when it cannot be
-        built or holds what no endpoint can take (see `value_problem`)."""
+        built or holds what no endpoint can take (see `value_problem`).
+
+        A row without `model` addresses `served_name` (a sweep's base model or adapter), by default
+        the job's served model."""
         from pipeline.templates import TemplateError, fill
 
         body = dict(self.body_defaults)
@@ -163,7 +166,7 @@ class RequestBuilder:
                 raise BodyError(str(exc), "prompt") from None
         elif self.prompt_column != "prompt" and row.get(self.prompt_column) is not None:
             body["prompt"] = row[self.prompt_column]
-        body.setdefault("model", self.served_name)
+        body.setdefault("model", served_name or self.served_name)
         for name, value in body.items():
             problem = value_problem(value, name)
             if problem is None and (bad_name := _not_unicode(name)):

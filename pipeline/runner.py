@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import inputs, outputs, pool, storage
+from pipeline import adapters, inputs, outputs, pool, storage
 from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan, Shard
 from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_body
@@ -85,7 +84,7 @@ class EngineActor:
     """
 
     def __init__(self, config: JobConfig, plan: InputPlan, builder: RequestBuilder, schema: pa.Schema,
-                 params: dict[str, dict[str, Any]], stats: Any = None) -> None:
+                 variants: dict[str, Variant], stats: Any = None) -> None:
         # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -96,9 +95,10 @@ class EngineActor:
         self._config = config
         self._plan = plan
         self._model_path = resolve_model(config.model.path)
+        self._adapters = adapters.localize(adapters.discover(config.model))  # remote ones copied here
         self._schema = schema
         self._builder = builder
-        self._params = params  # variant name -> its request fields (a sweep), which beat the row's
+        self._variants = variants  # by name: its request fields (a sweep), which beat the row's
         context = ray.get_runtime_context()
         # an actor restarted by Ray keeps its id but not its process: the pid tells its engines apart
         self._meter = EngineMeter(stats, f"{context.get_actor_id()[:8]}.{os.getpid()}", context.get_node_id())
@@ -110,7 +110,7 @@ class EngineActor:
         from pipeline.engine import CompletionEngine
 
         engine = CompletionEngine.start(self._config.engine, self._model_path, self._builder.served_name,
-                                        self._config.defaults.sampling_defaults())
+                                        self._config.defaults.sampling_defaults(), self._adapters)
         self._meter.engine_started(engine.startup_s)
         return engine
 
@@ -141,6 +141,7 @@ class EngineActor:
         """Answer and write one shard; returns its rows (0 if an earlier attempt wrote it already)."""
         if await asyncio.to_thread(outputs.shard_written, self._config.output, out):
             return 0  # Ray Data ran this shard again (its result was lost with a node): it is done
+        await self._engine.load_adapters()  # an adapter that does not load fails its shards, not rows
         started = time.time()
         self._meter.shard_started(out)
         table = await self._tried(f"reading shard {out} of {shard.file}", inputs.read_shard, self._plan, shard)
@@ -148,8 +149,8 @@ class EngineActor:
         keys = table.column(ROW_KEY).to_pylist()
         rows = inputs.python_rows(table.drop_columns([INPUT_ERROR]), problems)
         retries = _Retries()
-        params = self._params[variant]
-        answers = await asyncio.gather(*(self._answer(key, row, problem, params, retries)
+        params = self._variants[variant].params
+        answers = await asyncio.gather(*(self._answer(key, row, problem, self._variants[variant], retries)
                                          for key, row, problem in zip(keys, rows, problems)))
         response, error = result_arrays(answers)
         records = table.append_column("response", response).append_column("error", error)
@@ -162,14 +163,14 @@ class EngineActor:
         self._meter.beat()
         return shard.rows
 
-    async def _answer(self, key: str, row: dict[str, Any] | None, problem: dict | None, params: dict[str, Any],
+    async def _answer(self, key: str, row: dict[str, Any] | None, problem: dict | None, variant: Variant,
                       retries: _Retries) -> tuple[dict | None, dict | None]:
         """The row's (response, error); whatever goes wrong with this row stays this row's."""
         if problem is not None:
             return None, problem
         try:
             try:
-                body = {**self._builder.body(row), **params}
+                body = {**self._builder.body(row, variant.served_name), **variant.params}
             except BodyError as exc:
                 return None, exc.error
             answer = await self._complete(body, retries)
@@ -313,13 +314,13 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     ray.data.DataContext.get_current().enable_progress_bars = show
     stats = start_stats()
     actor_plan = plan.for_readers()  # each actor gets its shards from Ray Data, not the whole list
-    params = {item.variant.name: item.variant.params for item in items}
+    variants = {item.variant.name: item.variant for item in items}
     rows = sum(i.shard.rows for i in items)
     work = ray.data.from_items([{**asdict(i.shard), "variant": i.variant.name, "out": i.out} for i in items],
                                override_num_blocks=len(items))
     done = work.map_batches(
         EngineActor,
-        fn_constructor_args=(config, actor_plan, request_builder(config, plan.format), schema, params, stats),
+        fn_constructor_args=(config, actor_plan, request_builder(config, plan.format), schema, variants, stats),
         batch_format="pyarrow",
         batch_size=1,
         compute=pool.actor_pool(config.engine, len(items), rows / len(items)),
@@ -361,6 +362,7 @@ def run(config: JobConfig) -> JobSummary:
     config = _shard_size(config, plan.rows)
     plan.shards = inputs.cut_shards(plan, config.output.rows_per_file)
     schema = _record_schema(config, plan)
+    adapters.check_job(config)  # AdapterError before Ray starts
     done = outputs.prepare(config.output, config.identity())  # OutputError before Ray starts
     variants = config.variants()
     items = [WorkItem(v, s) for v in variants for s in plan.shards]
@@ -372,9 +374,12 @@ def run(config: JobConfig) -> JobSummary:
         log.info("%d of %d shards to run (%d rows, %d per shard); %d done by earlier runs", len(pending),
                  len(items), sum(i.shard.rows for i in pending), config.output.rows_per_file,
                  len(items) - len(pending))
-        # one model after another (variants are listed model by model): each engine loads once
-        for model, group in itertools.groupby(pending, key=lambda i: i.variant.model):
-            ran.append(_run_items(config.model_copy(update={"model": model}), plan, list(group), schema))
+        # one model after another, each engine loaded once (a base model and its adapters: one model)
+        by_model: dict[str, list[WorkItem]] = {}
+        for item in pending:
+            by_model.setdefault(item.variant.model.model_dump_json(), []).append(item)
+        for group in by_model.values():
+            ran.append(_run_items(config.model_copy(update={"model": group[0].variant.model}), plan, group, schema))
 
     written = outputs.done_shards(config.output) if pending else done
     total, run_tally, by_variant = Tally(), Tally(), {v.name: Tally() for v in variants}

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 BUILTIN_PREFIX = "builtin:"
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -69,19 +70,28 @@ def resolve_model(model: str) -> str:
 def ensure_built(name: str) -> Path:
     """Build the named model once; concurrent callers (actors, test workers) wait on a file lock."""
     shape = SHAPES[name]
+    wanted = json.dumps({"shape": asdict(shape), "corpus_bytes": CORPUS.stat().st_size}, sort_keys=True)
+    return cached_build(name, wanted, lambda out: build(shape, out))
+
+
+def cached_build(name: str, recipe: str, build_into: Callable[[Path], None]) -> Path:
+    """``cache_root()/name`` (a relative path), built by ``build_into`` unless a build of the same
+    ``recipe`` is there.
+
+    Concurrent callers (actors, test workers) wait on a file lock; the folder appears whole or not at all.
+    """
     target = cache_root() / name
     stamp = target / "build.json"
-    wanted = json.dumps({"shape": asdict(shape), "corpus_bytes": CORPUS.stat().st_size}, sort_keys=True)
-    if stamp.exists() and stamp.read_text() == wanted:
+    if stamp.exists() and stamp.read_text() == recipe:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{name}.lock", "w") as lock:
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp.exists() and stamp.read_text() == wanted:
+        if stamp.exists() and stamp.read_text() == recipe:
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        build(shape, tmp)
-        (tmp / "build.json").write_text(wanted)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        build_into(tmp)
+        (tmp / "build.json").write_text(recipe)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target

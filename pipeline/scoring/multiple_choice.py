@@ -43,8 +43,8 @@ class LoglikelihoodRequests:
         self._column = scorer.choices_column
         self.served_name = builder.served_name
 
-    def body(self, row: dict[str, Any]) -> dict[str, Any]:
-        body = self._builder.body(row)
+    def body(self, row: dict[str, Any], served_name: str | None = None) -> dict[str, Any]:
+        body = self._builder.body(row, served_name)
         context, choices = body.get("prompt"), row.get(self._column)
         if not isinstance(context, str) or not context:
             raise BodyError("multiple choice needs the row's prompt as one non-empty string (the context)", "prompt")

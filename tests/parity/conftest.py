@@ -39,11 +39,9 @@ class ReferenceServer:
             return err.code, json.loads(err.read())
 
 
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory):
-    """Started once per session with the same engine settings as the pipeline's parity job."""
+def _serve(log, extra_args: list[str]):
+    """Start the reference server with the parity job's engine settings; yield it, then stop it."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("reference") / "server.log"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", resolve_model("builtin:tiny-llama"), "--served-model-name", SERVED,
@@ -51,7 +49,7 @@ def reference(tmp_path_factory):
         "--gpu-memory-utilization", "0.5", "--no-enable-chunked-prefill", "--seed", "0",
         "--generation-config", "vllm",
         "--override-generation-config", json.dumps({"temperature": 0.2, "top_p": 0.7}),
-        "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats",
+        "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats", *extra_args,
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     with open(log, "w") as out:
@@ -76,3 +74,26 @@ def reference(tmp_path_factory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """Started once per session with the same engine settings as the pipeline's parity job."""
+    yield from _serve(tmp_path_factory.mktemp("reference") / "server.log", [])
+
+
+ADAPTERS = {"tiny-lora-a": "builtin:tiny-lora-a", "tiny-lora-b": "builtin:tiny-lora-b"}
+
+
+@pytest.fixture(scope="session")
+def adapter_reference(tmp_path_factory):
+    """The reference server serving the tiny adapters as `--lora-modules`, with the LoRA settings the
+    pipeline derives from them: rank 8, LoRA on the layers the adapters adapt. (Its two slots are one
+    fewer than the pipeline's CPU engine keeps; requests come one at a time, where the slot count does
+    not matter.)"""
+    from pipeline.tiny_adapter import LINEAR_LAYERS, ensure_built
+
+    modules = [f"{name}={ensure_built(path.split(':', 1)[1])}" for name, path in ADAPTERS.items()]
+    yield from _serve(tmp_path_factory.mktemp("adapter-reference") / "server.log",
+                      ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
+                       "--lora-target-modules", *sorted(LINEAR_LAYERS), "--lora-modules", *modules])

@@ -13,7 +13,7 @@ def write(tmp_path, text: str) -> str:
 
 
 def test_demo_config_is_valid():
-    for name in ("local-cpu", "gpu-cluster", "sweep-local", "enrich-local"):
+    for name in ("local-cpu", "gpu-cluster", "sweep-local", "enrich-local", "adapters-local"):
         load_config(f"configs/{name}.yaml")
     config = load_config("configs/local-cpu.yaml")
     assert config.engine.device == "cpu"

@@ -2,6 +2,7 @@
 
 import asyncio
 
+from pipeline.config import ModelConfig, Variant
 from pipeline.protocol import completion_id
 from pipeline.records import ERROR_TYPE, RESPONSE_TYPE, result_arrays
 from pipeline.runner import EngineActor, _Retries
@@ -16,7 +17,7 @@ class Meter:
 class ExplodingBuilder:
     served_name = "tiny-llama"
 
-    def body(self, row):
+    def body(self, row, served_name=None):
         if row["prompt"] == "boom":
             raise RuntimeError("an unforeseen bug")
         return {"prompt": row["prompt"]}
@@ -25,7 +26,8 @@ class ExplodingBuilder:
 def test_an_exception_answering_one_row_is_that_rows_500_record():
     actor = EngineActor.__new__(EngineActor)  # no engine: the body fails before it is needed
     actor._builder, actor._meter = ExplodingBuilder(), Meter()
-    response, error = asyncio.run(actor._answer("r1", {"prompt": "boom"}, None, {}, _Retries()))
+    variant = Variant("", ModelConfig(), {}, "tiny-llama")
+    response, error = asyncio.run(actor._answer("r1", {"prompt": "boom"}, None, variant, _Retries()))
     assert response is None
     assert error["code"] == 500 and error["type"] == "InternalServerError"
     assert "RuntimeError: an unforeseen bug" in error["message"] and "other rows were answered" in error["message"]
@@ -36,7 +38,8 @@ def test_an_exception_answering_one_row_is_that_rows_500_record():
 def test_a_row_problem_found_while_reading_is_kept_as_is():
     actor = EngineActor.__new__(EngineActor)
     problem = {"message": "bad bytes", "type": "BadRequestError", "param": "prompt", "code": 400}
-    assert asyncio.run(actor._answer("r1", None, problem, {}, _Retries())) == (None, problem)
+    variant = Variant("", ModelConfig(), {}, "tiny-llama")
+    assert asyncio.run(actor._answer("r1", None, problem, variant, _Retries())) == (None, problem)
 
 
 def test_completion_id_of_a_body_with_a_lone_surrogate():
