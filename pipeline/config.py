@@ -226,7 +226,8 @@ class JobConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     defaults: RequestDefaults = Field(default_factory=RequestDefaults)
     sweep: SweepConfig | None = Field(None, description=(
-        "Run the dataset once per model and variant of request parameters; see README, Sweeps."))
+        "Run the dataset once per model and variant of request parameters; see "
+        "docs/sweeps-and-enrichment.md."))
     ray_address: str | None = Field(None, description=(
         "Ray cluster to join (`auto` inside `ray job submit`). None: use the job's cluster when run by "
         "`ray job submit`, else start a local Ray in-process."))
