@@ -280,6 +280,10 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
         batch_size=1,
         compute=ActorPoolStrategy(size=min(config.engine.num_actors, len(items)),
                                   max_tasks_in_flight_per_actor=config.engine.shards_in_flight),
+        # A retiring actor stops its engine itself (EngineActor.__del__). Ray's default kills an exiting
+        # actor's child processes first, under vLLM's running output reader: an ERROR and tracebacks
+        # after a job that succeeded. (The raylet still cleans up the process group of a dead actor.)
+        runtime_env={"env_vars": {"RAY_kill_child_processes_on_worker_exit": "false"}},
         **_actor_resources(config),
     )
     for batch in done.iter_batches(batch_size=None, batch_format="pyarrow"):
