@@ -19,14 +19,17 @@ pytestmark = pytest.mark.engine
 
 
 def test_a_successful_job_prints_no_error_and_no_traceback(tmp_path):
-    pq.write_table(pq.read_table("data/sample_prompts.parquet").slice(0, 20), tmp_path / "in.parquet")
+    sample = pq.read_table("data/sample_prompts.parquet").slice(0, 20).drop_columns(["max_tokens"])
+    pq.write_table(sample, tmp_path / "in.parquet")  # every row takes the job's max_tokens, 8
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live below it
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_ID")},
+           "RAY_TMPDIR": ray_tmp}  # a Ray of the job's own, as `python -m pipeline run` starts locally
     try:
         result = subprocess.run(
             [sys.executable, "-m", "pipeline", "run", "--config", "configs/local-cpu.yaml",
              "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
              "--set", "defaults.max_tokens=8"],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_TMPDIR": ray_tmp})
+            capture_output=True, text=True, timeout=600, env=env)
         worker_logs = {log.name: log.read_text(errors="replace")
                        for log in Path(ray_tmp).glob("ray/session_*/logs/worker-*") if log.suffix in (".out", ".err")}
     finally:
