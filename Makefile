@@ -1,6 +1,6 @@
 # make demo: set up .venv (CPU stack) and run the main job on the embedded default.
 # make test: set up .venv and run the test suite (what CI runs).
-# make bench: the throughput benchmark (see README, Throughput).
+# make bench: the throughput benchmark (see docs/performance.md).
 PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)

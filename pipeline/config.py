@@ -300,7 +300,8 @@ class JobConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     defaults: RequestDefaults = Field(default_factory=RequestDefaults)
     sweep: SweepConfig | None = Field(None, description=(
-        "Run the dataset once per model and variant of request parameters; see README, Sweeps."))
+        "Run the dataset once per model and variant of request parameters; see "
+        "docs/sweeps-and-enrichment.md."))
     scoring: ScoringConfig | None = Field(None, description=(
         "Score each record against the row's reference answer (a `score` column; a sweep's comparison "
         "gains mean scores with 95% intervals); see docs/evaluation.md."))

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Callable
@@ -123,6 +125,7 @@ class CompletionEngine:
         """Start an engine. `sampling_defaults` holds temperature, top_p and max_tokens defaults;
         `adapters` (local folders) are served under their names beside the base model, as the server's
         `--lora-modules` serves them."""
+        import_vllm_apart()
         if cfg.resolved_device() == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gb))
         from vllm.entrypoints.openai.models.protocol import BaseModelPath, LoRAModulePath
@@ -209,6 +212,32 @@ class CompletionEngine:
         if handler is not None:
             cancel_task_threadsafe(handler)
         self._engine.shutdown()
+
+
+# Every vLLM module this one imports, imported first by `import_vllm_apart`.
+VLLM_MODULES = (
+    "vllm.engine.arg_utils", "vllm.entrypoints.openai.completion.protocol",
+    "vllm.entrypoints.openai.completion.serving", "vllm.entrypoints.openai.models.protocol",
+    "vllm.entrypoints.openai.models.serving", "vllm.entrypoints.serve.exception_handling.error_response",
+    "vllm.entrypoints.serve.exception_handling.handlers.validation",
+    "vllm.entrypoints.serve.exception_handling.utils", "vllm.exceptions", "vllm.renderers.online_renderer",
+    "vllm.utils.async_utils", "vllm.v1.engine.async_llm", "vllm.v1.engine.exceptions",
+)
+
+
+@functools.cache
+def import_vllm_apart() -> None:
+    """Import vLLM in a thread of its own, so that what vLLM keeps from its imports pins nothing of ours.
+
+    vLLM keeps an exception it caught while importing (`_torchcodec_import_exc` in
+    `vllm.multimodal.media.audio`, whenever torchcodec is absent, as on the CPU stack), and with it a
+    traceback whose frames reach every caller up the stack. Imported from an engine actor's
+    constructor, that pinned the actor object for good: when Ray Data retired the actor, deleting it
+    did not run its `__del__`, so the engine was never stopped in order. From a thread of its own,
+    the frames stop at the thread.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="import-vllm") as pool:
+        pool.submit(lambda: [importlib.import_module(name) for name in VLLM_MODULES]).result()
 
 
 def naming_param(create_error_response: Callable[..., Any]) -> Callable[..., Any]:

@@ -324,6 +324,10 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
         batch_format="pyarrow",
         batch_size=1,
         compute=pool.actor_pool(config.engine, len(items), rows / len(items)),
+        # A retiring actor stops its engine itself (EngineActor.__del__). Ray's default kills an exiting
+        # actor's child processes first, under vLLM's running output reader: an ERROR and tracebacks
+        # after a job that succeeded. (The raylet still cleans up the process group of a dead actor.)
+        runtime_env={"env_vars": {"RAY_kill_child_processes_on_worker_exit": "false"}},
         **pool.actor_resources(config.engine),
     )
     failed: dict[str, str] = {}

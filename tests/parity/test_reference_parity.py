@@ -3,7 +3,7 @@
 One case per line: (name, request body[, what the product deliberately does differently]). The same
 bodies go to the reference server over HTTP and through a pipeline job (as a JSON body column); the
 records are turned back into JSON bodies and compared with everything but `id` and `created`, floats
-to 1e-5. Differences are the product's rules (completions-semantics.md), listed in the README.
+to 1e-5. Differences are the product's rules (completions-semantics.md), listed in docs/request-semantics.md.
 """
 
 from __future__ import annotations

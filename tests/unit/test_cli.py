@@ -100,3 +100,12 @@ def test_conflicting_column_types_across_files(tmp_path):
     pq.write_table(pa.table({"prompt": ["b"], "max_tokens": [{"x": 1}]}), tmp_path / "b.parquet")
     assert_clean_failure(run_job("--config", "configs/local-cpu.yaml", "--input", str(tmp_path),
                                  "--output", str(tmp_path / "out")), "disagree on column types")
+
+
+def test_a_python_without_the_dependencies_says_how_to_start_ray():
+    # `ray job submit ... -- python jobs/complete.py` on a head whose PATH has another Python: -S (no
+    # site-packages) and -E (no PYTHONPATH) give this one the same lack
+    result = subprocess.run([sys.executable, "-E", "-S", "jobs/complete.py", "--config", "configs/local-cpu.yaml"],
+                            capture_output=True, text=True, timeout=120)
+    assert_clean_failure(result, "cannot import", ". .venv/bin/activate && ray start --head",
+                         "/path/to/.venv/bin/python jobs/complete.py")
