@@ -19,14 +19,10 @@ stop every Ray on the machine).
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,23 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.ray_cluster import RayCluster, cmdline
+
 pytestmark = pytest.mark.engine
-RAY = str(Path(sys.executable).parent / "ray")
 ROWS, MAX_TOKENS = 1280, 200
 ACTOR, CORE = "MapWorker(MapBatches(EngineActor))", "VLLM::EngineCore"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cmdline(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline()) or proc.name()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return ""
 
 
 def under(root: psutil.Process, name: str, direct: bool = False) -> list[psutil.Process]:
@@ -68,39 +52,6 @@ def actors(raylet: psutil.Process) -> list[psutil.Process]:
     return under(raylet, ACTOR, direct=True)
 
 
-class TwoNodeCluster:
-    def __init__(self) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="rtn-", dir="/tmp")  # short: Ray's socket paths are limited
-        self.port, self.node2_port = free_port(), free_port()
-        self.env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CI")},
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-
-    def start(self) -> None:
-        common = ["--num-cpus=1", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
-        for args in (["--head", f"--port={self.port}", "--include-dashboard=false"],
-                     [f"--address=127.0.0.1:{self.port}", f"--node-manager-port={self.node2_port}"]):
-            started = subprocess.run([RAY, "start", *args, *common], capture_output=True, text=True, env=self.env,
-                                     timeout=180)
-            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-        raylets = [p for p in psutil.process_iter() if "raylet/raylet" in cmdline(p) and self.temp_dir in cmdline(p)]
-        (self.node2,) = [p for p in raylets if f"--node_manager_port={self.node2_port}" in cmdline(p)]
-        (self.head,) = [p for p in raylets if p.pid != self.node2.pid]
-
-    def stop(self) -> None:
-        mine = [p for p in psutil.process_iter() if self.temp_dir in cmdline(p)]
-        for proc in list(mine):
-            try:
-                mine += proc.children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-        for proc in mine:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(mine, timeout=30)
-
-
 def rows_done(log: Path) -> int:
     found = re.findall(r"progress: ([\d,]+)/", log.read_text(errors="replace"))
     return int(found[-1].replace(",", "")) if found else 0
@@ -109,11 +60,13 @@ def rows_done(log: Path) -> int:
 def test_engine_actor_and_node_deaths_in_one_job(tmp_path):
     ids = [f"row-{i:04d}" for i in range(ROWS)]
     pq.write_table(pa.table({"id": ids, "prompt": [f"Row {i} says" for i in range(ROWS)]}), tmp_path / "in.parquet")
-    cluster = TwoNodeCluster()
+    cluster = RayCluster()
     log = tmp_path / "job.log"
     killed: list[str] = []
     try:
-        cluster.start()
+        cluster.start_head()
+        cluster.node2 = cluster.add_node()
+        cluster.head = cluster.raylet()
         command = [sys.executable, "-m", "pipeline", "run", "--config", "configs/local-cpu.yaml",
                    "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
                    "--set", f"ray_address=127.0.0.1:{cluster.port}", "--set", "engine.num_actors=2",

@@ -26,9 +26,15 @@ def _cmdline(proc: psutil.Process) -> str:
     return " ".join(proc.cmdline()) or proc.name()
 
 
+def _ours() -> list[psutil.Process]:
+    """This test process's descendants: the local Ray it started, its actors and their engines (never
+    another process's, on a shared machine)."""
+    return psutil.Process().children(recursive=True)
+
+
 def ray_engine_actor() -> psutil.Process | None:
     """The Ray Data actor process hosting an engine."""
-    for proc in psutil.process_iter():
+    for proc in _ours():
         try:
             if "MapWorker(MapBatches(EngineActor))" in _cmdline(proc):
                 return proc
@@ -39,7 +45,7 @@ def ray_engine_actor() -> psutil.Process | None:
 
 def engine_core_of_a_ray_actor() -> psutil.Process | None:
     """The EngineCore process under a Ray Data actor (not the parity suite's reference server)."""
-    for proc in psutil.process_iter():
+    for proc in _ours():
         try:
             if "VLLM::EngineCore" not in _cmdline(proc):
                 continue
