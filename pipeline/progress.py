@@ -141,14 +141,21 @@ class _Stats:
         return {"engines": self.engines, "shard_starts": self.shard_starts}
 
 
+STATS_ACTOR_PREFIX = "pipeline-stats-"
+
+
 def start_stats() -> Any:
-    """The stats actor, pinned to this (the driver's) node."""
+    """The stats actor, pinned to this (the driver's) node; named `pipeline-stats-<id>` so a tool (or a
+    test) on the driver can read the live figures too."""
+    import uuid
+
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     actor = ray.remote(num_cpus=0)(_Stats)
-    return actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+    return actor.options(name=STATS_ACTOR_PREFIX + uuid.uuid4().hex[:8],
+                         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
 
 
 def snapshot(stats: Any, last: dict[str, Any] | None = None) -> dict[str, Any]:

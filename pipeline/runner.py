@@ -107,10 +107,20 @@ class EngineActor:
         self._alone = asyncio.Semaphore(1)
 
     def _start_engine(self) -> Any:
+        """Start an engine; one that dies while starting (killed, out of memory) is started again,
+        `engine.row_retries` times, after the same backoff as a row's."""
         from pipeline.engine import CompletionEngine
 
-        engine = CompletionEngine.start(self._config.engine, self._model_path, self._builder.served_name,
-                                        self._config.defaults.sampling_defaults(), self._adapters)
+        for attempt in range(self._config.engine.row_retries + 1):
+            try:
+                engine = CompletionEngine.start(self._config.engine, self._model_path, self._builder.served_name,
+                                                self._config.defaults.sampling_defaults(), self._adapters)
+                break
+            except Exception as exc:  # noqa: BLE001 - vLLM raises RuntimeError and others
+                if attempt == self._config.engine.row_retries:
+                    raise
+                log.warning("the vLLM engine failed while starting (%s: %s); starting it again", type(exc).__name__, exc)
+                time.sleep(self._config.engine.retry_backoff_s * 2 ** attempt)
         self._meter.engine_started(engine.startup_s)
         return engine
 

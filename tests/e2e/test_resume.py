@@ -25,6 +25,9 @@ def command(tmp_path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "run", "--config", "configs/local-cpu.yaml",
             "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
             "--set", "engine.max_model_len=512", "--set", f"output.rows_per_file={PER_SHARD}",
+            # two shards at a time (an actor would take all 8 at once): they finish in waves, so the
+            # kill lands between waves with some shards written and some not
+            "--set", "engine.shards_in_flight=2",
             "--set", f"defaults.max_tokens={MAX_TOKENS}", "--set", "defaults.temperature=0",
             "--set", "defaults.ignore_eos=true"]
 

@@ -56,6 +56,23 @@ def engine_core_of_a_ray_actor() -> psutil.Process | None:
     return None
 
 
+def rows_answered() -> int:
+    """Rows the job's engines have answered so far, from the job's stats actor (0 before it exists)."""
+    import ray
+
+    from pipeline.progress import STATS_ACTOR_PREFIX
+
+    total = 0
+    for name in ray.util.list_named_actors():
+        if name.startswith(STATS_ACTOR_PREFIX):
+            try:
+                snapshot = ray.get(ray.get_actor(name).snapshot.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - the job may just have ended
+                continue
+            total += sum(e.get("rows", 0) for e in snapshot["engines"].values())
+    return total
+
+
 def long_rows() -> pa.Table:
     return pa.table({
         "id": [f"r{i:03d}" for i in range(ROWS)],
@@ -102,9 +119,9 @@ def assert_each_row_once_and_answered(out, table: pa.Table) -> None:
 
 def test_engine_killed_mid_job(run_job):
     table = long_rows()
-    # the engine starts in 15-20 s; 25 s after its process appeared it is generating
-    out = run_and_kill(run_job, table, engine_core_of_a_ray_actor,
-                       lambda core: time.time() - core.create_time() > 25, input={"id_column": "id"})
+    # once rows are being answered (however long the engine took to start), every row is in the engine
+    out = run_and_kill(run_job, table, engine_core_of_a_ray_actor, lambda core: rows_answered() > 0,
+                       input={"id_column": "id"})
     assert_each_row_once_and_answered(out, table)
     assert out.summary.engine_restarts == 1
     assert out.summary.rows_retried > 0 and out.summary.rows_recovered == out.summary.rows_retried
@@ -127,8 +144,10 @@ def test_actor_process_killed_mid_job(run_job, tmp_path_factory):
 
     for existing in Path(tmp_path_factory.getbasetemp()).glob("job*"):
         out_dirs.append(existing)  # earlier jobs' outputs do not count
+    # two shards at a time (an actor would take all 6 at once): they finish in waves, so the kill lands
+    # with some shards written and some in flight
     out = run_and_kill(run_job, table, ray_engine_actor, a_shard_is_written,
-                       input={"id_column": "id"}, output={"rows_per_file": 100})
+                       input={"id_column": "id"}, output={"rows_per_file": 100}, engine={"shards_in_flight": 2})
     assert_each_row_once_and_answered(out, table)
     assert out.summary.shards == out.summary.shards_run == 6
     assert out.summary.shards_redone >= 1  # the shards the dead actor held were given to the new one
