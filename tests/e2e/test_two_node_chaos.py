@@ -34,7 +34,7 @@ import pytest
 from tests.ray_cluster import RayCluster, cmdline
 
 pytestmark = pytest.mark.engine
-ROWS, MAX_TOKENS = 1280, 200
+ROWS, MAX_TOKENS = 640, 200
 ACTOR, CORE = "MapWorker(MapBatches(EngineActor))", "VLLM::EngineCore"
 
 
