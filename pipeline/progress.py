@@ -232,8 +232,8 @@ class ProgressLine:
             if row_s > 0 else "--"
         used = engine_use(snap["engines"], now)
         live = [u for u in used if u.alive_s and now - snap["engines"][u.engine].get("last_at", 0) <= 3 * BEAT_S]
-        share = f"{utilisation(live):.0%} busy" if live else "starting"
+        engines = (f"{len(live)} engine{'s' if len(live) != 1 else ''} {utilisation(live):.0%} busy" if live
+                   else "engines starting")
         pct = rows / self._total if self._total else 1.0
-        return (f"progress: {rows:,}/{self._total:,} rows ({pct:.0%}) | {tok_s:,.0f} output tok/s | "
-                f"{len(live)} engine{'s' if len(live) != 1 else ''} {share} | ETA {eta} | "
-                f"{now - self._started:.0f}s")
+        return (f"progress: {rows:,}/{self._total:,} rows ({pct:.0%}) | {tok_s:,.0f} output tok/s | {engines} | "
+                f"ETA {eta} | {now - self._started:.0f}s")

@@ -54,3 +54,10 @@ def test_progress_line_shows_rows_rate_and_eta():
     text = line.render(snap, 20.0)
     assert text.startswith("progress: 300/1,000 rows (30%) | 200 output tok/s | 1 engine 95% busy | ETA 0:35")
     assert BEAT_S < 10
+
+
+def test_progress_line_before_any_engine_is_up():
+    line = ProgressLine(stats=None, total_rows=50)
+    line._started = 0.0
+    assert line.render({"engines": {}, "shard_starts": []}, 12.0) == \
+        "progress: 0/50 rows (0%) | 0 output tok/s | engines starting | ETA -- | 12s"
