@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -47,7 +48,15 @@ def test_killed_driver_then_rerun_resumes(tmp_path):
             break
         time.sleep(0.2)
     assert first.poll() is None, "run 1 ended before it could be killed"
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started: a lost machine
+    # the driver and the Ray it started: a lost machine. vLLM's engine processes run in process groups
+    # of their own, and a lost machine loses them too: every process below the driver dies.
+    below = psutil.Process(first.pid).children(recursive=True)
+    os.killpg(first.pid, signal.SIGKILL)
+    for proc in below:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
     first.wait()
     time.sleep(1)
     kept = sorted(p.name for p in data.glob("*.parquet"))
