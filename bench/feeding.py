@@ -1,8 +1,8 @@
 """Engine feeding whatever the shard size: one actor, the same rows, small shards vs one shard.
 
-    .venv/bin/python bench/feeding.py [--rows 1920] [--small 40]
+    .venv/bin/python bench/feeding.py [--rows 1920] [--small 40] [--max-tokens 48]
 
-Runs the same job twice on one engine actor (the tiny model, short prompts, `max_tokens` 16): once cut
+Runs the same job twice on one engine actor (the tiny model, short prompts, `max_tokens` 48): once cut
 into shards of `--small` rows, once as a single shard. Prints wall time (whole job, and after the engine
 was ready), the most rows that were in the engine's hands at once (from the shards' intervals), and the
 ratio small/one. Writes bench/results/feeding.json. Run it on an idle machine.
@@ -34,11 +34,11 @@ def most_rows_at_once(tallies: list[Tally]) -> int:
     return peak
 
 
-def one_run(work: Path, name: str, rows_per_file: int) -> dict:
+def one_run(work: Path, name: str, rows_per_file: int, max_tokens: int) -> dict:
     config = JobConfig.model_validate({
         "input": str(work / "in.parquet"), "output": {"path": str(work / name), "rows_per_file": rows_per_file},
         "engine": {"device": "cpu", "dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.5},
-        "defaults": {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True},
+        "defaults": {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True},
     })
     started = time.time()
     summary = run(config)
@@ -55,20 +55,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1920)
     parser.add_argument("--small", type=int, default=40)
+    parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         words = "the quick brown fox jumps over a lazy dog near the river bank".split()
         prompts = [" ".join(words[(i + j) % len(words)] for j in range(8 + i % 32)) for i in range(args.rows)]
         pq.write_table(pa.table({"prompt": prompts}), work / "in.parquet")
-        small = one_run(work, "small", args.small)
-        whole = one_run(work, "whole", args.rows)
+        small = one_run(work, "small", args.small, args.max_tokens)
+        whole = one_run(work, "whole", args.rows, args.max_tokens)
     import ray
 
     ray.shutdown()
     result = {
         "machine": {"platform": platform.platform(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
-        "rows": args.rows, "small_shards": small, "one_shard": whole,
+        "rows": args.rows, "max_tokens": args.max_tokens, "small_shards": small, "one_shard": whole,
         "ratio_wall": round(small["wall_s"] / whole["wall_s"], 3),
         "ratio_after_engine_ready": round(small["after_engine_ready_s"] / whole["after_engine_ready_s"], 3),
     }
