@@ -34,6 +34,8 @@ class PromptTokens:
         self._renderer = renderer
         self._model_config = model_config
         self._ids: dict[Key, list[list[int]]] = defaultdict(list)
+        self.taken = 0  # prompts the renderer took from a batch
+        self.missed = 0  # prompts the renderer tokenized itself
         self._tokenize_one: Callable[..., Any] = renderer._tokenize_prompt_async
         renderer._tokenize_prompt_async = self._tokenize_prompt_async
 
@@ -91,5 +93,7 @@ class PromptTokens:
                 ids = ready.pop()
                 if not ready:
                     del self._ids[key]
+                self.taken += 1
                 return self._renderer._build_tokens_prompt(ids, prompt)
+        self.missed += 1
         return await self._tokenize_one(prompt, params)
