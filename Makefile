@@ -26,7 +26,8 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest
 
-# make bench: plain vLLM vs ray.data.llm vs this pipeline (bench/results/throughput.json), ~10 min.
+# make bench: plain vLLM vs ray.data.llm vs this pipeline, long and short workloads
+# (bench/results/throughput.json, throughput-short.json); see docs/performance.md.
 bench: setup
 	$(VENV)/bin/python bench/throughput.py
 

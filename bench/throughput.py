@@ -1,7 +1,15 @@
 """Output tokens/s of three ways to run one batch on one vLLM CPU engine: same model, settings and data.
 
-    .venv/bin/python bench/throughput.py            # 2000 prompts, contenders a, b and c
-    .venv/bin/python bench/throughput.py --prompts 24 --max-tokens-range 8 32 --contenders b
+    .venv/bin/python bench/throughput.py            # both workloads, contenders a, b and c
+    .venv/bin/python bench/throughput.py --workload short --prompts 2000 --contenders c
+    .venv/bin/python bench/throughput.py --workload long --prompts 24 --max-tokens-range 8 32 --contenders b
+
+Two workloads (`--workload short|long|both`, default both, one after the other):
+
+  long   2,000 prompts of 3 to 120 words, max_tokens 16..512, the 27M bfloat16 bench model: the engine
+         decides the speed.
+  short  20,000 prompts of 8 to 40 words, max_tokens 4, the tiny float32 model: classification and
+         extraction, where the work around the engine decides it (requests/s matter).
 
   a  vLLM's `LLM.generate` over the whole prompt list in one process: the ceiling.
   b  Ray Data LLM: `ray.data.llm.build_processor(vLLMEngineProcessorConfig(...))` over the Parquet file.
@@ -44,14 +52,33 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "pipeline" / "assets" / "corpus.txt"
-MODEL = "builtin:bench-llama-27m"
 SEED = 0
-PROMPT_WORDS = (3, 120)  # about 5 to 300 tokens: the bench tokenizer makes ~2 tokens of a word
 # The job's `engine` section (c); a and b get what pipeline.engine.engine_args makes of it.
 ENGINE = {
     "device": "cpu", "num_actors": 1, "cpus_per_actor": 1, "dtype": "bfloat16", "max_model_len": 4096,
     "max_num_seqs": 256, "gpu_memory_utilization": 0.5, "cpu_kvcache_space_gb": 2, "enforce_eager": True,
     "enable_chunked_prefill": False, "enable_prefix_caching": True, "seed": 0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One batch to run three ways: the model, the data's shape and the engine's dtype."""
+
+    name: str
+    model: str
+    prompts: int
+    prompt_words: tuple[int, int]  # the bench tokenizers make about 2 tokens of a word
+    max_tokens_range: tuple[int, int]
+    dtype: str
+
+    def engine(self) -> dict[str, Any]:
+        return {**ENGINE, "dtype": self.dtype}
+
+
+WORKLOADS = {
+    "long": Workload("long", "builtin:bench-llama-27m", 2000, (3, 120), (16, 512), "bfloat16"),
+    "short": Workload("short", "builtin:tiny-llama", 20000, (8, 40), (4, 4), "float32"),
 }
 # Set in each contender's environment, which all its processes inherit: how its leftovers are found.
 MARKER = "THROUGHPUT_BENCH_CONTENDER"
@@ -90,56 +117,59 @@ METHODS = {
 MEASURES = {"generation_s": "wall_s - startup_s",
            "tokens_per_s_generation": "output_tokens / generation_s",
            "tokens_per_s_end_to_end": "output_tokens / wall_s",
+           "requests_per_s_generation": "rows / generation_s",
+           "requests_per_s_end_to_end": "rows / wall_s",
            "process_wall_s": "the contender's whole process, Python start-up and shutdown included"}
 
 
 # -- data ---------------------------------------------------------------------------------------
 
-def make_prompts(count: int, max_tokens_range: tuple[int, int]) -> pa.Table:
-    """Windows of PROMPT_WORDS corpus words, and max_tokens uniform in the range; fixed seeds."""
+def make_prompts(load: Workload) -> pa.Table:
+    """Windows of `load.prompt_words` corpus words, and max_tokens uniform in the range; fixed seeds."""
     words = CORPUS.read_text(encoding="utf-8").split()
     prompt_rng, budget_rng = random.Random(SEED), random.Random(SEED + 1)
     prompts = []
+    count = load.prompts
     for _ in range(count):
-        start, length = prompt_rng.randrange(len(words)), prompt_rng.randint(*PROMPT_WORDS)
+        start, length = prompt_rng.randrange(len(words)), prompt_rng.randint(*load.prompt_words)
         prompts.append(" ".join(words[(start + i) % len(words)] for i in range(length)))
     return pa.table({
         "prompt": prompts,
-        "max_tokens": [budget_rng.randint(*max_tokens_range) for _ in range(count)],
+        "max_tokens": [budget_rng.randint(*load.max_tokens_range) for _ in range(count)],
         "ignore_eos": [True] * count,
         "temperature": [0.0] * count,
     })
 
 
-def job_config(work: Path) -> dict[str, Any]:
+def job_config(work: Path, load: Workload) -> dict[str, Any]:
     return {
         "input": {"path": str(work / "prompts.parquet")},
         "output": {"path": str(work / "out-c"), "mode": "overwrite"},
-        "model": {"path": MODEL},
-        "engine": ENGINE,
+        "model": {"path": load.model},
+        "engine": load.engine(),
         "defaults": {"temperature": 0.0, "top_p": 1.0},  # every row sets its own max_tokens
     }
 
 
 # -- contenders a and b, each in its own process (`--worker`) -----------------------------------
 
-def engine_kwargs(model_path: str) -> dict[str, Any]:
-    """What pipeline.engine.engine_args passes vLLM for ENGINE, less what equals vLLM's defaults."""
+def engine_kwargs(model_path: str, load: Workload) -> dict[str, Any]:
+    """What pipeline.engine.engine_args passes vLLM for the job's engine, less vLLM's defaults."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from pipeline.config import EngineConfig
     from pipeline.engine import engine_args
 
-    args = engine_args(EngineConfig(**ENGINE), model_path, MODEL.split(":", 1)[1], {})
+    args = engine_args(EngineConfig(**load.engine()), model_path, load.model.split(":", 1)[1], {})
     defaults = AsyncEngineArgs()
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
             if getattr(args, f.name) != getattr(defaults, f.name)}
 
 
-def run_llm_generate(work: Path, model_path: str) -> dict[str, Any]:
+def run_llm_generate(work: Path, model_path: str, load: Workload) -> dict[str, Any]:
     rows = pq.read_table(work / "prompts.parquet").to_pylist()
     started = time.monotonic()
-    kwargs = engine_kwargs(model_path)
+    kwargs = engine_kwargs(model_path, load)
     from vllm import LLM, SamplingParams
 
     llm = LLM(**kwargs)
@@ -165,14 +195,14 @@ def timed_engine_udf(ready_file: Path) -> type:
     return TimedEngineStageUDF
 
 
-def run_ray_data_llm(work: Path, model_path: str) -> dict[str, Any]:
+def run_ray_data_llm(work: Path, model_path: str, load: Workload) -> dict[str, Any]:
     ready_file, out = work / "b-engine-ready", work / "out-b"
     started = time.time()
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     ray.init(address="local", include_dashboard=False)  # its own local Ray, never a running one
-    kwargs = engine_kwargs(model_path)
+    kwargs = engine_kwargs(model_path, load)
     config = vLLMEngineProcessorConfig(
         model_source=model_path, engine_kwargs={k: v for k, v in kwargs.items() if k != "model"}, **RAY_DATA_LLM)
     processor = build_processor(
@@ -201,8 +231,9 @@ def run_ray_data_llm(work: Path, model_path: str) -> dict[str, Any]:
 def worker(name: str, work: Path) -> None:
     from pipeline.tiny_model import resolve_model
 
+    load = Workload(**{**json.loads((work / "workload.json").read_text())})
     run = {"a": run_llm_generate, "b": run_ray_data_llm}[name]
-    result = run(work, resolve_model(MODEL))
+    result = run(work, resolve_model(load.model), load)
     (work / f"result-{name}.json").write_text(json.dumps(result, default=str))
 
 
@@ -264,7 +295,9 @@ def derived(result: dict[str, Any]) -> dict[str, float]:
     generation_s = result["wall_s"] - result["startup_s"]
     return {"generation_s": round(generation_s, 3),
             "tokens_per_s_generation": round(result["output_tokens"] / generation_s, 1),
-            "tokens_per_s_end_to_end": round(result["output_tokens"] / result["wall_s"], 1)}
+            "tokens_per_s_end_to_end": round(result["output_tokens"] / result["wall_s"], 1),
+            "requests_per_s_generation": round(result["rows"] / generation_s, 1),
+            "requests_per_s_end_to_end": round(result["rows"] / result["wall_s"], 1)}
 
 
 def check_tokens(name: str, result: dict[str, Any], rows: int, expected: int) -> None:
@@ -296,22 +329,60 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def print_table(results: dict[str, dict[str, Any]], ratio: dict[str, float]) -> None:
-    print("\n| contender | output tokens | start-up (s) | wall (s) | tokens/s generation | tokens/s end to end |")
-    print("|---|---:|---:|---:|---:|---:|")
+def print_table(load: Workload, results: dict[str, dict[str, Any]], ratio: dict[str, float]) -> None:
+    print(f"\n{load.name} workload: {load.prompts:,} prompts of {load.prompt_words[0]}-{load.prompt_words[1]} "
+          f"words, max_tokens {load.max_tokens_range[0]}..{load.max_tokens_range[1]}, {load.model}")
+    print("| contender | output tokens | start-up (s) | wall (s) | tokens/s generation | tokens/s end to end "
+          "| requests/s generation | requests/s end to end |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| ({name}) {r['contender']} | {r['output_tokens']:,} | {r['startup_s']:.1f} | {r['wall_s']:.1f} "
-              f"| {r['tokens_per_s_generation']:,.0f} | {r['tokens_per_s_end_to_end']:,.0f} |")
+              f"| {r['tokens_per_s_generation']:,.0f} | {r['tokens_per_s_end_to_end']:,.0f} "
+              f"| {r['requests_per_s_generation']:,.0f} | {r['requests_per_s_end_to_end']:,.0f} |")
     for key, value in ratio.items():
         print(f"{key}: {value:.2f}")
 
 
+def run_workload(load: Workload, names: list[str]) -> dict[str, Any]:
+    """Every contender on one workload, one after another; the results and their ratios."""
+    from pipeline.tiny_model import resolve_model
+
+    resolve_model(load.model)  # built once here, not inside anyone's timing
+    prompts = make_prompts(load)
+    expected = sum(prompts.column("max_tokens").to_pylist())
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        work = Path(tmp)
+        pq.write_table(prompts, work / "prompts.parquet")
+        (work / "workload.json").write_text(json.dumps(dataclasses.asdict(load)))
+        (work / "job.yaml").write_text(yaml.safe_dump(job_config(work, load), sort_keys=False))
+        for name in names:
+            print(f"[{load.name}] ({name}) {CONTENDERS[name]} ...", flush=True)
+            results[name] = launch(name, work)
+            check_tokens(name, results[name], load.prompts, expected)
+            print(f"    {results[name]['output_tokens']:,} tokens, start-up {results[name]['startup_s']:.1f}s, "
+                  f"wall {results[name]['wall_s']:.1f}s", flush=True)
+    ratio = ratios(results)
+    print_table(load, results, ratio)
+    return {
+        "settings": {"model": load.model, "prompts": load.prompts, "prompt_words": list(load.prompt_words),
+                     "max_tokens_range": list(load.max_tokens_range), "expected_output_tokens": expected,
+                     "seed": SEED, "request": {"ignore_eos": True, "temperature": 0.0},
+                     "engine": load.engine(), "env": ENV, "ray_data_llm": RAY_DATA_LLM},
+        "results": results,
+        "ratios": ratio,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=2000)
-    parser.add_argument("--max-tokens-range", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"))
+    parser.add_argument("--workload", choices=["short", "long", "both"], default="both")
+    parser.add_argument("--prompts", type=int, help="rows per workload (default: the workload's own)")
+    parser.add_argument("--max-tokens-range", type=int, nargs=2, metavar=("MIN", "MAX"),
+                        help="max_tokens range (default: the workload's own)")
     parser.add_argument("--contenders", default="a,b,c", help="a subset of a,b,c, run in that order")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results",
+                        help="where throughput.json (long) and throughput-short.json (short) go")
     parser.add_argument("--worker", choices=["a", "b"], help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -321,38 +392,18 @@ def main() -> None:
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     if not names or set(names) - set(CONTENDERS):
         parser.error(f"--contenders: choose from {','.join(CONTENDERS)}")
-
-    from pipeline.tiny_model import resolve_model
-
-    resolve_model(MODEL)  # built once here, not inside anyone's timing
-    prompts = make_prompts(args.prompts, tuple(args.max_tokens_range))
-    expected = sum(prompts.column("max_tokens").to_pylist())
-    results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
-        work = Path(tmp)
-        pq.write_table(prompts, work / "prompts.parquet")
-        (work / "job.yaml").write_text(yaml.safe_dump(job_config(work), sort_keys=False))
-        for name in names:
-            print(f"({name}) {CONTENDERS[name]} ...", flush=True)
-            results[name] = launch(name, work)
-            check_tokens(name, results[name], args.prompts, expected)
-            print(f"    {results[name]['output_tokens']:,} tokens, start-up {results[name]['startup_s']:.1f}s, "
-                  f"wall {results[name]['wall_s']:.1f}s", flush=True)
-    ratio = ratios(results)
-    print_table(results, ratio)
-    report = {
-        "machine": machine(),
-        "settings": {"model": MODEL, "prompts": args.prompts, "prompt_words": list(PROMPT_WORDS),
-                     "max_tokens_range": args.max_tokens_range, "expected_output_tokens": expected,
-                     "seed": SEED, "request": {"ignore_eos": True, "temperature": 0.0},
-                     "engine": ENGINE, "env": ENV, "ray_data_llm": RAY_DATA_LLM},
-        "measures": MEASURES,
-        "results": results,
-        "ratios": ratio,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"\nwritten to {args.out}")
+    chosen = ["long", "short"] if args.workload == "both" else [args.workload]
+    for name in chosen:
+        load = WORKLOADS[name]
+        if args.prompts is not None:
+            load = dataclasses.replace(load, prompts=args.prompts)
+        if args.max_tokens_range is not None:
+            load = dataclasses.replace(load, max_tokens_range=tuple(args.max_tokens_range))
+        report = {"machine": machine(), "workload": name, **run_workload(load, names), "measures": MEASURES}
+        out = args.out_dir / ("throughput.json" if name == "long" else f"throughput-{name}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"\nwritten to {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pydantic import PrivateAttr, ValidationError, model_validator
 
 from pipeline.adapters import AdapterError, AdapterSet, unknown_model_message
 from pipeline.config import EngineConfig
+from pipeline.prompt_tokens import Key, PromptTokens
 from pipeline.protocol import REQUEST_FIELDS, error_body
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,17 @@ class Answer:
 
     response: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+
+
+@dataclass
+class Prepared:
+    """A batch of bodies validated together, their prompts tokenized together (`CompletionEngine.prepare`).
+
+    `requests[i]` is body i's validated request, its 400 Answer, or None (then `complete` meets the
+    problem itself); `keys` are the batch's tokenized prompts, for `CompletionEngine.release`."""
+
+    requests: list[Any]
+    keys: list[Key]
 
 
 def lora_args(cfg: EngineConfig, adapters: AdapterSet) -> dict[str, Any]:
@@ -114,6 +126,7 @@ class CompletionEngine:
         self._engine = engine
         self._serving = serving
         self._request_class = batch_request_class()
+        self._prompt_tokens = PromptTokens(engine.renderer, engine.model_config)
         self._adapters_loaded: asyncio.Task | None = None
         self.served_name = served_name
         self.default_max_tokens = default_max_tokens
@@ -147,20 +160,56 @@ class CompletionEngine:
         serving.create_error_response = naming_param(serving.create_error_response)
         return cls(engine, serving, served_name, sampling_defaults["max_tokens"], time.monotonic() - t0)
 
-    async def complete(self, body: dict[str, Any]) -> Answer:
-        """Answer one request body as the endpoint would; raises EngineDeadError if the engine died."""
+    def _request(self, body: dict[str, Any]) -> Any:
+        """The body as vLLM's validated CompletionRequest; raises pydantic's ValidationError."""
+        request = self._request_class.model_validate(body)
+        if body.get("max_tokens") is None:
+            request.use_default_max_tokens(self.default_max_tokens)
+        # A batch has no stream: the record is the complete body (validation above saw `stream`).
+        request.stream = False
+        return request
+
+    def prepare(self, bodies: list[dict[str, Any]]) -> Prepared:
+        """Validate a batch of bodies and tokenize their prompts in batches, ahead of `complete`.
+
+        Only work `complete` would do anyway, done once per batch: each request is still answered by
+        vLLM's handler, which takes its prompt's tokens from the batch. Thread-safe with respect to
+        the event loop (`complete` only reads what this adds)."""
+        requests: list[Any] = []
+        for body in bodies:
+            try:
+                requests.append(self._request(body))
+            except ValidationError as exc:
+                requests.append(Answer(error=validation_error_body(exc)))
+            except Exception:  # noqa: BLE001 - `complete` meets it again and reports it as the server would
+                requests.append(None)
+        try:
+            keys = self._prompt_tokens.add(r for r in requests if r is not None and not isinstance(r, Answer))
+        except Exception:  # noqa: BLE001 - then the renderer tokenizes each prompt, as it always could
+            log.warning("tokenizing a batch of prompts ahead failed; they are tokenized one by one",
+                        exc_info=True)
+            keys = []
+        return Prepared(requests, keys)
+
+    def release(self, prepared: Prepared) -> None:
+        """Forget the batch's prompt tokens no request took."""
+        self._prompt_tokens.discard(prepared.keys)
+
+    async def complete(self, body: dict[str, Any], request: Any = None) -> Answer:
+        """Answer one request body as the endpoint would; raises EngineDeadError if the engine died.
+
+        `request` is the body's entry in `prepare`'s batch, if it went through one."""
         from vllm.entrypoints.openai.completion.protocol import CompletionResponse
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
+        if isinstance(request, Answer):
+            return request
         await self.load_adapters()
         try:
-            request = self._request_class.model_validate(body)
-            if body.get("max_tokens") is None:
-                request.use_default_max_tokens(self.default_max_tokens)
-            # A batch has no stream: the record is the complete body (validation above saw `stream`).
-            request.stream = False
+            if request is None:
+                request = self._request(body)
             result = await self._serving.create_completion(request, None)
         except ValidationError as exc:
             return Answer(error=validation_error_body(exc))

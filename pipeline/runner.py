@@ -160,8 +160,18 @@ class EngineActor:
         rows = inputs.python_rows(table.drop_columns([INPUT_ERROR]), problems)
         retries = _Retries()
         params = self._variants[variant].params
-        answers = await asyncio.gather(*(self._answer(key, row, problem, self._variants[variant], retries)
-                                         for key, row, problem in zip(keys, rows, problems)))
+        bodies = [self._body(key, row, problem, self._variants[variant])
+                  for key, row, problem in zip(keys, rows, problems)]
+        # validated, and their prompts tokenized, as one batch in a thread: not row by row in the event loop
+        engine = self._engine
+        prepared = await asyncio.to_thread(engine.prepare, [b for b in bodies if isinstance(b, dict)])
+        requests = iter(prepared.requests)
+        try:
+            answers = await asyncio.gather(*(
+                self._answer(key, body, next(requests), retries) if isinstance(body, dict) else _done(body)
+                for key, body in zip(keys, bodies)))
+        finally:
+            engine.release(prepared)
         response, error = result_arrays(answers)
         records = table.append_column("response", response).append_column("error", error)
         records = score.with_scores(self._config.scoring, records)  # a scored job's `score` column
@@ -173,29 +183,34 @@ class EngineActor:
         self._meter.beat()
         return shard.rows
 
-    async def _answer(self, key: str, row: dict[str, Any] | None, problem: dict | None, variant: Variant,
-                      retries: _Retries) -> tuple[dict | None, dict | None]:
-        """The row's (response, error); whatever goes wrong with this row stays this row's."""
+    def _body(self, key: str, row: dict[str, Any] | None, problem: dict | None,
+              variant: Variant) -> dict[str, Any] | tuple[dict | None, dict | None]:
+        """The row's request body, or its (response, error) when it has none."""
         if problem is not None:
             return None, problem
         try:
-            try:
-                body = {**self._builder.body(row, variant.served_name), **variant.params}
-            except BodyError as exc:
-                return None, exc.error
-            answer = await self._complete(body, retries)
+            return {**self._builder.body(row, variant.served_name), **variant.params}
+        except BodyError as exc:
+            return None, exc.error
+        except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not fail the shard
+            return None, _bug(key, exc)
+
+    async def _answer(self, key: str, body: dict[str, Any], request: Any,
+                      retries: _Retries) -> tuple[dict | None, dict | None]:
+        """The row's (response, error); whatever goes wrong with this row stays this row's.
+        `request` is what the engine's `prepare` made of the body."""
+        try:
+            answer = await self._complete(body, retries, request)
             if answer.response is not None:
                 answer.response["id"] = completion_id(key, body)
                 self._meter.answered(answer.response["usage"]["completion_tokens"])
             return answer.response, answer.error
         except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not fail the shard
-            log.exception("row %s: answering it failed; recorded as a 500 error and the job goes on", key)
-            return None, error_body(f"the pipeline failed while answering this row ({type(exc).__name__}: "
-                                    f"{exc}); the other rows were answered. This is a bug: please report it "
-                                    "with the row.", "InternalServerError", 500)
+            return None, _bug(key, exc)
 
-    async def _complete(self, body: dict[str, Any], retries: _Retries) -> Any:
-        """Answer a body; an engine death or a 500 is retried `engine.row_retries` times, with backoff."""
+    async def _complete(self, body: dict[str, Any], retries: _Retries, request: Any = None) -> Any:
+        """Answer a body; an engine death or a 500 is retried `engine.row_retries` times, with backoff.
+        `request` (the engine's `prepare` of the body) serves the first try on the engine that made it."""
         from pipeline.engine import Answer, EngineDeadError
 
         limit = self._config.engine.row_retries
@@ -208,7 +223,7 @@ class EngineActor:
                     async with self._alone:
                         answer = await engine.complete(body)
                 else:
-                    answer = await engine.complete(body)
+                    answer = await engine.complete(body, None if attempt else request)
                 if answer.error is None or answer.error["code"] < 500:
                     if attempt:
                         retries.recovered += 1
@@ -255,6 +270,18 @@ class EngineActor:
             except Exception:  # noqa: BLE001 - the old engine is gone either way
                 log.debug("shutting down the dead engine failed", exc_info=True)
             self._engine = self._start_engine()
+
+
+async def _done(answer: tuple[dict | None, dict | None]) -> tuple[dict | None, dict | None]:
+    return answer
+
+
+def _bug(key: str, exc: Exception) -> dict[str, Any]:
+    """The 500 error record of a row the pipeline failed on (logged: it is a bug)."""
+    log.error("row %s: answering it failed; recorded as a 500 error and the job goes on", key, exc_info=exc)
+    return error_body(f"the pipeline failed while answering this row ({type(exc).__name__}: {exc}); the other "
+                      "rows were answered. This is a bug: please report it with the row.",
+                      "InternalServerError", 500)
 
 
 class ShardFailed(RuntimeError):

@@ -23,11 +23,27 @@ class ExplodingBuilder:
         return {"prompt": row["prompt"]}
 
 
-def test_an_exception_answering_one_row_is_that_rows_500_record():
+class ExplodingEngine:
+    async def complete(self, body, request=None):
+        raise RuntimeError("an unforeseen bug")
+
+
+def test_an_exception_building_one_row_is_that_rows_500_record():
     actor = EngineActor.__new__(EngineActor)  # no engine: the body fails before it is needed
     actor._builder, actor._meter = ExplodingBuilder(), Meter()
     variant = Variant("", ModelConfig(), {}, "tiny-llama")
-    response, error = asyncio.run(actor._answer("r1", {"prompt": "boom"}, None, variant, _Retries()))
+    response, error = actor._body("r1", {"prompt": "boom"}, None, variant)
+    assert response is None
+    assert error["code"] == 500 and error["type"] == "InternalServerError"
+    assert "RuntimeError: an unforeseen bug" in error["message"]
+    assert actor._body("r2", {"prompt": "fine"}, None, variant) == {"prompt": "fine"}
+
+
+def test_an_exception_answering_one_row_is_that_rows_500_record():
+    actor = EngineActor.__new__(EngineActor)
+    actor._engine, actor._meter = ExplodingEngine(), Meter()
+    actor._config = type("Config", (), {"engine": type("Engine", (), {"row_retries": 0})})()
+    response, error = asyncio.run(actor._answer("r1", {"prompt": "boom"}, None, _Retries()))
     assert response is None
     assert error["code"] == 500 and error["type"] == "InternalServerError"
     assert "RuntimeError: an unforeseen bug" in error["message"] and "other rows were answered" in error["message"]
@@ -39,7 +55,7 @@ def test_a_row_problem_found_while_reading_is_kept_as_is():
     actor = EngineActor.__new__(EngineActor)
     problem = {"message": "bad bytes", "type": "BadRequestError", "param": "prompt", "code": 400}
     variant = Variant("", ModelConfig(), {}, "tiny-llama")
-    assert asyncio.run(actor._answer("r1", None, problem, variant, _Retries())) == (None, problem)
+    assert actor._body("r1", None, problem, variant) == (None, problem)
 
 
 def test_completion_id_of_a_body_with_a_lone_surrogate():
