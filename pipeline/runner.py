@@ -435,7 +435,7 @@ def run(config: JobConfig) -> JobSummary:
     attempts = [s for r in ran for s in r.shard_starts]
     ready = [r.first_ready_at for r in ran if r.first_ready_at is not None]
     missing = {i.out: "" for i in items if i.out not in written}
-    missing.update({name: why for r in ran for name, why in r.failed.items()})
+    missing.update({name: why for r in ran for name, why in r.failed.items() if name not in written})
     summary = JobSummary.of(
         total, run_tally,
         input=storage.redact(config.input.path), output=storage.redact(config.output.path), rows_in=plan.rows,
