@@ -8,8 +8,8 @@ each node. While the job runs it kills, one after another:
   2. the engine actor's process on the second node (Ray starts it again, Ray Data re-sends its shards),
   3. once that actor is back, the second node's raylet, with every process it started (the node is lost).
 
-The kills follow each other within seconds of the first answered rows, so they land on every machine
-however fast; the head's actor then answers the rest.
+The kills follow each other within seconds of both engines answering (the first progress line that
+shows them), so they land on every machine however fast; the head's actor then answers the rest.
 
 The job must still exit 0 with every row answered exactly once, `summary.json` and `_SUCCESS`. The
 cluster is stopped at the end whatever happens, by killing the processes it started (`ray stop` would
@@ -34,7 +34,7 @@ import pytest
 from tests.ray_cluster import RayCluster, cmdline
 
 pytestmark = pytest.mark.engine
-ROWS, MAX_TOKENS = 640, 200
+ROWS, MAX_TOKENS = 1280, 200
 ACTOR, CORE = "MapWorker(MapBatches(EngineActor))", "VLLM::EngineCore"
 
 
@@ -52,9 +52,10 @@ def actors(raylet: psutil.Process) -> list[psutil.Process]:
     return under(raylet, ACTOR, direct=True)
 
 
-def rows_done(log: Path) -> int:
-    found = re.findall(r"progress: ([\d,]+)/", log.read_text(errors="replace"))
-    return int(found[-1].replace(",", "")) if found else 0
+def engines_up(log: Path) -> int:
+    """Engines answering rows, from the job's latest progress line (printed every 5 s)."""
+    found = re.findall(r"progress: .*\| (\d+) engines? \d+% busy \|", log.read_text(errors="replace"))
+    return int(found[-1]) if found else 0
 
 
 def test_engine_actor_and_node_deaths_in_one_job(tmp_path):
@@ -79,9 +80,9 @@ def test_engine_actor_and_node_deaths_in_one_job(tmp_path):
         node2_actor = None
         while job.poll() is None and time.monotonic() < deadline and len(killed) < 3:
             time.sleep(0.5)
-            if not killed:  # 1. once rows are being answered: the head's engine core (its actor replaces it)
+            if not killed:  # 1. once both engines have their rows: the head's engine core (its actor replaces it)
                 cores = under(cluster.head, CORE)
-                if rows_done(log) > 0 and cores:
+                if engines_up(log) == 2 and cores:
                     cores[0].kill()
                     killed.append(f"engine core on the head (pid {cores[0].pid})")
             elif len(killed) == 1:  # 2. the second node's engine actor (Ray starts it again there)
