@@ -83,7 +83,7 @@ def prepare(config: OutputConfig, identity: dict[str, Any]) -> set[str]:
     """
     if config.mode == "overwrite":
         clear(config.path)
-    recorded = read_json(join(config.path, JOB_FILE))
+    recorded = recorded_identity(config)  # None after an overwrite cleared the folder
     done = done_shards(config)
     if recorded is None and done:
         raise OutputError(f"output {redact(config.path)} holds records but no {JOB_FILE}, so it was not written by "
