@@ -162,16 +162,7 @@ class EngineActor:
         params = self._variants[variant].params
         bodies = [self._body(key, row, problem, self._variants[variant])
                   for key, row, problem in zip(keys, rows, problems)]
-        # validated, and their prompts tokenized, as one batch in a thread: not row by row in the event loop
-        engine = self._engine
-        prepared = await asyncio.to_thread(engine.prepare, [b for b in bodies if isinstance(b, dict)])
-        requests = iter(prepared.requests)
-        try:
-            answers = await asyncio.gather(*(
-                self._answer(key, body, next(requests), retries) if isinstance(body, dict) else _done(body)
-                for key, body in zip(keys, bodies)))
-        finally:
-            engine.release(prepared)
+        answers = await self._answers(list(zip(keys, bodies)), retries)
         response, error = result_arrays(answers)
         records = table.append_column("response", response).append_column("error", error)
         records = score.with_scores(self._config.scoring, records)  # a scored job's `score` column
@@ -182,6 +173,34 @@ class EngineActor:
         await self._tried(f"writing shard {out}", outputs.write_shard, self._config.output, out, records, tally)
         self._meter.beat()
         return shard.rows
+
+    async def _answers(self, rows: list[tuple[str, Any]], retries: _Retries) -> list[tuple[dict | None, dict | None]]:
+        """Each row's (response, error), in order. The rows go into the engine a chunk at a time: each
+        chunk is validated and its prompts tokenized as one batch in a thread (not row by row in the
+        event loop) while the chunks before it are answered, so the engine starts on a shard's first
+        rows at once rather than after the whole shard is prepared."""
+        chunk_rows = self._config.engine.max_num_seqs
+        chunks: list[asyncio.Future] = []
+        try:
+            for start in range(0, len(rows), chunk_rows):
+                chunk = rows[start:start + chunk_rows]
+                engine = self._engine
+                prepared = await asyncio.to_thread(engine.prepare, [b for _, b in chunk if isinstance(b, dict)])
+                chunks.append(asyncio.ensure_future(self._answer_chunk(engine, chunk, prepared, retries)))
+            return [answer for chunk in await asyncio.gather(*chunks) for answer in chunk]
+        finally:
+            for pending in chunks:  # none left running when something raised
+                pending.cancel()
+
+    async def _answer_chunk(self, engine: Any, chunk: list[tuple[str, Any]], prepared: Any,
+                            retries: _Retries) -> list[tuple[dict | None, dict | None]]:
+        requests = iter(prepared.requests)
+        try:
+            return await asyncio.gather(*(
+                self._answer(key, body, next(requests), retries) if isinstance(body, dict) else _done(body)
+                for key, body in chunk))
+        finally:
+            engine.release(prepared)
 
     def _body(self, key: str, row: dict[str, Any] | None, problem: dict | None,
               variant: Variant) -> dict[str, Any] | tuple[dict | None, dict | None]:
