@@ -36,6 +36,8 @@ import json
 import os
 import platform
 import random
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,14 +73,15 @@ class Workload:
     prompt_words: tuple[int, int]  # the bench tokenizers make about 2 tokens of a word
     max_tokens_range: tuple[int, int]
     dtype: str
+    repeat: int  # rounds of all the contenders; each contender's result is its median round
 
     def engine(self) -> dict[str, Any]:
         return {**ENGINE, "dtype": self.dtype}
 
 
 WORKLOADS = {
-    "long": Workload("long", "builtin:bench-llama-27m", 2000, (3, 120), (16, 512), "bfloat16"),
-    "short": Workload("short", "builtin:tiny-llama", 20000, (8, 40), (4, 4), "float32"),
+    "long": Workload("long", "builtin:bench-llama-27m", 2000, (3, 120), (16, 512), "bfloat16", 1),
+    "short": Workload("short", "builtin:tiny-llama", 20000, (8, 40), (4, 4), "float32", 3),
 }
 # Set in each contender's environment, which all its processes inherit: how its leftovers are found.
 MARKER = "THROUGHPUT_BENCH_CONTENDER"
@@ -246,6 +249,12 @@ def launch(name: str, work: Path) -> dict[str, Any]:
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work)]
     log = work / f"{name}.log"
+    for leftover in (work / f"out-{name}", work / f"{name}-engine-ready", work / f"result-{name}.json"):
+        # an earlier round's (Dataset.write_parquet adds files to a folder, it does not replace it)
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink(missing_ok=True)
     marker = f"{name}-{os.getpid()}"
     load = os.getloadavg()[0]
     started = time.monotonic()
@@ -321,12 +330,25 @@ def machine() -> dict[str, Any]:
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """c over a and over b, of each contender's median over its rounds."""
     out = {}
     for other in ("a", "b"):
         if "c" in results and other in results:
             for measure in ("tokens_per_s_generation", "tokens_per_s_end_to_end"):
-                out[f"c/{other} {measure}"] = round(results["c"][measure] / results[other][measure], 3)
+                out[f"c/{other} {measure}"] = round(results["c"]["median"][measure] /
+                                                    results[other]["median"][measure], 3)
     return out
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A contender's rounds as one result: the round of median wall time, each measure's median over
+    the rounds (`median`), and every round's times (`rounds`)."""
+    chosen = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+    measures = ("startup_s", "wall_s", "generation_s", "tokens_per_s_generation", "tokens_per_s_end_to_end",
+                "requests_per_s_generation", "requests_per_s_end_to_end")
+    return {**chosen, "median": {m: statistics.median(r[m] for r in runs) for m in measures},
+            "rounds": [{m: r[m] for m in ("startup_s", "wall_s", "generation_s", "load_avg_1m_before")}
+                       for r in runs]}
 
 
 def print_table(load: Workload, results: dict[str, dict[str, Any]], ratio: dict[str, float]) -> None:
@@ -335,10 +357,14 @@ def print_table(load: Workload, results: dict[str, dict[str, Any]], ratio: dict[
     print("| contender | output tokens | start-up (s) | wall (s) | tokens/s generation | tokens/s end to end "
           "| requests/s generation | requests/s end to end |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, r in results.items():
-        print(f"| ({name}) {r['contender']} | {r['output_tokens']:,} | {r['startup_s']:.1f} | {r['wall_s']:.1f} "
-              f"| {r['tokens_per_s_generation']:,.0f} | {r['tokens_per_s_end_to_end']:,.0f} "
+    for name, result in results.items():
+        r = result["median"]
+        print(f"| ({name}) {result['contender']} | {result['output_tokens']:,} | {r['startup_s']:.1f} "
+              f"| {r['wall_s']:.1f} | {r['tokens_per_s_generation']:,.0f} | {r['tokens_per_s_end_to_end']:,.0f} "
               f"| {r['requests_per_s_generation']:,.0f} | {r['requests_per_s_end_to_end']:,.0f} |")
+    rounds = len(next(iter(results.values()))["rounds"]) if results else 0
+    if rounds > 1:
+        print(f"(each: the median of {rounds} rounds, contenders taking turns)")
     for key, value in ratio.items():
         print(f"{key}: {value:.2f}")
 
@@ -350,23 +376,27 @@ def run_workload(load: Workload, names: list[str]) -> dict[str, Any]:
     resolve_model(load.model)  # built once here, not inside anyone's timing
     prompts = make_prompts(load)
     expected = sum(prompts.column("max_tokens").to_pylist())
-    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         work = Path(tmp)
         pq.write_table(prompts, work / "prompts.parquet")
         (work / "workload.json").write_text(json.dumps(dataclasses.asdict(load)))
         (work / "job.yaml").write_text(yaml.safe_dump(job_config(work, load), sort_keys=False))
-        for name in names:
-            print(f"[{load.name}] ({name}) {CONTENDERS[name]} ...", flush=True)
-            results[name] = launch(name, work)
-            check_tokens(name, results[name], load.prompts, expected)
-            print(f"    {results[name]['output_tokens']:,} tokens, start-up {results[name]['startup_s']:.1f}s, "
-                  f"wall {results[name]['wall_s']:.1f}s", flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for round_ in range(1, load.repeat + 1):
+            for name in names:  # taking turns, so that a slow spell of the machine hits every contender
+                print(f"[{load.name}] ({name}) {CONTENDERS[name]}, round {round_} of {load.repeat} ...", flush=True)
+                run = launch(name, work)
+                check_tokens(name, run, load.prompts, expected)
+                runs[name].append(run)
+                print(f"    {run['output_tokens']:,} tokens, start-up {run['startup_s']:.1f}s, "
+                      f"wall {run['wall_s']:.1f}s", flush=True)
+        results = {name: median_run(r) for name, r in runs.items()}
     ratio = ratios(results)
     print_table(load, results, ratio)
     return {
         "settings": {"model": load.model, "prompts": load.prompts, "prompt_words": list(load.prompt_words),
                      "max_tokens_range": list(load.max_tokens_range), "expected_output_tokens": expected,
+                     "rounds": load.repeat,
                      "seed": SEED, "request": {"ignore_eos": True, "temperature": 0.0},
                      "engine": load.engine(), "env": ENV, "ray_data_llm": RAY_DATA_LLM},
         "results": results,
@@ -380,6 +410,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, help="rows per workload (default: the workload's own)")
     parser.add_argument("--max-tokens-range", type=int, nargs=2, metavar=("MIN", "MAX"),
                         help="max_tokens range (default: the workload's own)")
+    parser.add_argument("--repeat", type=int, help="rounds of all the contenders (default: the workload's own: "
+                        "short 3, long 1); each result is the contender's median round")
     parser.add_argument("--contenders", default="a,b,c", help="a subset of a,b,c, run in that order")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results",
                         help="where throughput.json (long) and throughput-short.json (short) go")
@@ -397,6 +429,8 @@ def main() -> None:
         load = WORKLOADS[name]
         if args.prompts is not None:
             load = dataclasses.replace(load, prompts=args.prompts)
+        if args.repeat is not None:
+            load = dataclasses.replace(load, repeat=args.repeat)
         if args.max_tokens_range is not None:
             load = dataclasses.replace(load, max_tokens_range=tuple(args.max_tokens_range))
         report = {"machine": machine(), "workload": name, **run_workload(load, names), "measures": MEASURES}

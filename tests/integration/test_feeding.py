@@ -67,3 +67,21 @@ def test_default_shard_size_is_sized_to_the_job_and_kept_for_reruns(run_job, tmp
     again = run(config.model_copy(update={"input": config.input.model_copy(update={"path": str(tmp_path / "more")})}))
     assert again.rows_per_shard == 25
     assert again.shards_kept == 4 and again.shards_run == 12 and again.rows_out == 400
+
+
+def test_a_shard_goes_into_the_engine_in_chunks_and_every_row_keeps_its_own_record(run_job):
+    # One shard of 150 rows with max_num_seqs 16: the actor feeds it in 10 chunks (the last of 6 rows),
+    # each validated and tokenized in a thread while the chunks before it are answered. Rows that get
+    # a 400 sit in several chunks; echo shows that each response answers its own row's prompt.
+    rows, bad = 150, {0, 17, 77, 149}
+    table = pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": [f"Item {i} is" for i in range(rows)],
+                      "max_tokens": [-1 if i in bad else 2 for i in range(rows)], "echo": [True] * rows})
+    out = run_job(table, output={"rows_per_file": rows}, engine={"max_num_seqs": 16})
+    assert out.summary.shards == 1 and out.summary.rows_out == rows and out.summary.errors == len(bad)
+    for i in range(rows):
+        if i in bad:
+            assert out.error(f"r{i}")["code"] == 400 and out.error(f"r{i}")["param"] == "max_tokens"
+        else:
+            response = out.response(f"r{i}")
+            assert response["choices"][0]["text"].startswith(f"Item {i} is")
+            assert response["usage"]["completion_tokens"] == 2
