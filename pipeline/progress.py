@@ -224,7 +224,11 @@ class ProgressLine:
         rows = min(self._total, self._done_before + sum(e.get("rows", 0) for e in engines))
         tokens = sum(e.get("completion_tokens", 0) for e in engines)
         self._history = [h for h in self._history if now - h[0] <= 30] + [(now, rows, tokens)]
-        first = self._history[0]
+        # the rates are over the last 30 s in which an engine was up: the minutes of start-up before
+        # the first row would make the first ETA after start-up hours long
+        ready = [e["ready_at"] for e in snap["engines"].values() if "ready_at" in e]
+        since = [h for h in self._history if ready and h[0] >= min(ready)]
+        first = since[0] if since else self._history[-1]
         span = now - first[0]
         tok_s = (tokens - first[2]) / span if span > 0 else 0.0
         row_s = (rows - first[1]) / span if span > 0 else 0.0

@@ -61,3 +61,17 @@ def test_progress_line_before_any_engine_is_up():
     line._started = 0.0
     assert line.render({"engines": {}, "shard_starts": []}, 12.0) == \
         "progress: 0/50 rows (0%) | 0 output tok/s | engines starting | ETA -- | 12s"
+
+
+def test_progress_line_rates_leave_out_the_start_up():
+    # The engine is up at 25 s; lines before it saw no rows. The rate is over the time since.
+    line = ProgressLine(stats=None, total_rows=320)
+    line._started = 0.0
+    for now in (5.0, 10.0, 15.0, 20.0):
+        line.render({"engines": {}, "shard_starts": []}, now)
+    snap = {"engines": {"a.1-1": {"ready_at": 25.0, "last_at": 26.0, "rows": 1, "completion_tokens": 8,
+                                  "busy_s": 1.0}}, "shard_starts": []}
+    assert line.render(snap, 26.0).endswith("| ETA -- | 26s")  # one line since the engine came up: no rate yet
+    snap["engines"]["a.1-1"].update(last_at=31.0, rows=101, completion_tokens=808, busy_s=6.0)
+    text = line.render(snap, 31.0)
+    assert "| 160 output tok/s |" in text and "| ETA 0:10 |" in text  # 100 rows in 5 s, 219 to go: 10.95 s
