@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from pydantic import PrivateAttr, ValidationError, model_validator
 
+from pipeline import core_process, cores
 from pipeline.adapters import AdapterError, AdapterSet, unknown_model_message
 from pipeline.config import EngineConfig
 from pipeline.prompt_tokens import Key, PromptTokens
@@ -149,7 +150,10 @@ class CompletionEngine:
 
         t0 = time.monotonic()
         defaults = {k: v for k, v in sampling_defaults.items() if k != "max_tokens"}
-        engine = AsyncLLM.from_engine_args(engine_args(cfg, model_path, served_name, defaults, adapters))
+        cores.for_a_new_engine()
+        with core_process.forked_engine_core():
+            engine = AsyncLLM.from_engine_args(engine_args(cfg, model_path, served_name, defaults, adapters))
+        cores.keep_off_the_worker()
         lora_modules = [LoRAModulePath(name=name, path=path) for name, path in adapters.paths.items()]
         models = OpenAIServingModels(engine_client=engine,
                                      base_model_paths=[BaseModelPath(name=served_name, model_path=model_path)],

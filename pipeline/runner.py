@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import adapters, inputs, outputs, pool, storage
+from pipeline import adapters, core_process, inputs, outputs, pool, storage
 from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputPlan, Shard
 from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_body
@@ -88,6 +88,8 @@ class EngineActor:
         # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if config.engine.forkserver:
+            core_process.start()  # first: it imports vLLM for the engine core while this process does
         import ray
 
         from pipeline.tiny_model import resolve_model

@@ -119,9 +119,15 @@ def assert_each_row_once_and_answered(out, table: pa.Table) -> None:
 
 def test_engine_killed_mid_job(run_job):
     table = long_rows()
+    parents = []
+
+    def answering(core: psutil.Process) -> bool:
+        parents.append(_cmdline(core.parent()))
+        return rows_answered() > 0
+
     # once rows are being answered (however long the engine took to start), every row is in the engine
-    out = run_and_kill(run_job, table, engine_core_of_a_ray_actor, lambda core: rows_answered() > 0,
-                       input={"id_column": "id"})
+    out = run_and_kill(run_job, table, engine_core_of_a_ray_actor, answering, input={"id_column": "id"})
+    assert "multiprocessing.forkserver" in parents[-1]  # forked, imported already (pipeline/core_process.py)
     assert_each_row_once_and_answered(out, table)
     assert out.summary.engine_restarts == 1
     assert out.summary.rows_retried > 0 and out.summary.rows_recovered == out.summary.rows_retried
@@ -136,10 +142,13 @@ def test_actor_process_killed_mid_job(run_job, tmp_path_factory):
     table = long_rows()
     out_dirs = []
 
+    engine_processes: list[psutil.Process] = []
+
     def a_shard_is_written(actor: psutil.Process) -> bool:
         # kill once the actor has written a shard: some work is kept, some is in flight
         written = [p for d in Path(tmp_path_factory.getbasetemp()).glob("job*/out/data") for p in d.iterdir()
                    if d.parent.parent not in out_dirs and p.suffix == ".parquet"]
+        engine_processes[:] = actor.children(recursive=True)  # its forkserver, engine core and worker
         return bool(written)
 
     for existing in Path(tmp_path_factory.getbasetemp()).glob("job*"):
@@ -149,6 +158,10 @@ def test_actor_process_killed_mid_job(run_job, tmp_path_factory):
     out = run_and_kill(run_job, table, ray_engine_actor, a_shard_is_written,
                        input={"id_column": "id"}, output={"rows_per_file": 100}, engine={"shards_in_flight": 2})
     assert_each_row_once_and_answered(out, table)
+    # the killed actor's engine processes ended with it (the engine core is the forkserver's child)
+    assert len(engine_processes) >= 3
+    _, left = psutil.wait_procs(engine_processes, timeout=30)
+    assert left == [], f"left running after their actor was killed: {[_cmdline(p) for p in left]}"
     assert out.summary.shards == out.summary.shards_run == 6
     assert out.summary.shards_redone >= 1  # the shards the dead actor held were given to the new one
     assert len(out.summary.engine_startup_s) >= 2

@@ -1,0 +1,71 @@
+"""Which CPU cores the engine actor's own work runs on, on a node where the engine computes on CPUs.
+
+vLLM's CPU engine binds its model worker's threads to all of the process's cores but some it keeps
+free "for the scheduler process" (one per worker on x86): on a 2-core machine the worker computes on
+core 0 and core 1 is left for the rest. vLLM moves nothing onto the core it left free, though, and
+the engine actor's event loop (vLLM's OpenAI layer, tokenizing, detokenizing, this pipeline's rows)
+runs wherever the kernel puts it, on the worker's core too: each time it does, the worker's step
+waits for it. With short requests that is most of the actor's time.
+
+`keep_off_the_worker` moves the actor's threads onto the cores the workers were not bound to.
+vLLM's engine-core process stays where the kernel puts it: it waits on the worker while the worker
+computes, and on the actor's core it would wait for the actor too (moving it as well cost 6% on the
+long-generation benchmark, docs/performance.md). `for_a_new_engine` puts the actor back on all of
+its cores first: an engine started from a narrowed process would inherit the narrow set, and vLLM
+would bind its worker inside it. Neither changes anything when no engine process is bound to fewer
+cores than the actor has (a GPU engine, or vLLM's binding turned off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+# This process's cores as Ray gave them, before any narrowing.
+_ALL: set[int] | None = None
+
+
+def _allowed() -> set[int]:
+    return set(os.sched_getaffinity(0))
+
+
+def _set(process: psutil.Process, cores: set[int]) -> None:
+    for thread in process.threads():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(thread.id, cores)
+
+
+def keep_off_the_worker() -> set[int] | None:
+    """Move this process's threads off the cores vLLM bound its engine's workers to; returns the
+    cores they now run on, or None when nothing was moved."""
+    global _ALL
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    everything = _ALL if _ALL is not None else _allowed()
+    _ALL = everything
+    bound: set[int] = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cores = set(child.cpu_affinity())
+        except psutil.Error:
+            continue
+        if cores < everything:
+            bound |= cores  # a worker vLLM bound to its cores
+    rest = everything - bound
+    if not bound or not rest:
+        return None
+    _set(psutil.Process(), rest)
+    log.info("the engine's worker computes on cores %s; the actor runs on %s", sorted(bound), sorted(rest))
+    return rest
+
+
+def for_a_new_engine() -> None:
+    """Put this process back on all of its cores, so that a new engine's worker is bound as vLLM
+    binds it (from the process's own set of cores)."""
+    if _ALL is not None and _allowed() != _ALL:
+        _set(psutil.Process(), _ALL)

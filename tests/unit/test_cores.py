@@ -1,0 +1,70 @@
+"""The engine actor keeps its own work off the cores vLLM bound its CPU worker to (pipeline/cores.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# A process standing for the engine actor, with two children standing for vLLM's engine processes: a
+# "worker" bound to the first core (as vLLM binds its CPU worker) and an "engine core" left on all,
+# and a second thread of the actor's own (its thread pools).
+ACTOR = """
+import json, multiprocessing as mp, os, time
+from pipeline import cores
+
+def child(bind, ready):
+    if bind:
+        os.sched_setaffinity(0, bind)
+    ready.set()
+    time.sleep(60)
+
+if __name__ == "__main__":
+    everything = sorted(os.sched_getaffinity(0))
+    procs, readies = [], []
+    for bind in ({everything[0]}, None):
+        ready = mp.Event()
+        p = mp.Process(target=child, args=(bind, ready), daemon=True)
+        p.start(); ready.wait(30); procs.append(p); readies.append(ready)
+    import threading
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait, daemon=True)
+    helper.start()
+    moved = cores.keep_off_the_worker()
+    after = {"actor": sorted(os.sched_getaffinity(0)), "thread": sorted(os.sched_getaffinity(helper.native_id)), "worker": sorted(os.sched_getaffinity(procs[0].pid)),
+             "core": sorted(os.sched_getaffinity(procs[1].pid)), "moved": sorted(moved or [])}
+    cores.for_a_new_engine()
+    after["actor_for_a_new_engine"] = sorted(os.sched_getaffinity(0))
+    after["everything"] = everything
+    for p in procs:
+        p.kill()
+    print(json.dumps(after))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs at least 2 cores")
+def test_the_actors_threads_move_off_the_workers_core_and_back_for_a_new_engine(tmp_path):
+    script = tmp_path / "actor.py"
+    script.write_text(ACTOR)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads(done.stdout.strip().splitlines()[-1])
+    everything = state["everything"]
+    rest = everything[1:]
+    assert state["worker"] == everything[:1]  # the worker keeps its core, alone
+    assert state["moved"] == rest and state["actor"] == rest and state["thread"] == rest
+    assert state["core"] == everything  # the engine core stays where the kernel puts it
+    assert state["actor_for_a_new_engine"] == everything  # a new engine's worker binds from all cores
+
+
+def test_nothing_moves_when_no_engine_process_is_bound():
+    # A GPU engine (or vLLM's binding turned off): no child is bound to fewer cores, nothing changes.
+    done = subprocess.run([sys.executable, "-c", "import os; from pipeline import cores; before = "
+                           "os.sched_getaffinity(0); print(cores.keep_off_the_worker(), "
+                           "os.sched_getaffinity(0) == before)"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["None", "True"]
