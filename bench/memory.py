@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROLES = {"actor": "MapWorker(MapBatches(EngineActor))", "engine": "VLLM::EngineCore",
-         "ray (gcs, raylet, ...)": "ray/core/src"}
+         "engine forkserver": "multiprocessing.forkserver", "ray (gcs, raylet, ...)": "ray/core/src"}
 
 
 def make_input(path: Path, rows: int) -> None:

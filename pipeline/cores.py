@@ -1,4 +1,4 @@
-"""Which CPU cores the engine actor's own work runs on, on a node where the engine computes on CPUs.
+"""Which CPU cores the engine actor and vLLM's engine core run on, where the engine computes on CPUs.
 
 vLLM's CPU engine binds its model worker's threads to all of the process's cores but some it keeps
 free "for the scheduler process" (one per worker on x86): on a 2-core machine the worker computes on
@@ -7,13 +7,16 @@ the engine actor's event loop (vLLM's OpenAI layer, tokenizing, detokenizing, th
 runs wherever the kernel puts it, on the worker's core too: each time it does, the worker's step
 waits for it. With short requests that is most of the actor's time.
 
-`keep_off_the_worker` moves the actor's threads onto the cores the workers were not bound to.
-vLLM's engine-core process stays where the kernel puts it: it waits on the worker while the worker
-computes, and on the actor's core it would wait for the actor too (moving it as well cost 6% on the
-long-generation benchmark, docs/performance.md). `for_a_new_engine` puts the actor back on all of
-its cores first: an engine started from a narrowed process would inherit the narrow set, and vLLM
-would bind its worker inside it. Neither changes anything when no engine process is bound to fewer
-cores than the actor has (a GPU engine, or vLLM's binding turned off).
+`keep_off_the_worker` moves the actor's threads onto the cores the workers were not bound to, and
+vLLM's engine-core process onto the workers' cores. The engine core and its worker take turns (vLLM
+runs the CPU engine without async scheduling: the engine core schedules a step, the worker computes
+it, the engine core reads its output), so on the same cores neither waits for the other, and the
+actor has the free cores to itself. Left to the kernel, the engine core often shared the actor's
+core, and its steps waited for the actor (docs/performance.md: long generations 3% slower).
+`for_a_new_engine` puts the actor back on all of its cores first: an engine started from a narrowed
+process would inherit the narrow set, and vLLM would bind its worker inside it. Neither changes
+anything when no engine process is bound to fewer cores than the actor has (a GPU engine, or vLLM's
+binding turned off).
 """
 
 from __future__ import annotations
@@ -41,14 +44,15 @@ def _set(process: psutil.Process, cores: set[int]) -> None:
 
 
 def keep_off_the_worker() -> set[int] | None:
-    """Move this process's threads off the cores vLLM bound its engine's workers to; returns the
-    cores they now run on, or None when nothing was moved."""
+    """Move this process's threads off the cores vLLM bound its engine's workers to, and the engine
+    core onto them; returns the cores this process now runs on, or None when nothing was moved."""
     global _ALL
     if not hasattr(os, "sched_setaffinity"):
         return None
     everything = _ALL if _ALL is not None else _allowed()
     _ALL = everything
     bound: set[int] = set()
+    engine_cores = []
     for child in psutil.Process().children(recursive=True):
         try:
             cores = set(child.cpu_affinity())
@@ -56,12 +60,26 @@ def keep_off_the_worker() -> set[int] | None:
             continue
         if cores < everything:
             bound |= cores  # a worker vLLM bound to its cores
+        elif _is_engine_core(child):
+            engine_cores.append(child)
     rest = everything - bound
     if not bound or not rest:
         return None
     _set(psutil.Process(), rest)
-    log.info("the engine's worker computes on cores %s; the actor runs on %s", sorted(bound), sorted(rest))
+    for engine_core in engine_cores:
+        with contextlib.suppress(psutil.Error):
+            _set(engine_core, bound)
+    log.info("the engine's worker and engine core run on cores %s; the actor on %s", sorted(bound), sorted(rest))
     return rest
+
+
+def _is_engine_core(process: psutil.Process) -> bool:
+    """vLLM's engine-core process, by the title vLLM gives it (`VLLM::EngineCore`, `..._DP0`); not
+    the forkserver it may be forked from, which must keep every core for the next engine."""
+    try:
+        return "::EngineCore" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
 
 
 def for_a_new_engine() -> None:

@@ -89,3 +89,31 @@ def test_the_forked_process_ends_when_its_starter_is_killed(tmp_path):
     for proc in alive:
         proc.kill()
     assert alive == [], f"still running after its starter was killed: {[p.pid for p in alive]}"
+
+
+SWAP = """
+import json
+from pipeline import core_process
+from vllm.v1.engine import utils
+
+seen = {}
+with core_process.forked_engine_core():  # before start(): vLLM's own context
+    seen["unstarted"] = utils.get_mp_context().get_start_method()
+core_process.PRELOAD = ["json"]
+core_process.start()
+with core_process.forked_engine_core():
+    context = utils.get_mp_context()
+    seen["started"] = context.get_start_method()
+    seen["ours"] = context is core_process._CONTEXT
+seen["after"] = utils.get_mp_context().get_start_method()
+print(json.dumps(seen))
+"""
+
+
+def test_vllm_starts_its_engine_core_from_the_forkserver_only_inside_the_block_and_only_once_started():
+    # What the engine actor asks of vLLM, on any device: the context vLLM's engine-core launcher uses
+    done = subprocess.run([sys.executable, "-c", SWAP], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["started"] == "forkserver" and seen["ours"]
+    assert seen["unstarted"] == seen["after"] != "forkserver"  # vLLM's own (fork or spawn), untouched

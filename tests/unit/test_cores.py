@@ -9,25 +9,28 @@ import sys
 
 import pytest
 
-# A process standing for the engine actor, with two children standing for vLLM's engine processes: a
-# "worker" bound to the first core (as vLLM binds its CPU worker) and an "engine core" left on all,
-# and a second thread of the actor's own (its thread pools).
+# A process standing for the engine actor, with children standing for vLLM's engine processes: a
+# "worker" bound to the first core (as vLLM binds its CPU worker), an "engine core" (vLLM's title) and
+# a "forkserver" (no title) left on all; and a second thread of the actor's own (its thread pools).
 ACTOR = """
 import json, multiprocessing as mp, os, time
 from pipeline import cores
 
-def child(bind, ready):
+def child(bind, title, ready):
     if bind:
         os.sched_setaffinity(0, bind)
+    if title:
+        import setproctitle
+        setproctitle.setproctitle(title)
     ready.set()
     time.sleep(60)
 
 if __name__ == "__main__":
     everything = sorted(os.sched_getaffinity(0))
     procs, readies = [], []
-    for bind in ({everything[0]}, None):
+    for bind, title in (({everything[0]}, "VLLM::Worker"), (None, "VLLM::EngineCore"), (None, None)):
         ready = mp.Event()
-        p = mp.Process(target=child, args=(bind, ready), daemon=True)
+        p = mp.Process(target=child, args=(bind, title, ready), daemon=True)
         p.start(); ready.wait(30); procs.append(p); readies.append(ready)
     import threading
     stop = threading.Event()
@@ -35,7 +38,8 @@ if __name__ == "__main__":
     helper.start()
     moved = cores.keep_off_the_worker()
     after = {"actor": sorted(os.sched_getaffinity(0)), "thread": sorted(os.sched_getaffinity(helper.native_id)), "worker": sorted(os.sched_getaffinity(procs[0].pid)),
-             "core": sorted(os.sched_getaffinity(procs[1].pid)), "moved": sorted(moved or [])}
+             "core": sorted(os.sched_getaffinity(procs[1].pid)), "moved": sorted(moved or []),
+             "forkserver": sorted(os.sched_getaffinity(procs[2].pid))}
     cores.for_a_new_engine()
     after["actor_for_a_new_engine"] = sorted(os.sched_getaffinity(0))
     after["everything"] = everything
@@ -46,7 +50,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs at least 2 cores")
-def test_the_actors_threads_move_off_the_workers_core_and_back_for_a_new_engine(tmp_path):
+def test_the_actor_moves_off_the_workers_core_the_engine_core_onto_it_and_back_for_a_new_engine(tmp_path):
     script = tmp_path / "actor.py"
     script.write_text(ACTOR)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
@@ -55,9 +59,10 @@ def test_the_actors_threads_move_off_the_workers_core_and_back_for_a_new_engine(
     state = json.loads(done.stdout.strip().splitlines()[-1])
     everything = state["everything"]
     rest = everything[1:]
-    assert state["worker"] == everything[:1]  # the worker keeps its core, alone
+    assert state["worker"] == everything[:1]  # the worker keeps its core
     assert state["moved"] == rest and state["actor"] == rest and state["thread"] == rest
-    assert state["core"] == everything  # the engine core stays where the kernel puts it
+    assert state["core"] == everything[:1]  # the engine core takes turns with its worker, on its core
+    assert state["forkserver"] == everything  # the next engine core is forked from it: all cores
     assert state["actor_for_a_new_engine"] == everything  # a new engine's worker binds from all cores
 
 
