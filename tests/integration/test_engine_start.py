@@ -10,7 +10,7 @@ import psutil
 import pyarrow as pa
 import pytest
 
-from tests.integration.test_engine_death import _cmdline, engine_core_of_a_ray_actor
+from tests.integration.test_engine_death import _cmdline, _ours
 
 pytestmark = pytest.mark.engine
 
@@ -22,16 +22,19 @@ def engine_core_parent_while(run_job, table: pa.Table, **config) -> tuple[str, o
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False)  # in the main thread (see test_engine_death)
     result: list = []
+    started = time.time()
     job = threading.Thread(target=lambda: result.append(run_job(table, **config)))
     job.start()
     parent = None
     while parent is None and job.is_alive():
-        core = engine_core_of_a_ray_actor()
-        if core is not None:
+        for proc in _ours():
             try:
-                parent = _cmdline(core.parent())
+                # this job's engine core: not an earlier job's, which may still be ending
+                if ("VLLM::EngineCore" in _cmdline(proc) and proc.create_time() >= started
+                        and any("MapWorker" in _cmdline(p) for p in proc.parents())):
+                    parent = _cmdline(proc.parent())
             except psutil.Error:
-                pass
+                continue
         time.sleep(0.2)
     job.join(timeout=600)
     (out,) = result
