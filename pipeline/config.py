@@ -116,7 +116,7 @@ class EngineConfig(_Strict):
     retry_backoff_s: float = Field(1.0, ge=0, description="Wait before a row's first retry; doubles each time.")
     forkserver: bool = Field(True, description=(
         "Start vLLM's engine-core process from a forkserver that imports vLLM while the actor does "
-        "(Linux), instead of vLLM spawning a new interpreter that imports it again afterwards: about 5 s "
+        "(Linux), instead of vLLM spawning a new interpreter that imports it again afterwards: about 6 s "
         "off each engine start-up on CPU. false: vLLM's own spawn."))
 
     @field_validator("num_actors", mode="before")

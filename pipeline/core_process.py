@@ -25,7 +25,6 @@ own forkserver mode does.
 from __future__ import annotations
 
 import contextlib
-import logging
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
@@ -35,8 +34,6 @@ import signal
 import sys
 import threading
 from typing import Iterator
-
-log = logging.getLogger(__name__)
 
 # What the engine-core process runs: its entry point and the executor that starts the worker.
 PRELOAD = ["vllm.v1.engine.core", "vllm.v1.executor.multiproc_executor"]

@@ -7,7 +7,7 @@ the engine actor's event loop (vLLM's OpenAI layer, tokenizing, detokenizing, th
 runs wherever the kernel puts it, on the worker's core too: each time it does, the worker's step
 waits for it. With short requests that is most of the actor's time.
 
-`keep_off_the_worker` moves the actor's threads onto the cores the workers were not bound to, and
+`share_out_cores` moves the actor's threads onto the cores the workers were not bound to, and
 vLLM's engine-core process onto the workers' cores. The engine core and its worker take turns (vLLM
 runs the CPU engine without async scheduling: the engine core schedules a step, the worker computes
 it, the engine core reads its output), so on the same cores neither waits for the other, and the
@@ -43,7 +43,7 @@ def _set(process: psutil.Process, cores: set[int]) -> None:
             os.sched_setaffinity(thread.id, cores)
 
 
-def keep_off_the_worker() -> set[int] | None:
+def share_out_cores() -> set[int] | None:
     """Move this process's threads off the cores vLLM bound its engine's workers to, and the engine
     core onto them; returns the cores this process now runs on, or None when nothing was moved."""
     global _ALL

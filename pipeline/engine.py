@@ -153,7 +153,7 @@ class CompletionEngine:
         cores.for_a_new_engine()
         with core_process.forked_engine_core():
             engine = AsyncLLM.from_engine_args(engine_args(cfg, model_path, served_name, defaults, adapters))
-        cores.keep_off_the_worker()
+        cores.share_out_cores()
         lora_modules = [LoRAModulePath(name=name, path=path) for name, path in adapters.paths.items()]
         models = OpenAIServingModels(engine_client=engine,
                                      base_model_paths=[BaseModelPath(name=served_name, model_path=model_path)],

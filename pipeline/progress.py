@@ -226,8 +226,8 @@ class ProgressLine:
         self._history = [h for h in self._history if now - h[0] <= 30] + [(now, rows, tokens)]
         # the rates are over the last 30 s in which an engine was up: the minutes of start-up before
         # the first row would make the first ETA after start-up hours long
-        ready = [e["ready_at"] for e in snap["engines"].values() if "ready_at" in e]
-        since = [h for h in self._history if ready and h[0] >= min(ready)]
+        ready = min((e["ready_at"] for e in snap["engines"].values() if "ready_at" in e), default=None)
+        since = [h for h in self._history if ready is not None and h[0] >= ready]
         first = since[0] if since else self._history[-1]
         span = now - first[0]
         tok_s = (tokens - first[2]) / span if span > 0 else 0.0

@@ -83,8 +83,9 @@ def long_rows() -> pa.Table:
     })
 
 
-def run_and_kill(run_job, table: pa.Table, find, ready, **config):
-    """Run a job in a thread; SIGKILL the process `find` returns once `ready(process)`; return the output."""
+def run_while(run_job, table: pa.Table, watch, interval_s: float = 0.5, **config):
+    """Run a job in a thread, calling `watch()` every `interval_s` until it returns True, the job ends
+    or 240 s pass; return the job's output and whether `watch` returned True."""
     import ray
 
     # Start the shared local Ray here, in the main thread: Ray starts its GCS and raylet with a parent-death
@@ -95,16 +96,27 @@ def run_and_kill(run_job, table: pa.Table, find, ready, **config):
     result: list = []
     job = threading.Thread(target=lambda: result.append(run_job(table, **config)))
     job.start()
-    killed = None
+    seen = False
     deadline = time.monotonic() + 240
-    while killed is None and time.monotonic() < deadline and job.is_alive():
+    while not seen and time.monotonic() < deadline and job.is_alive():
+        seen = watch()
+        time.sleep(interval_s)
+    job.join(timeout=600)
+    return result, seen
+
+
+def run_and_kill(run_job, table: pa.Table, find, ready, **config):
+    """Run a job in a thread; SIGKILL the process `find` returns once `ready(process)`; return the output."""
+
+    def kill() -> bool:
         proc = find()
         if proc is not None and ready(proc):
             os.kill(proc.pid, signal.SIGKILL)
-            killed = proc.pid
-        time.sleep(0.5)
-    job.join(timeout=600)
-    assert killed is not None, "the job finished before the process could be killed"
+            return True
+        return False
+
+    result, killed = run_while(run_job, table, kill, **config)
+    assert killed, "the job finished before the process could be killed"
     (out,) = result
     return out
 

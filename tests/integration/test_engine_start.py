@@ -3,42 +3,36 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psutil
 import pyarrow as pa
 import pytest
 
-from tests.integration.test_engine_death import _cmdline, _ours
+from tests.integration.test_engine_death import _cmdline, _ours, run_while
 
 pytestmark = pytest.mark.engine
 
 
-def engine_core_parent_while(run_job, table: pa.Table, **config) -> tuple[str, object]:
-    """Run a job in a thread; return the command line of its engine core's parent, and the output."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False)  # in the main thread (see test_engine_death)
-    result: list = []
+def engine_core_parent_while(run_job, table: pa.Table, **config) -> tuple[str | None, object]:
+    """Run a job; return the command line of its engine core's parent, and the output."""
     started = time.time()
-    job = threading.Thread(target=lambda: result.append(run_job(table, **config)))
-    job.start()
-    parent = None
-    while parent is None and job.is_alive():
+    parents: list[str] = []
+
+    def see_parent() -> bool:
         for proc in _ours():
             try:
                 # this job's engine core: not an earlier job's, which may still be ending
                 if ("VLLM::EngineCore" in _cmdline(proc) and proc.create_time() >= started
                         and any("MapWorker" in _cmdline(p) for p in proc.parents())):
-                    parent = _cmdline(proc.parent())
+                    parents.append(_cmdline(proc.parent()))
+                    return True
             except psutil.Error:
                 continue
-        time.sleep(0.2)
-    job.join(timeout=600)
-    (out,) = result
-    return parent, out
+        return False
+
+    (out,), _ = run_while(run_job, table, see_parent, interval_s=0.2, **config)
+    return (parents[0] if parents else None), out
 
 
 def test_with_the_forkserver_off_vllm_spawns_its_engine_core_under_the_actor(run_job):

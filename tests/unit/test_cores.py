@@ -36,7 +36,7 @@ if __name__ == "__main__":
     stop = threading.Event()
     helper = threading.Thread(target=stop.wait, daemon=True)
     helper.start()
-    moved = cores.keep_off_the_worker()
+    moved = cores.share_out_cores()
     after = {"actor": sorted(os.sched_getaffinity(0)), "thread": sorted(os.sched_getaffinity(helper.native_id)), "worker": sorted(os.sched_getaffinity(procs[0].pid)),
              "core": sorted(os.sched_getaffinity(procs[1].pid)), "moved": sorted(moved or []),
              "forkserver": sorted(os.sched_getaffinity(procs[2].pid))}
@@ -69,7 +69,7 @@ def test_the_actor_moves_off_the_workers_core_the_engine_core_onto_it_and_back_f
 def test_nothing_moves_when_no_engine_process_is_bound():
     # A GPU engine (or vLLM's binding turned off): no child is bound to fewer cores, nothing changes.
     done = subprocess.run([sys.executable, "-c", "import os; from pipeline import cores; before = "
-                           "os.sched_getaffinity(0); print(cores.keep_off_the_worker(), "
+                           "os.sched_getaffinity(0); print(cores.share_out_cores(), "
                            "os.sched_getaffinity(0) == before)"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["None", "True"]
