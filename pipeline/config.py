@@ -111,9 +111,16 @@ class EngineConfig(_Strict):
     shards_in_flight: int | None = Field(None, ge=1, description=(
         "Shards each actor works on at once; overrides the number `rows_in_flight` gives."))
     row_retries: int = Field(2, ge=0, description=(
-        "Times a row is answered again after its engine died (or answered 500); the last retry runs "
-        "alone, so a row that kills every engine is found and recorded as a 500 error."))
-    retry_backoff_s: float = Field(1.0, ge=0, description="Wait before a row's first retry; doubles each time.")
+        "Times a row is answered again after its engine answered it with a 500 (engine deaths do not "
+        "count: a row in an engine that dies is tried again, alone if need be, until it is answered or "
+        "found to kill the engine it runs alone in; see docs/failures-and-resume.md)."))
+    retry_backoff_s: float = Field(1.0, ge=0, description=(
+        "Wait before a row's first retry after a 500 (jittered by +-50%); doubles each time. Also the wait "
+        "between tries to start an engine."))
+    stall_timeout_s: float = Field(300.0, gt=0, description=(
+        "An engine with rows in it that gives no output (no engine step ends with tokens) for this long "
+        "is treated as dead: it is replaced and its rows tried again. Generous by default: one step "
+        "takes milliseconds to seconds, even for the longest prompt."))
     forkserver: bool = Field(True, description=(
         "Start vLLM's engine-core process from a forkserver that imports vLLM while the actor does "
         "(Linux), instead of vLLM spawning a new interpreter that imports it again afterwards: about 6 s "

@@ -130,9 +130,28 @@ class CompletionEngine:
         self._request_class = batch_request_class()
         self._prompt_tokens = PromptTokens(engine.renderer, engine.model_config)
         self._adapters_loaded: asyncio.Task | None = None
+        self.last_output_at = time.monotonic()
+        self._time_outputs(engine.output_processor)
         self.served_name = served_name
         self.default_max_tokens = default_max_tokens
         self.startup_s = startup_s
+
+    def _time_outputs(self, processor: Any) -> None:
+        """Keep `last_output_at`: when vLLM last processed an engine step's outputs (the supervisor's
+        sign of progress). The output handler calls the processor's method by name at every step."""
+        process = processor.process_outputs
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.last_output_at = time.monotonic()
+            return process(*args, **kwargs)
+
+        processor.process_outputs = timed
+
+    @property
+    def errored(self) -> bool:
+        """Whether vLLM knows its engine is dead (its engine-core process exited, or its output handler
+        stopped)."""
+        return self._engine.errored
 
     @classmethod
     def start(cls, cfg: EngineConfig, model_path: str, served_name: str,
@@ -261,12 +280,26 @@ class CompletionEngine:
             log.info("loaded %d adapters in %.2fs", len(models.static_lora_modules), time.monotonic() - t0)
 
     def shutdown(self) -> None:
+        """Stop the engine; safe from any thread. A request still in it fails with vLLM's
+        EngineDeadError rather than waiting forever: vLLM fails the requests in flight only when its
+        output handler sees the engine die, and a handler cancelled first never does."""
         from vllm.utils.async_utils import cancel_task_threadsafe
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
-        # Stop reading outputs before the engine process goes, or the reader logs the engine's exit as
-        # an EngineDeadError although nothing failed.
         handler = getattr(self._engine, "output_handler", None)
         if handler is not None:
+            fail = functools.partial(self._engine.output_processor.propagate_error, VllmEngineDead())
+            loop = handler.get_loop()
+            try:
+                in_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                in_loop = False
+            if in_loop:
+                fail()
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(fail)
+            # Stop reading outputs before the engine process goes, or the reader logs the engine's exit
+            # as an EngineDeadError although nothing failed.
             cancel_task_threadsafe(handler)
         self._engine.shutdown()
 

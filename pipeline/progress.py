@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 log = logging.getLogger(__name__)
 BEAT_S = 2.0  # how often an engine actor reports
 PROGRESS_S = 5.0  # how often the driver prints a progress line
+QUIET_S = 60.0  # the progress line says so when no row was answered for this long
 
 
 class EngineUse(BaseModel):
@@ -203,6 +204,7 @@ class ProgressLine:
         self._stop = threading.Event()
         self._started = time.time()
         self._history: list[tuple[float, int, int]] = []  # (time, rows, tokens)
+        self._moved_at = (self._started, done_rows)  # when the rows done last changed, and to what
         self.last: dict[str, Any] | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="progress-line")
 
@@ -238,6 +240,14 @@ class ProgressLine:
         live = [u for u in used if u.alive_s and now - snap["engines"][u.engine].get("last_at", 0) <= 3 * BEAT_S]
         engines = (f"{len(live)} engine{'s' if len(live) != 1 else ''} {utilisation(live):.0%} busy" if live
                    else "engines starting")
+        restarts = sum(1 for name in snap["engines"] if not name.endswith("-1"))
+        if restarts:
+            engines += f" | {restarts} engine restart{'s' if restarts != 1 else ''}"
+        if rows != self._moved_at[1]:
+            self._moved_at = (now, rows)
+        quiet = now - max(self._moved_at[0], ready or now)
+        if quiet >= QUIET_S and rows < self._total:
+            engines += f" | nothing answered for {quiet:.0f}s"
         pct = rows / self._total if self._total else 1.0
         return (f"progress: {rows:,}/{self._total:,} rows ({pct:.0%}) | {tok_s:,.0f} output tok/s | {engines} | "
                 f"ETA {eta} | {now - self._started:.0f}s")

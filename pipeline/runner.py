@@ -33,6 +33,7 @@ from pipeline.records import output_schema, result_arrays
 from pipeline.progress import EngineMeter, EngineUse, ProgressLine, engine_use, start_stats, utilisation
 from pipeline.progress import snapshot as progress_snapshot
 from pipeline.summary import JobSummary, Tally
+from pipeline.supervisor import EngineSupervisor, EngineUnavailable, Row
 
 log = logging.getLogger(__name__)
 VARIANT_PARAMS = "variant_params"  # a sweep's records: the variant's request fields, as JSON
@@ -76,11 +77,13 @@ class EngineActor:
     becomes that row's error record. Reading or writing a shard is tried again; a shard that still
     fails is reported to the driver, which fails the job after the other shards are written.
 
-    When the engine process dies (killed, out of memory, a request that crashes it), the actor starts a
-    new engine and answers the rows that were in flight again, after a backoff. A row's last retry runs
-    alone, so a row that kills every engine it reaches is found: it is recorded as a 500 error and the
-    job goes on. When the actor process itself dies, Ray starts it again and Ray Data gives it the
-    unfinished shards; a shard's records are written once, when it is done.
+    The engine is the actor's `EngineSupervisor`'s (pipeline/supervisor.py): when the engine process dies
+    (killed, out of memory, a request that crashes it) or stops making progress, it starts a new one and
+    tries the rows that were in it again, in halves that run alone, so that a row that kills every
+    engine it reaches is found in few deaths and recorded as a 500 error, and no other row is; the job
+    goes on. When no engine can be started, the shards waiting for one fail (a rerun answers them).
+    When the actor process itself dies, Ray starts it again and Ray Data gives it the unfinished
+    shards; a shard's records are written once, when it is done.
     """
 
     def __init__(self, config: JobConfig, plan: InputPlan, builder: RequestBuilder, schema: pa.Schema,
@@ -104,9 +107,10 @@ class EngineActor:
         context = ray.get_runtime_context()
         # an actor restarted by Ray keeps its id but not its process: the pid tells its engines apart
         self._meter = EngineMeter(stats, f"{context.get_actor_id()[:8]}.{os.getpid()}", context.get_node_id())
-        self._engine = self._start_engine()
-        self._restart_lock = asyncio.Lock()
-        self._alone = asyncio.Semaphore(1)
+        engine = config.engine
+        self._supervisor = EngineSupervisor(self._start_engine(), self._start_engine, row_retries=engine.row_retries,
+                                            retry_backoff_s=engine.retry_backoff_s,
+                                            stall_timeout_s=engine.stall_timeout_s, meter=self._meter)
 
     def _start_engine(self) -> Any:
         """Start an engine; one that dies while starting (killed, out of memory) is started again,
@@ -128,9 +132,9 @@ class EngineActor:
 
     def __del__(self) -> None:
         # Ray Data deletes the UDF when it retires the actor: stop the engine before the process goes.
-        engine = getattr(self, "_engine", None)
-        if engine is not None:
-            engine.shutdown()
+        supervisor = getattr(self, "_supervisor", None)
+        if supervisor is not None:
+            supervisor.shutdown()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
@@ -141,7 +145,7 @@ class EngineActor:
             try:
                 rows = await self._shard(shard, variant, out)
                 failure = None
-            except ShardFailed as exc:
+            except (ShardFailed, EngineUnavailable) as exc:
                 rows, failure = 0, str(exc)
             except Exception as exc:  # noqa: BLE001 - a bug must not take the other shards with it
                 log.exception("shard %s failed", out)
@@ -153,7 +157,7 @@ class EngineActor:
         """Answer and write one shard; returns its rows (0 if an earlier attempt wrote it already)."""
         if await asyncio.to_thread(outputs.shard_written, self._config.output, out):
             return 0  # Ray Data ran this shard again (its result was lost with a node): it is done
-        await self._engine.load_adapters()  # an adapter that does not load fails its shards, not rows
+        await self._supervisor.load_adapters()  # an adapter that does not load fails its shards, not rows
         started = time.time()
         self._meter.shard_started(out)
         table = await self._tried(f"reading shard {out} of {shard.file}", inputs.read_shard, self._plan, shard)
@@ -186,7 +190,7 @@ class EngineActor:
         try:
             for start in range(0, len(rows), chunk_rows):
                 chunk = rows[start:start + chunk_rows]
-                engine = self._engine
+                engine = self._supervisor.engine
                 prepared = await asyncio.to_thread(engine.prepare, [b for _, b in chunk if isinstance(b, dict)])
                 chunks.append(asyncio.ensure_future(self._answer_chunk(engine, chunk, prepared, retries)))
             return [answer for chunk in await asyncio.gather(*chunks) for answer in chunk]
@@ -199,7 +203,8 @@ class EngineActor:
         requests = iter(prepared.requests)
         try:
             return await asyncio.gather(*(
-                self._answer(key, body, next(requests), retries) if isinstance(body, dict) else _done(body)
+                self._answer(key, Row(body, next(requests), engine), retries) if isinstance(body, dict)
+                else _done(body)
                 for key, body in chunk))
         finally:
             engine.release(prepared)
@@ -216,55 +221,24 @@ class EngineActor:
         except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not fail the shard
             return None, _bug(key, exc)
 
-    async def _answer(self, key: str, body: dict[str, Any], request: Any,
-                      retries: _Retries) -> tuple[dict | None, dict | None]:
-        """The row's (response, error); whatever goes wrong with this row stays this row's.
-        `request` is what the engine's `prepare` made of the body."""
+    async def _answer(self, key: str, row: Row, retries: _Retries) -> tuple[dict | None, dict | None]:
+        """The row's (response, error); whatever goes wrong with this row stays this row's."""
         try:
-            answer = await self._complete(body, retries, request)
+            answer, retried = await self._supervisor.answer(row)
+            if retried:
+                retries.retried += 1
+                if answer.error is not None and answer.error["code"] >= 500:
+                    retries.failed += 1
+                else:
+                    retries.recovered += 1
             if answer.response is not None:
-                answer.response["id"] = completion_id(key, body)
+                answer.response["id"] = completion_id(key, row.body)
                 self._meter.answered(answer.response["usage"]["completion_tokens"])
             return answer.response, answer.error
+        except EngineUnavailable:
+            raise  # no engine: the shard fails, and a rerun answers its rows
         except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not fail the shard
             return None, _bug(key, exc)
-
-    async def _complete(self, body: dict[str, Any], retries: _Retries, request: Any = None) -> Any:
-        """Answer a body; an engine death or a 500 is retried `engine.row_retries` times, with backoff.
-        `request` (the engine's `prepare` of the body) serves the first try on the engine that made it."""
-        from pipeline.engine import Answer, EngineDeadError
-
-        limit = self._config.engine.row_retries
-        attempt = 0
-        while True:
-            engine = self._engine
-            self._meter.enter()
-            try:
-                if attempt and attempt == limit:  # the last retry runs alone
-                    async with self._alone:
-                        answer = await engine.complete(body)
-                else:
-                    answer = await engine.complete(body, None if attempt else request)
-                if answer.error is None or answer.error["code"] < 500:
-                    if attempt:
-                        retries.recovered += 1
-                    return answer
-                failure = f"the engine answered {answer.error['code']}: {answer.error['message']}"
-            except EngineDeadError as exc:
-                failure = f"the engine died ({exc})"
-                await self._replace(engine)
-            finally:
-                self._meter.leave()
-            if attempt == limit:
-                if attempt:
-                    retries.failed += 1
-                tries = f"tried {attempt + 1} times, the last one alone on its engine" if attempt else "tried once"
-                return Answer(error=error_body(f"{failure}; this request was {tries}, and was not retried "
-                                               "again", "InternalServerError", 500))
-            if attempt == 0:
-                retries.retried += 1
-            await asyncio.sleep(self._config.engine.retry_backoff_s * 2 ** attempt)
-            attempt += 1
 
     async def _tried(self, what: str, fn: Any, *args: Any) -> Any:
         """Run a shard-wide step in a thread, `SHARD_TRIES` times with backoff; raise ShardFailed."""
@@ -279,18 +253,6 @@ class EngineActor:
                     raise ShardFailed(f"{what} failed {SHARD_TRIES} times, the last with {message}") from exc
                 log.warning("%s failed (%s); trying again", what, message)
                 await asyncio.sleep(2 ** attempt)
-
-    async def _replace(self, dead: Any) -> None:
-        """Start a new engine once per death, however many requests saw it die."""
-        async with self._restart_lock:
-            if self._engine is not dead:
-                return
-            log.warning("the vLLM engine died; starting a new one and retrying the rows in flight")
-            try:
-                dead.shutdown()
-            except Exception:  # noqa: BLE001 - the old engine is gone either way
-                log.debug("shutting down the dead engine failed", exc_info=True)
-            self._engine = self._start_engine()
 
 
 async def _done(answer: tuple[dict | None, dict | None]) -> tuple[dict | None, dict | None]:

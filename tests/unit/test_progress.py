@@ -75,3 +75,18 @@ def test_progress_line_rates_leave_out_the_start_up():
     snap["engines"]["a.1-1"].update(last_at=31.0, rows=101, completion_tokens=808, busy_s=6.0)
     text = line.render(snap, 31.0)
     assert "| 160 output tok/s |" in text and "| ETA 0:10 |" in text  # 100 rows in 5 s, 219 to go: 10.95 s
+
+
+def test_progress_line_says_when_nothing_moved_and_counts_restarts():
+    line = ProgressLine(stats=None, total_rows=100)
+    line._started = 0.0
+    snap = {"engines": {"a.1-1": {"ready_at": 10.0, "last_at": 20.0, "rows": 40, "completion_tokens": 400}},
+            "shard_starts": []}
+    assert "nothing answered" not in line.render(snap, 20.0)
+    snap["engines"]["a.1-2"] = {"ready_at": 50.0, "last_at": 79.0, "rows": 0}
+    text = line.render(snap, 79.0)  # 59 s without a row answered
+    assert "| 1 engine restart |" in text and "nothing answered" not in text
+    text = line.render(snap, 85.0)
+    assert "| nothing answered for 65s |" in text
+    snap["engines"]["a.1-2"]["rows"] = 5
+    assert "nothing answered" not in line.render(snap, 90.0)

@@ -6,6 +6,7 @@ from pipeline.config import ModelConfig, Variant
 from pipeline.protocol import completion_id
 from pipeline.records import ERROR_TYPE, RESPONSE_TYPE, result_arrays
 from pipeline.runner import EngineActor, _Retries
+from pipeline.supervisor import EngineSupervisor, Row
 
 
 class Meter:
@@ -41,9 +42,10 @@ def test_an_exception_building_one_row_is_that_rows_500_record():
 
 def test_an_exception_answering_one_row_is_that_rows_500_record():
     actor = EngineActor.__new__(EngineActor)
-    actor._engine, actor._meter = ExplodingEngine(), Meter()
-    actor._config = type("Config", (), {"engine": type("Engine", (), {"row_retries": 0})})()
-    response, error = asyncio.run(actor._answer("r1", {"prompt": "boom"}, None, _Retries()))
+    actor._meter = Meter()
+    actor._supervisor = EngineSupervisor(ExplodingEngine(), ExplodingEngine, row_retries=0, retry_backoff_s=0,
+                                         stall_timeout_s=60, meter=actor._meter)
+    response, error = asyncio.run(actor._answer("r1", Row({"prompt": "boom"}), _Retries()))
     assert response is None
     assert error["code"] == 500 and error["type"] == "InternalServerError"
     assert "RuntimeError: an unforeseen bug" in error["message"] and "other rows were answered" in error["message"]
