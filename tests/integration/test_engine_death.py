@@ -180,3 +180,27 @@ def test_actor_process_killed_mid_job(run_job, tmp_path_factory):
     print(f"\nactor killed mid-job: {ROWS} rows in, {out.summary.rows_out} out, 0 lost, 0 duplicated; "
           f"{out.summary.shards_redone} shard attempts redone ({out.summary.shards_redone * 100} rows at most), "
           f"start-ups {out.summary.engine_startup_s}, wall {out.summary.wall_s:.1f}s")
+
+
+def test_an_engine_that_stops_making_progress_is_replaced(run_job):
+    """The engine core frozen (SIGSTOP) mid-job: alive to every check but giving no output. After
+    `engine.stall_timeout_s` it is treated as dead: replaced, its rows answered by the new engine."""
+    table = long_rows().slice(0, 200)
+    frozen: list[psutil.Process] = []
+
+    def freeze() -> bool:
+        core = engine_core_of_a_ray_actor()
+        if core is None or rows_answered() == 0:
+            return False
+        os.kill(core.pid, signal.SIGSTOP)
+        frozen.append(core)
+        return True
+
+    result, stopped = run_while(run_job, table, freeze, input={"id_column": "id"}, engine={"stall_timeout_s": 10})
+    assert stopped, "the job finished before its engine could be frozen"
+    (out,) = result
+    assert_each_row_once_and_answered(out, table)
+    assert out.summary.engine_restarts == 1
+    assert not frozen[0].is_running() or frozen[0].status() == psutil.STATUS_ZOMBIE  # the frozen engine was stopped
+    print(f"\nengine frozen mid-job: {table.num_rows} rows answered, 1 restart after the 10 s stall timeout, "
+          f"wall {out.summary.wall_s:.1f}s")
