@@ -198,7 +198,8 @@ class EngineSupervisor:
             return
         self.deaths += 1
         taken = [(task, row, settled) for task, (row, settled) in self._in_engine.items()
-                 if not settled.done() or isinstance(settled.exception(), EngineDeadError)]
+                 if not settled.done() or (not settled.cancelled()
+                                           and isinstance(settled.exception(), EngineDeadError))]
         suspects = [row for _, row, _ in taken if row is not None]
         log.warning("the vLLM engine died (%s) with %d rows in it; starting a new one", reason, len(suspects))
         for task, row, settled in taken:
