@@ -79,7 +79,7 @@ class EngineActor:
 
     The engine is the actor's `EngineSupervisor`'s (pipeline/supervisor.py): when the engine process dies
     (killed, out of memory, a request that crashes it) or stops making progress, it starts a new one and
-    tries the rows that were in it again, in halves that run alone, so that a row that kills every
+    tries the rows that were in it again, in parts that run alone, so that a row that kills every
     engine it reaches is found in few deaths and recorded as a 500 error, and no other row is; the job
     goes on. When no engine can be started, the shards waiting for one fail (a rerun answers them).
     When the actor process itself dies, Ray starts it again and Ray Data gives it the unfinished

@@ -65,7 +65,7 @@ class _Gate:
     up: bool = True
     shared: int = 0
     exclusive: bool = False
-    wanted: int = 0  # isolation runs waiting: new shared rows are held back
+    wanted: bool = False  # an isolation run is waiting or running: new shared rows are held back
     broken: BaseException | None = None
     _waiters: list[asyncio.Future] = field(default_factory=list)
 
@@ -106,7 +106,6 @@ class EngineSupervisor:
         self._isolating: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self._replacing: asyncio.Task | None = None
-        self.deaths = 0
 
     # --- a row ------------------------------------------------------------------------------------
 
@@ -135,7 +134,7 @@ class EngineSupervisor:
     async def load_adapters(self) -> None:
         """Load the model's adapters into the engine (once per engine); an engine that dies meanwhile
         is replaced and the loading tried on the new one, `row_retries` times."""
-        for attempt in range(self._row_retries + 1):
+        for _ in range(self._row_retries + 1):
             await self.ready()
             async with self._shared():
                 outcome = await self._on_engine(self.engine, self.generation, None, lambda e: e.load_adapters())
@@ -196,7 +195,6 @@ class EngineSupervisor:
         taken out and becomes a suspect, and a new engine is started."""
         if generation != self.generation or self._replacing is not None:
             return
-        self.deaths += 1
         taken = [(task, row, settled) for task, (row, settled) in self._in_engine.items()
                  if not settled.done() or (not settled.cancelled()
                                            and isinstance(settled.exception(), EngineDeadError))]
@@ -255,7 +253,7 @@ class EngineSupervisor:
     def _start_isolating(self) -> None:
         if self._suspects and (self._isolating is None or self._isolating.done()):
             self._isolating = asyncio.ensure_future(self._isolate())
-            self._gate.wanted = 1
+            self._gate.wanted = True
             self._gate.changed()
 
     async def _isolate(self) -> None:
@@ -296,7 +294,7 @@ class EngineSupervisor:
                     part.family.ran(died=bool(died))
                 self._suspects.extendleft(reversed(_split(died)))  # next: each part alone
         finally:
-            gate.wanted = 0
+            gate.wanted = False
             gate.changed()
 
     # --- the watchdog ----------------------------------------------------------------------------
