@@ -20,11 +20,11 @@ from tests.poison import POISON_ENGINE, plain_bodies, with_poison
 from tests.ray_cluster import RayCluster
 
 pytestmark = pytest.mark.engine
-SHARD_ROWS = 9  # 8 plain rows and a poison row per shard
+SHARD_ROWS = 4  # 3 plain rows and a poison row per shard: 2 engine deaths per poison row
 
 
 def test_a_poison_row_on_each_node(tmp_path):
-    table = with_poison(plain_bodies(32), [3, 8 + 5, 16 + 2, 24 + 7])  # one in each 9-row shard
+    table = with_poison(plain_bodies(12), [1, 3 + 2, 6 + 0, 9 + 3])  # one in each 4-row shard
     assert table.num_rows == 4 * SHARD_ROWS
     pq.write_table(table, tmp_path / "in.parquet")
     cluster = RayCluster()
