@@ -19,10 +19,10 @@ import statistics
 import time
 from pathlib import Path
 
-from pipeline.adapters import discover, localize
+from pipeline.models.adapters import discover, localize
 from pipeline.config import JobConfig
-from pipeline.engine import CompletionEngine
-from pipeline.tiny_model import resolve_model
+from pipeline.engine.completion_engine import CompletionEngine
+from pipeline.models.tiny_model import resolve_model
 
 ADAPTERS = {"tiny-lora-a": "builtin:tiny-lora-a", "tiny-lora-b": "builtin:tiny-lora-b"}
 

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig
-from pipeline.runner import run
-from pipeline.summary import Tally
+from pipeline.job.run import run
+from pipeline.io.tally import Tally
 
 
 def most_rows_at_once(tallies: list[Tally]) -> int:

@@ -20,12 +20,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import inputs, outputs
+from pipeline.io.plan import INPUT_ERROR, plan_input
+from pipeline.io.read import python_rows, read_shard
+from pipeline.io import outputs
 from pipeline.config import JobConfig
 from pipeline.protocol import completion_id
-from pipeline.records import output_schema, result_arrays
-from pipeline.runner import request_builder
-from pipeline.summary import Tally
+from pipeline.io.records import output_schema, result_arrays
+from pipeline.job.run import request_builder
+from pipeline.io.tally import Tally
 
 
 def response(i: int) -> dict:
@@ -46,7 +48,7 @@ def main() -> None:
         pq.write_table(table, Path(work) / "in.parquet")
         config = JobConfig.model_validate({"input": {"path": f"{work}/in.parquet", "id_column": "id"},
                                            "output": {"path": f"{work}/out", "rows_per_file": args.rows}})
-        plan = inputs.plan_input(config.input, args.rows)
+        plan = plan_input(config.input, args.rows)
         builder = request_builder(config, plan.format)
         schema = output_schema(plan.schema)
         outputs.prepare(config.output, config.identity())
@@ -59,14 +61,14 @@ def main() -> None:
             times[name] = time.perf_counter() - started
             return result
 
-        shard = timed("read shard", lambda: inputs.read_shard(plan, plan.shards[0]))
-        rows = timed("Arrow -> Python rows", lambda: inputs.python_rows(
-            shard.drop_columns([inputs.INPUT_ERROR]), shard.column(inputs.INPUT_ERROR).to_pylist()))
+        shard = timed("read shard", lambda: read_shard(plan, plan.shards[0]))
+        rows = timed("Arrow -> Python rows", lambda: python_rows(
+            shard.drop_columns([INPUT_ERROR]), shard.column(INPUT_ERROR).to_pylist()))
         bodies = timed("request bodies", lambda: [builder.body(r) for r in rows])
         timed("record ids", lambda: [completion_id(r["row_key"], b) for r, b in zip(rows, bodies)])
         def to_records() -> pa.Table:
             response_column, error_column = result_arrays(answers)
-            return (shard.drop_columns([inputs.INPUT_ERROR]).append_column("response", response_column)
+            return (shard.drop_columns([INPUT_ERROR]).append_column("response", response_column)
                     .append_column("error", error_column).select(schema.names).cast(schema))
 
         records = timed("responses -> Arrow records", to_records)

@@ -40,12 +40,12 @@ HERE = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import hashlib, json, os, sys, time
 import psutil
-from pipeline import inputs
+from pipeline.io.plan import plan_input
 from pipeline.config import InputConfig
 config = InputConfig(path=sys.argv[1])
 baseline = psutil.Process().memory_info().rss
 started, cpu_started = time.perf_counter(), sum(os.times()[:2])
-plan = inputs.plan_input(config, int(sys.argv[2]))
+plan = plan_input(config, int(sys.argv[2]))
 seconds, cpu_seconds = time.perf_counter() - started, sum(os.times()[:2]) - cpu_started
 # the high-water mark of this process's memory (VmHWM; unlike ru_maxrss, not inherited from the parent)
 peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024

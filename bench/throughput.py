@@ -161,7 +161,7 @@ def engine_kwargs(model_path: str, load: Workload) -> dict[str, Any]:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from pipeline.config import EngineConfig
-    from pipeline.engine import engine_args
+    from pipeline.engine.engine_args import engine_args
 
     args = engine_args(EngineConfig(**load.engine()), model_path, load.model.split(":", 1)[1], {})
     defaults = AsyncEngineArgs()
@@ -232,7 +232,7 @@ def run_ray_data_llm(work: Path, model_path: str, load: Workload) -> dict[str, A
 
 
 def worker(name: str, work: Path) -> None:
-    from pipeline.tiny_model import resolve_model
+    from pipeline.models.tiny_model import resolve_model
 
     load = Workload(**{**json.loads((work / "workload.json").read_text())})
     run = {"a": run_llm_generate, "b": run_ray_data_llm}[name]
@@ -371,7 +371,7 @@ def print_table(load: Workload, results: dict[str, dict[str, Any]], ratio: dict[
 
 def run_workload(load: Workload, names: list[str]) -> dict[str, Any]:
     """Every contender on one workload, one after another; the results and their ratios."""
-    from pipeline.tiny_model import resolve_model
+    from pipeline.models.tiny_model import resolve_model
 
     resolve_model(load.model)  # built once here, not inside anyone's timing
     prompts = make_prompts(load)

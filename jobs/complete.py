@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 try:
-    from pipeline.cli import main
+    from pipeline.job.cli import main
 except ModuleNotFoundError as exc:
     if (exc.name or "").startswith("pipeline"):
         raise

@@ -1,6 +1,6 @@
 """The wire format of `POST /v1/completions`: request fields, defaults, and how a row becomes a body.
 
-The bodies themselves are validated and answered by vLLM's own OpenAI server code (see engine.py);
+The bodies themselves are validated and answered by vLLM's own OpenAI server code (see engine/);
 this module holds what the pipeline needs without an engine: which columns are request fields, the
 spec's defaults, and the error body shape.
 """

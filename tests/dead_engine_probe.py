@@ -19,8 +19,8 @@ import time
 import psutil
 
 from pipeline.config import EngineConfig
-from pipeline.engine import CompletionEngine
-from pipeline.tiny_model import resolve_model
+from pipeline.engine.completion_engine import CompletionEngine
+from pipeline.models.tiny_model import resolve_model
 
 
 REQUESTS = 256

@@ -78,10 +78,10 @@ def test_killed_driver_then_rerun_resumes(tmp_path):
           f"rows, ran {summary['rows_run']}; rows lost 0, duplicated 0")
 
     # a record's id depends on its row key and request only: any run of these rows gives these ids
-    from pipeline.cli import parser
+    from pipeline.job.cli import parser
     from pipeline.config import load_config
     from pipeline.protocol import completion_id
-    from pipeline.runner import request_builder
+    from pipeline.job.run import request_builder
 
     args = parser().parse_args(command(tmp_path)[3:] + ["--set", "input.id_column=id"])
     builder = request_builder(load_config(args.config, args.overrides, input=args.input, output=args.output),

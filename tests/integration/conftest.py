@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import JobConfig
-from pipeline.records import response_body
-from pipeline.runner import run
-from pipeline.summary import JobSummary
+from pipeline.io.records import response_body
+from pipeline.job.run import run
+from pipeline.reporting.summary import JobSummary
 
 CONTEXT = 256  # small, so "max_tokens omitted -> shrink to the context left" is cheap to observe
 _jobs = itertools.count()
@@ -63,6 +63,6 @@ def run_job(tmp_path_factory):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from pipeline.tiny_model import resolve_model
+    from pipeline.models.tiny_model import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("builtin:tiny-llama"))

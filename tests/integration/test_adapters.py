@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipeline.adapters import unknown_model_message
+from pipeline.models.adapters import unknown_model_message
 
 pytestmark = pytest.mark.engine
 ADAPTERS = {"tiny-lora-a": "builtin:tiny-lora-a", "tiny-lora-b": "builtin:tiny-lora-b"}
@@ -48,7 +48,7 @@ def test_validate_knows_the_adapters(job, tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline.config import JobConfig
-    from pipeline.preflight import check_rows
+    from pipeline.job.validate import check_rows
 
     pq.write_table(job.input, tmp_path / "in.parquet")
     config = JobConfig.model_validate({

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import JobConfig
-from pipeline.records import response_body
-from pipeline.runner import run
+from pipeline.io.records import response_body
+from pipeline.job.run import run
 from tests.integration.conftest import CONTEXT
 
 pytestmark = pytest.mark.engine
@@ -216,7 +216,7 @@ def test_jsonl_in_parquet_out_and_parquet_in_jsonl_out(batch, tmp_path):
 
 def test_validate_agrees_with_the_job_row_by_row(mapped):
     """`validate` (no engine) finds exactly the rows the job recorded as errors, with the same error."""
-    from pipeline.preflight import check_rows, validate
+    from pipeline.job.validate import check_rows, validate
 
     _, _, rows, _, config = mapped
     verdicts = {check.key: check.error for check in check_rows(config)}

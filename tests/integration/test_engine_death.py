@@ -60,7 +60,7 @@ def rows_answered() -> int:
     """Rows the job's engines have answered so far, from the job's stats actor (0 before it exists)."""
     import ray
 
-    from pipeline.progress import STATS_ACTOR_PREFIX
+    from pipeline.reporting.progress import STATS_ACTOR_PREFIX
 
     total = 0
     for name in ray.util.list_named_actors():
@@ -139,7 +139,7 @@ def test_engine_killed_mid_job(run_job):
 
     # once rows are being answered (however long the engine took to start), every row is in the engine
     out = run_and_kill(run_job, table, engine_core_of_a_ray_actor, answering, input={"id_column": "id"})
-    assert "multiprocessing.forkserver" in parents[-1]  # forked, imported already (pipeline/core_process.py)
+    assert "multiprocessing.forkserver" in parents[-1]  # forked, imported already (pipeline/engine/core_process.py)
     assert_each_row_once_and_answered(out, table)
     assert out.summary.engine_restarts == 1
     assert out.summary.rows_retried > 0 and out.summary.rows_recovered == out.summary.rows_retried

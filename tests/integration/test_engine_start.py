@@ -1,5 +1,5 @@
 """How the engine actor starts vLLM's processes: forked from the actor's forkserver by default
-(pipeline/core_process.py), spawned by vLLM itself with `engine.forkserver: false`."""
+(pipeline/engine/core_process.py), spawned by vLLM itself with `engine.forkserver: false`."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import JobConfig
-from pipeline.runner import run
+from pipeline.job.run import run
 from tests.integration.conftest import CONTEXT
 
 pytestmark = pytest.mark.engine

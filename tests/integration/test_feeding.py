@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import JobConfig
-from pipeline.runner import run
-from pipeline.summary import Tally
+from pipeline.job.run import run
+from pipeline.io.tally import Tally
 from tests.integration.conftest import CONTEXT
 
 pytestmark = pytest.mark.engine

@@ -71,7 +71,7 @@ def _draw(strategy: st.SearchStrategy, count: int) -> list:
 
 def _check_job(table: pa.Table, config: JobConfig, keys: list[str]) -> None:
     """One record per row, each a 200 or a named 4xx, and `validate`'s verdict on every row the same."""
-    from pipeline.preflight import check_rows
+    from pipeline.job.validate import check_rows
 
     records = {row["row_key"]: row for row in table.to_pylist()}
     assert sorted(records) == sorted(keys), "not one record per row"
@@ -119,7 +119,7 @@ def test_a_job_over_generated_struct_bodies(run_job, tmp_path_factory):
 def test_a_job_over_generated_batch_lines(run_job, tmp_path_factory):
     import pyarrow.parquet as pq
 
-    from pipeline.runner import run
+    from pipeline.job.run import run
 
     lines = _draw(batch_lines(), BATCH_LINES)
     lines += lines[:5]  # repeated custom_ids: the first line keeps each

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.compare import render
+from pipeline.evaluation.compare import render
 from pipeline.config import JobConfig
-from pipeline.runner import run
+from pipeline.job.run import run
 from tests.integration.conftest import CONTEXT
 
 pytestmark = pytest.mark.engine

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from pipeline.tiny_model import resolve_model
+from pipeline.models.tiny_model import resolve_model
 from tests.integration.conftest import CONTEXT, run_job, tokenizer  # noqa: F401 - shared fixtures
 
 SERVED = "tiny-llama"
@@ -91,7 +91,7 @@ def adapter_reference(tmp_path_factory):
     pipeline derives from them: rank 8, LoRA on the layers the adapters adapt. (Its two slots are one
     fewer than the pipeline's CPU engine keeps; requests come one at a time, where the slot count does
     not matter.)"""
-    from pipeline.tiny_adapter import LINEAR_LAYERS, ensure_built
+    from pipeline.models.tiny_adapter import LINEAR_LAYERS, ensure_built
 
     modules = [f"{name}={ensure_built(path.split(':', 1)[1])}" for name, path in ADAPTERS.items()]
     yield from _serve(tmp_path_factory.mktemp("adapter-reference") / "server.log",

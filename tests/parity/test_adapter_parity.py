@@ -13,7 +13,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipeline.adapters import unknown_model_message
+from pipeline.models.adapters import unknown_model_message
 from tests.parity.conftest import ADAPTERS, SERVED
 from tests.parity.test_reference_parity import IGNORED, close, strip
 
@@ -51,7 +51,7 @@ def answers(adapter_reference, run_job):
 
 
 def test_adapters_change_the_answer(answers):
-    from pipeline.records import response_body
+    from pipeline.io.records import response_body
 
     for name in BODIES:
         texts = {model: tuple(c["text"] for c in response_body(answers[f"{model}/{name}"][2]["response"])["choices"])
@@ -62,7 +62,7 @@ def test_adapters_change_the_answer(answers):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_adapter_record_equals_reference(case, answers):
-    from pipeline.records import response_body
+    from pipeline.io.records import response_body
 
     status, server, record = answers[case]
     assert status == 200, server

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import JobConfig
-from pipeline.runner import request_builder
+from pipeline.job.run import request_builder
 
 pytestmark = pytest.mark.engine
 

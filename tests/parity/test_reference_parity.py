@@ -208,7 +208,7 @@ def test_case_count_by_kind():
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_record_equals_reference(case, answers):
-    from pipeline.records import response_body
+    from pipeline.io.records import response_body
 
     status, server, record = answers[case.name]
     if case.kind != "error":
@@ -236,7 +236,7 @@ def test_record_equals_reference(case, answers):
 def test_records_parse_as_openai_completions(answers):
     from openai.types import Completion
 
-    from pipeline.records import response_body
+    from pipeline.io.records import response_body
 
     from pydantic import ValidationError
 
@@ -263,7 +263,7 @@ def test_records_parse_as_openai_completions(answers):
 
 def test_cases_reach_every_finish(answers):
     """The cases really end every way the endpoint can end: EOS, stop string, stop token, length."""
-    from pipeline.records import response_body
+    from pipeline.io.records import response_body
 
     seen = set()
     for _, _, record in answers.values():
@@ -279,7 +279,7 @@ def test_validate_finds_the_same_errors_without_an_engine(answers, tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline.config import JobConfig
-    from pipeline.preflight import check_rows
+    from pipeline.job.validate import check_rows
 
     pq.write_table(pa.table({"id": [case.name for case in CASES],
                              "body": [json.dumps(case.body) for case in CASES]}), tmp_path / "in.parquet")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.adapters import AdapterError, AdapterSet, check_job, discover, localize, unknown_model_message
+from pipeline.models.adapters import AdapterError, AdapterSet, check_job, discover, localize, unknown_model_message
 from pipeline.config import ConfigError, JobConfig, load_config
-from pipeline.tiny_adapter import ADAPTERS, build, ensure_built
+from pipeline.models.tiny_adapter import ADAPTERS, build, ensure_built
 
 BUILTINS = {"tiny-lora-a": "builtin:tiny-lora-a", "tiny-lora-b": "builtin:tiny-lora-b"}
 
@@ -29,7 +29,7 @@ def digest(folder) -> dict[str, str]:
 def test_tiny_adapter_build_is_deterministic_peft_for_the_tiny_model(tmp_path):
     from safetensors import safe_open
 
-    from pipeline.tiny_model import resolve_model
+    from pipeline.models.tiny_model import resolve_model
 
     a, b, other = tmp_path / "a", tmp_path / "b", tmp_path / "other"
     for folder, name in ((a, "tiny-lora-a"), (b, "tiny-lora-a"), (other, "tiny-lora-b")):
@@ -173,7 +173,7 @@ def test_the_unknown_model_message_lists_what_a_row_may_name():
 
 def test_lora_engine_arguments_follow_the_adapters():
     from pipeline.config import EngineConfig
-    from pipeline.engine import lora_args
+    from pipeline.engine.engine_args import lora_args
 
     gpu, cpu = EngineConfig(device="gpu"), EngineConfig(device="cpu")
     assert lora_args(gpu, AdapterSet()) == lora_args(cpu, AdapterSet()) == {}  # no adapters: LoRA off

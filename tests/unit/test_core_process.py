@@ -17,13 +17,13 @@ import time
 import psutil
 import pytest
 
-from pipeline import core_process
+from pipeline.engine import core_process
 
 pytestmark = pytest.mark.skipif(not core_process.supported(), reason="forkserver and pidfd: Linux")
 
 STARTER = """
 import json, multiprocessing.forkserver, os, sys, time
-from pipeline import core_process
+from pipeline.engine import core_process
 from tests.unit.test_core_process import probe
 
 core_process.PRELOAD = ["json"]  # vLLM's modules are the engine core's; the probe needs none
@@ -93,7 +93,7 @@ def test_the_forked_process_ends_when_its_starter_is_killed(tmp_path):
 
 SWAP = """
 import json
-from pipeline import core_process
+from pipeline.engine import core_process
 from vllm.v1.engine import utils
 
 seen = {}

@@ -1,4 +1,4 @@
-"""The engine actor keeps its own work off the cores vLLM bound its CPU worker to (pipeline/cores.py)."""
+"""The engine actor keeps its own work off the cores vLLM bound its CPU worker to (pipeline/engine/cores.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 # a "forkserver" (no title) left on all; and a second thread of the actor's own (its thread pools).
 ACTOR = """
 import json, multiprocessing as mp, os, time
-from pipeline import cores
+from pipeline.engine import cores
 
 def child(bind, title, ready):
     if bind:
@@ -68,7 +68,7 @@ def test_the_actor_moves_off_the_workers_core_the_engine_core_onto_it_and_back_f
 
 def test_nothing_moves_when_no_engine_process_is_bound():
     # A GPU engine (or vLLM's binding turned off): no child is bound to fewer cores, nothing changes.
-    done = subprocess.run([sys.executable, "-c", "import os; from pipeline import cores; before = "
+    done = subprocess.run([sys.executable, "-c", "import os; from pipeline.engine import cores; before = "
                            "os.sched_getaffinity(0); print(cores.share_out_cores(), "
                            "os.sched_getaffinity(0) == before)"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]

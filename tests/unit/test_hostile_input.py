@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import InputConfig, JobConfig
-from pipeline.inputs import INPUT_ERROR, ROW_KEY, plan_input, python_rows, read_shard
+from pipeline.io.plan import INPUT_ERROR, ROW_KEY, plan_input
+from pipeline.io.read import python_rows, read_shard
 from pipeline.protocol import BodyError, RequestBuilder
 from tests.hostile import (FIELDS, SCALE, SERVED, batch_lines, bodies, raw_bodies, struct_bodies, values,
                            verdict_problem)
@@ -27,7 +28,7 @@ BODIES, ROWS, FILES = 1500 * SCALE, 300 * SCALE, 100 * SCALE
 
 @pytest.fixture(scope="module")
 def checker():
-    from pipeline.preflight import RequestChecker
+    from pipeline.job.validate import RequestChecker
 
     config = JobConfig.model_validate({
         "input": {"path": "unused.parquet"}, "output": {"path": "unused"},

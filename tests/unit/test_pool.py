@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline import pool
+from pipeline.engine import pool
 from pipeline.config import ConfigError, EngineConfig, load_config
 
 

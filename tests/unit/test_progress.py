@@ -1,6 +1,6 @@
 """Engine busy shares and the progress line, from the figures engine actors report."""
 
-from pipeline.progress import BEAT_S, EngineMeter, ProgressLine, engine_use, utilisation
+from pipeline.reporting.progress import BEAT_S, EngineMeter, ProgressLine, engine_use, utilisation
 
 
 def test_busy_share_of_live_stopped_and_lost_engines():
@@ -23,7 +23,7 @@ def test_busy_share_of_live_stopped_and_lost_engines():
 
 def test_meter_counts_busy_time_only_with_rows_in_the_engine(monkeypatch):
     clock = iter([0.0, 10.0, 15.0, 20.0]).__next__
-    monkeypatch.setattr("pipeline.progress.time.time", lambda: clock())
+    monkeypatch.setattr("pipeline.reporting.progress.time.time", lambda: clock())
     sent = []
 
     class Stats:

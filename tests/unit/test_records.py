@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from pipeline.records import output_schema, response_body, result_arrays
+from pipeline.io.records import output_schema, response_body, result_arrays
 
 BODY = {
     "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",

@@ -4,9 +4,9 @@ import asyncio
 
 from pipeline.config import ModelConfig, Variant
 from pipeline.protocol import completion_id
-from pipeline.records import ERROR_TYPE, RESPONSE_TYPE, result_arrays
-from pipeline.runner import EngineActor, _Retries
-from pipeline.supervisor import EngineSupervisor, Row
+from pipeline.io.records import ERROR_TYPE, RESPONSE_TYPE, result_arrays
+from pipeline.engine.actor import EngineActor, _Retries
+from pipeline.engine.supervisor import EngineSupervisor, Row
 
 
 class Meter:

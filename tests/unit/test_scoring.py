@@ -11,13 +11,13 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.config import JobConfig
-from pipeline.inputs import InputError
+from pipeline.io.plan import InputError
 from pipeline.protocol import BodyError, RequestBuilder
-from pipeline.records import result_arrays
-from pipeline.scoring.config import ScoringConfig
-from pipeline.scoring.multiple_choice import LoglikelihoodRequests, choice_score, continuation_logprob
-from pipeline.scoring.score import request_builder, score_column, score_schema
-from pipeline.scoring.stats import paired_difference, summarize, wilson
+from pipeline.io.records import result_arrays
+from pipeline.config.scoring import ScoringConfig
+from pipeline.evaluation.multiple_choice import LoglikelihoodRequests, choice_score, continuation_logprob
+from pipeline.evaluation.score import request_builder, score_column, score_schema
+from pipeline.evaluation.stats import paired_difference, summarize, wilson
 
 
 def scoring(*scorers: dict, **fields) -> ScoringConfig:
@@ -185,7 +185,7 @@ def test_scoring_config_is_checked_before_anything_runs():
 
 
 def test_every_scoring_field_is_described():
-    from pipeline.scoring import config as models
+    from pipeline.config import scoring as models
 
     for name in ("ScoringConfig", "Normalize", "ExactMatch", "Contains", "Numeric", "MultipleChoice", "PythonScorer"):
         model = getattr(models, name)

@@ -8,7 +8,7 @@ import sys
 
 SETTLE = """
 import gc, json
-from pipeline.engine import GC_YOUNG_THRESHOLD, import_vllm_apart, settle_for_serving
+from pipeline.engine.completion_engine import GC_YOUNG_THRESHOLD, import_vllm_apart, settle_for_serving
 import_vllm_apart()
 import vllm.envs as envs
 before = {"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count(), "cached": envs._is_envs_cache_enabled()}

@@ -8,14 +8,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import inputs, outputs, storage
+from pipeline.io import storage
+from pipeline.io.plan import INPUT_ERROR, InputError, cut_shards, list_files, plan_input
+from pipeline.io.read import read_shard
+from pipeline.io import outputs, storage
 from pipeline.config import InputConfig, JobConfig, OutputConfig
-from pipeline.records import output_schema
-from pipeline.summary import Tally
+from pipeline.io.records import output_schema
+from pipeline.io.tally import Tally
 
 
 def plan(path, rows_per_shard, **input_config):
-    return inputs.plan_input(InputConfig(path=str(path), **input_config), rows_per_shard)
+    return plan_input(InputConfig(path=str(path), **input_config), rows_per_shard)
 
 
 def test_parquet_shards_cover_every_row_once_reading_only_their_row_groups(tmp_path):
@@ -23,7 +26,7 @@ def test_parquet_shards_cover_every_row_once_reading_only_their_row_groups(tmp_p
     pq.write_table(table, tmp_path / "a.parquet", row_group_size=128)
     p = plan(tmp_path / "a.parquet", 300)
     assert [(s.start, s.stop) for s in p.shards] == [(0, 300), (300, 600), (600, 900), (900, 1000)]
-    read = pa.concat_tables(inputs.read_shard(p, s) for s in p.shards)
+    read = pa.concat_tables(read_shard(p, s) for s in p.shards)
     assert read.column("prompt").to_pylist() == table.column("prompt").to_pylist()
     assert read.column("row_key").to_pylist() == [f"a.parquet:{i}" for i in range(1000)]
 
@@ -48,28 +51,28 @@ def test_jsonl_shards_read_byte_ranges_with_duplicates_and_bad_lines(tmp_path):
     p = plan(tmp_path / "b.jsonl", 4)
     assert [(s.start, s.stop) for s in p.shards] == [(0, 4), (4, 8), (8, 10)]
     assert [s.duplicates for s in p.shards] == [(), (7,), (8, 9)]  # c0, c1, c2 again
-    read = pa.concat_tables(inputs.read_shard(p, s) for s in p.shards)
+    read = pa.concat_tables(read_shard(p, s) for s in p.shards)
     assert read.column("row_key").to_pylist()[:4] == ["c0", "c1", "c2", "b.jsonl:3"]
-    errors = read.column(inputs.INPUT_ERROR).to_pylist()
+    errors = read.column(INPUT_ERROR).to_pylist()
     assert [i for i, e in enumerate(errors) if e] == [3, 7, 8, 9]
     assert json.loads(read.column("body")[9].as_py()) == {"prompt": "é" * 9}
 
 
 def test_counting_is_apart_from_cutting_and_streams_lines_across_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(inputs, "READ_CHUNK", 7)  # lines straddle the chunks the planner reads
+    monkeypatch.setattr(storage, "READ_CHUNK", 7)  # lines straddle the chunks the planner reads
     lines = [json.dumps({"custom_id": f"c{i % 5}", "method": "POST", "url": "/v1/completions",
                          "body": {"prompt": "é" * i}}) for i in range(8)]
     (tmp_path / "a.jsonl").write_text("\n".join(lines[:6]) + "\n\n")  # an empty line is a row too
     (tmp_path / "b.jsonl").write_text("\n".join(lines[6:]))  # no final newline
-    counted = inputs.plan_input(InputConfig(path=str(tmp_path)))
+    counted = plan_input(InputConfig(path=str(tmp_path)))
     assert [(f.rows, f.duplicates.tolist()) for f in counted.files] == [(7, [5]), (2, [0, 1])]  # c0, c1 (a.jsonl)
     assert counted.rows == 9 and counted.shards == []
     for size in (1, 3, 4, 100):
-        assert inputs.cut_shards(counted, size) == plan(tmp_path, size).shards
-    shards = inputs.cut_shards(counted, 3)
+        assert cut_shards(counted, size) == plan(tmp_path, size).shards
+    shards = cut_shards(counted, 3)
     assert [(s.file.rsplit("/", 1)[-1], s.start, s.stop, s.duplicates) for s in shards] == [
         ("a.jsonl", 0, 3, ()), ("a.jsonl", 3, 6, (5,)), ("a.jsonl", 6, 7, ()), ("b.jsonl", 0, 2, (0, 1))]
-    read = pa.concat_tables(inputs.read_shard(counted, s) for s in shards)
+    read = pa.concat_tables(read_shard(counted, s) for s in shards)
     assert read.column("row_key").to_pylist() == ["c0", "c1", "c2", "c3", "c4", "a.jsonl:5", "a.jsonl:6",
                                                   "b.jsonl:0", "b.jsonl:1"]
     assert json.loads(read.column("body")[4].as_py()) == {"prompt": "é" * 4}
@@ -83,7 +86,7 @@ def test_gzip_jsonl_is_streamed_to_each_shard(tmp_path):
         out.write("\n".join(lines) + "\n")
     p = plan(tmp_path / "g.jsonl.gz", 4)
     assert [(s.start, s.stop, s.byte_start, s.duplicates) for s in p.shards] == [(0, 4, -1, ()), (4, 6, -1, (4, 5))]
-    read = pa.concat_tables(inputs.read_shard(p, s) for s in p.shards)
+    read = pa.concat_tables(read_shard(p, s) for s in p.shards)
     assert [json.loads(b)["prompt"] for b in read.column("body").to_pylist()] == [f"p{i}" for i in range(6)]
     assert read.column("row_key").to_pylist()[3:] == ["c3", "g.jsonl.gz:4", "g.jsonl.gz:5"]
 
@@ -91,9 +94,9 @@ def test_gzip_jsonl_is_streamed_to_each_shard(tmp_path):
 def test_parquet_footers_are_counted_per_file(tmp_path):
     for i in range(40):
         pq.write_table(pa.table({"prompt": ["x"] * (i + 1)}), tmp_path / f"f{i:02d}.parquet")
-    counted = inputs.plan_input(InputConfig(path=str(tmp_path)))
+    counted = plan_input(InputConfig(path=str(tmp_path)))
     assert [f.rows for f in counted.files] == list(range(1, 41)) and counted.rows == 820
-    assert len(inputs.cut_shards(counted, 8)) == sum(-(-n // 8) for n in range(1, 41))
+    assert len(cut_shards(counted, 8)) == sum(-(-n // 8) for n in range(1, 41))
 
 
 def _config(tmp_path, **defaults) -> JobConfig:
@@ -145,8 +148,8 @@ def test_output_without_a_job_file_is_not_mixed_into(tmp_path):
 def test_uris_lose_their_credentials_in_messages():
     assert storage.redact("s3://AKIA:s3cr3t@bucket/p?secret_key=x&region=y") == "s3://bucket/p"
     assert storage.redact("/local/path") == "/local/path"
-    with pytest.raises(inputs.InputError) as exc:
-        inputs.list_files("nosuchscheme://user:hunter2@host/x")
+    with pytest.raises(InputError) as exc:
+        list_files("nosuchscheme://user:hunter2@host/x")
     assert "hunter2" not in str(exc.value)
     # options in a URI's query stay at its end when files below it are named
     assert storage.join("s3://b/out?endpoint_override=h:1&scheme=http", "data", "x.parquet") == \

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from pipeline import supervisor as supervisor_module
-from pipeline.engine import Answer, EngineDeadError
-from pipeline.supervisor import EngineSupervisor, EngineUnavailable, Row
+from pipeline.engine import supervisor as supervisor_module
+from pipeline.engine.completion_engine import Answer, EngineDeadError
+from pipeline.engine.supervisor import EngineSupervisor, EngineUnavailable, Row
 
 
 class Meter:

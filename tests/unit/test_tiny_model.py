@@ -1,7 +1,7 @@
 import hashlib
 import json
 
-from pipeline.tiny_model import SHAPES, build
+from pipeline.models.tiny_model import SHAPES, build
 
 
 def digest(folder) -> dict[str, str]:

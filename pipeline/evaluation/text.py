@@ -12,7 +12,7 @@ import re
 import string
 from typing import Any, Callable
 
-from pipeline.scoring.config import Contains, ExactMatch, Normalize, Numeric, _TextScorer
+from pipeline.config.scoring import Contains, ExactMatch, Normalize, Numeric, _TextScorer
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.IGNORECASE)

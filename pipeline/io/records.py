@@ -50,6 +50,7 @@ ERROR_TYPE = pa.struct([
 ])
 RESULT_FIELDS = (pa.field("response", RESPONSE_TYPE), pa.field("error", ERROR_TYPE))
 SCORE = "score"
+VARIANT_PARAMS = "variant_params"  # a sweep's records: the variant's request fields, as JSON
 RESULT_COLUMNS = tuple(f.name for f in RESULT_FIELDS)
 
 

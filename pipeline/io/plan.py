@@ -1,4 +1,6 @@
-"""Where rows come from: files found through pyarrow's filesystems, read as Parquet or OpenAI batch JSONL.
+"""Planning the input, before Ray starts: the files found through pyarrow's filesystems, their format
+(Parquet or OpenAI batch JSONL), the rows' schema, each file's rows, and the shards cut from them
+(read.py reads a shard's rows, in the engine actors).
 
 Every row gets a `row_key`: the configured id column's value, the OpenAI batch line's `custom_id`, or
 `<file name>:<row number>`. Job-level problems (nothing at the path, an unreadable or corrupt file,
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -18,15 +19,13 @@ from array import array
 from bisect import bisect_left
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Literal
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
-from pipeline.protocol import MAX_BODY_DEPTH, error_body, value_problem
-from pipeline.storage import StorageError, filesystem, redact
+from pipeline.io.storage import StorageError, filesystem, iter_lines, open_lines, redact
 
 ROW_KEY = "row_key"
 LINE_ERROR = "InvalidBatchLine"  # error type of an OpenAI batch line that never became a request
@@ -36,7 +35,6 @@ BATCH_COLUMNS = pa.schema([("custom_id", pa.string()), ("method", pa.string()), 
 ERROR_STRUCT = pa.struct([("message", pa.string()), ("type", pa.string()), ("param", pa.string()),
                           ("code", pa.int64())])
 FOOTER_READERS = 32  # Parquet footers read at once while planning (object stores: round trips in flight)
-READ_CHUNK = 1 << 20  # bytes of a JSONL file in memory at once while planning
 
 
 class InputError(ValueError):
@@ -217,8 +215,8 @@ def _plan_batch(config: InputConfig, fs: pafs.FileSystem, root: str, paths: list
         compressed = path.endswith(".gz")
         starts = None if compressed else array("q", [0])
         rows = 0
-        with _open_lines(fs, path) as stream:
-            for line in _lines(stream):
+        with open_lines(fs, path) as stream:
+            for line in iter_lines(stream):
                 if starts is not None:
                     starts.append(starts[-1] + len(line) + 1)
                 ids.add(line)
@@ -265,21 +263,6 @@ class _CustomIds:
         return [array("q", (numbers[a:b] - lo).tolist()) for a, b, lo in zip(cuts[:-1], cuts[1:], bounds[:-1])]
 
 
-def _open_lines(fs: pafs.FileSystem, path: str) -> pa.NativeFile:
-    compression = "gzip" if path.endswith(".gz") else None
-    return fs.open_input_stream(path, compression=compression, buffer_size=READ_CHUNK)
-
-
-def _lines(stream: pa.NativeFile) -> Iterator[bytes]:
-    """The lines of a stream, without their `\\n`, a chunk in memory at a time (a last line without a
-    `\\n` counts; nothing after a final `\\n` does)."""
-    rest = b""
-    while chunk := stream.read(READ_CHUNK):
-        lines = (rest + chunk).split(b"\n")
-        rest = lines.pop()
-        yield from lines
-    if rest:
-        yield rest
 
 
 def _check_columns(plan: InputPlan) -> None:
@@ -314,197 +297,3 @@ def _check_columns(plan: InputPlan) -> None:
         need(column, f"input.columns.{request_field}")
     if config.id_column:
         need(config.id_column, "input.id_column")
-
-
-# --- reading (runs in Ray tasks) ----------------------------------------------------------------------
-
-
-def _parquet_slice(plan: InputPlan, shard: Shard) -> pa.Table:
-    """The shard's rows, reading only the row groups they lie in."""
-    file = pq.ParquetFile(shard.file, filesystem=plan.filesystem)
-    groups, first, offset = [], 0, 0
-    for index in range(file.num_row_groups):
-        size = file.metadata.row_group(index).num_rows
-        if offset < shard.stop and offset + size > shard.start:
-            if not groups:
-                first = offset
-            groups.append(index)
-        offset += size
-    return file.read_row_groups(groups).slice(shard.start - first, shard.rows)
-
-
-def read_parquet_shard(plan: InputPlan, shard: Shard) -> pa.Table:
-    """A Parquet shard as rows of the plan's schema, with row keys and UTF-8 checks."""
-    table, errors = _utf8_errors(_parquet_slice(plan, shard))
-    name = shard.file.rsplit("/", 1)[-1]
-    if plan.config.id_column:
-        keys = pa.array([None if v is None else str(v) for v in table.column(plan.config.id_column).to_pylist()],
-                        pa.string())
-    else:
-        keys = pa.array([f"{name}:{i}" for i in range(shard.start, shard.stop)], pa.string())
-    columns = {f.name: _conform(table, f) for f in plan.schema if f.name != ROW_KEY}
-    out = pa.table({ROW_KEY: keys, **columns}, schema=plan.schema)
-    return out.append_column(pa.field(INPUT_ERROR, ERROR_STRUCT), pa.array(errors, ERROR_STRUCT))
-
-
-def _conform(table: pa.Table, field: pa.Field) -> pa.ChunkedArray:
-    if field.name not in table.column_names:  # a column only other files have
-        return pa.chunked_array([pa.nulls(table.num_rows, field.type)])
-    column = table.column(field.name)
-    return column if column.type == field.type else column.cast(field.type)
-
-
-def _utf8_errors(table: pa.Table) -> tuple[pa.Table, list[dict[str, Any] | None]]:
-    """Per row: a 400 error for a string cell whose bytes are not UTF-8, else None.
-
-    Parquet strings must be UTF-8, so such a cell is carried to the output with the bad bytes replaced
-    by U+FFFD (the error record says where they were); every other cell is unchanged.
-    """
-    errors: list[dict[str, Any] | None] = [None] * table.num_rows
-    for index, name in enumerate(table.column_names):
-        column = table.column(name)
-        if not pa.types.is_string(column.type):
-            continue
-        try:
-            column.validate(full=True)
-            continue
-        except pa.ArrowInvalid:
-            pass
-        repaired = []
-        for i, value in enumerate(column.cast(pa.binary()).to_pylist()):
-            if value is None:
-                repaired.append(None)
-                continue
-            try:
-                repaired.append(value.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                repaired.append(value.decode("utf-8", errors="replace"))
-                if errors[i] is None:
-                    errors[i] = error_body(f"column `{name}` holds bytes that are not UTF-8 ({exc.reason} at "
-                                           f"byte {exc.start}); the output shows them as U+FFFD",
-                                           "BadRequestError", 400, name)
-        table = table.set_column(index, table.field(index), pa.array(repaired, pa.string()))
-    return table, errors
-
-
-def read_batch_shard(plan: InputPlan, shard: Shard) -> pa.Table:
-    """An OpenAI batch JSONL shard: a row per line; a bad line is a row with its error."""
-    name = shard.file.rsplit("/", 1)[-1]
-    lines = _shard_lines(plan.filesystem, shard)
-    duplicates = set(shard.duplicates)
-    rows, errors = [], []
-    for number, raw in enumerate(lines, start=shard.start):
-        row, error = _batch_line(raw, number in duplicates)
-        row[ROW_KEY] = row["custom_id"] if row.get("custom_id") and error is None else f"{name}:{number}"
-        rows.append(row)
-        errors.append(error)
-    table = pa.Table.from_pylist(rows, schema=plan.schema)
-    return table.append_column(pa.field(INPUT_ERROR, ERROR_STRUCT), pa.array(errors, ERROR_STRUCT))
-
-
-def _shard_lines(fs: pafs.FileSystem, shard: Shard) -> list[bytes]:
-    """A JSONL shard's lines: its byte range, or (gzip) the file streamed up to the shard's last line."""
-    if shard.byte_start >= 0:
-        with fs.open_input_file(shard.file) as file:
-            data = file.read_at(shard.byte_stop - shard.byte_start, shard.byte_start)
-        return list(_lines(pa.BufferReader(data)))
-    with _open_lines(fs, shard.file) as stream:
-        return list(itertools.islice(_lines(stream), shard.start, shard.stop))
-
-
-def _batch_line(raw: bytes, duplicate: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """A line's row (its parts as strings, the body as JSON text) and its error, if it has one.
-
-    Problems with the whole line (not UTF-8, not JSON, not an object) have no field to name: their
-    `param` is null. Everything else names the part at fault.
-    """
-    def fail(message: str, param: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-        return row, error_body(message, LINE_ERROR, 400, param)
-
-    row: dict[str, Any] = {"custom_id": None, "method": None, "url": None, "body": None}
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return fail(f"the line holds bytes that are not UTF-8 ({exc.reason} at byte {exc.start}); "
-                    "JSONL files must be UTF-8", None)
-    try:
-        data = json.loads(line)
-    except RecursionError:
-        return fail(f"the line is nested too deeply to read (more than {MAX_BODY_DEPTH} levels of lists "
-                    "and objects are refused)", None)
-    except ValueError as exc:
-        return fail(f"the line is not valid JSON ({exc}); was the file cut short?", None)
-    if not isinstance(data, dict):
-        return fail("the line must be a JSON object with custom_id, method, url and body", None)
-    for part in ("custom_id", "method", "url"):
-        if (problem := value_problem(data.get(part), part)) is not None:
-            return fail(problem, part)
-    custom_id, body = data.get("custom_id"), data.get("body")
-    if (problem := value_problem(body, "body", text=False)) is not None:
-        return fail(problem, "body")
-    row.update(custom_id=custom_id if isinstance(custom_id, str) else None,
-               method=data.get("method") if isinstance(data.get("method"), str) else None,
-               url=data.get("url") if isinstance(data.get("url"), str) else None,
-               body=json.dumps(body) if body is not None else None)
-    if not isinstance(custom_id, str) or not custom_id:
-        return fail("custom_id must be a non-empty string", "custom_id")
-    if duplicate:
-        return fail(f"custom_id {_brief(custom_id)} appears on an earlier line; custom_ids must be unique",
-                    "custom_id")
-    if data.get("method") != "POST":
-        return fail(f"method must be POST, not {_brief(data.get('method'))}", "method")
-    if data.get("url") != "/v1/completions":
-        return fail(f"url must be /v1/completions, not {_brief(data.get('url'))}", "url")
-    if not isinstance(body, dict):
-        return fail("body must be a JSON object (the /v1/completions request)", "body")
-    return row, None
-
-
-def _brief(value: Any, limit: int = 80) -> str:
-    """A value for a message: its repr, cut to `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def python_rows(table: pa.Table, problems: list[dict | None]) -> list[dict[str, Any] | None]:
-    """The rows as Python values; a row with a reading problem is not converted (None).
-
-    A row holding a value Python cannot represent (a timestamp past the year 9999, say) gets that
-    problem, a 400 naming the column, written into `problems` in place, and is None as well.
-    """
-    good = [i for i, p in enumerate(problems) if p is None]
-    try:
-        converted = iter(table.to_pylist() if len(good) == table.num_rows
-                         else table.take(pa.array(good, pa.int64())).to_pylist())  # typed: [] may be all
-    except _UNCONVERTIBLE:
-        converted = iter(_rows_one_by_one(table, good, problems))
-    return [None if p is not None else next(converted) for p in problems]
-
-
-_UNCONVERTIBLE = (pa.ArrowException, ValueError, OverflowError)
-
-
-def _rows_one_by_one(table: pa.Table, indices: list[int], problems: list[dict | None]) -> list[dict[str, Any]]:
-    """The rows that convert; each row that does not gets its problem (the first column at fault)."""
-    rows = []
-    for i in indices:
-        try:
-            rows.append(table.slice(i, 1).to_pylist()[0])
-            continue
-        except _UNCONVERTIBLE:
-            pass
-        for name in table.column_names:
-            try:
-                table.column(name).slice(i, 1).to_pylist()
-            except _UNCONVERTIBLE as exc:
-                problems[i] = error_body(f"column `{name}` holds a value that cannot be read "
-                                         f"({type(exc).__name__}: {exc})", "BadRequestError", 400, name)
-                break
-        else:  # the row as a whole failed although no single column did; report the row
-            problems[i] = error_body("the row holds values that cannot be read", "BadRequestError", 400, None)
-    return rows
-
-
-def read_shard(plan: InputPlan, shard: Shard) -> pa.Table:
-    """A shard's rows, with row keys and the INPUT_ERROR column, in the plan's format."""
-    return (read_parquet_shard if plan.format == "parquet" else read_batch_shard)(plan, shard)

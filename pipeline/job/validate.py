@@ -17,14 +17,15 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel, Field, ValidationError
 
-from pipeline import inputs
-from pipeline.adapters import discover, unknown_model_message
+from pipeline.io.plan import plan_input
+from pipeline.io.read import python_rows, read_shard
+from pipeline.models.adapters import discover, unknown_model_message
 from pipeline.config import JobConfig
-from pipeline.engine import batch_request_class, naming_param, param_in_body, validation_error_body
-from pipeline.inputs import INPUT_ERROR, ROW_KEY
+from pipeline.engine.serving import batch_request_class, naming_param, param_in_body, validation_error_body
+from pipeline.io.plan import INPUT_ERROR, ROW_KEY
 from pipeline.protocol import BodyError, error_body
-from pipeline.runner import request_builder
-from pipeline.tiny_model import resolve_model
+from pipeline.job.run import request_builder
+from pipeline.models.tiny_model import resolve_model
 
 
 class ValidationReport(BaseModel):
@@ -69,7 +70,8 @@ class RequestChecker:
         from vllm.renderers.online_renderer import OnlineRenderer
         from vllm.v1.engine.input_processor import InputProcessor
 
-        from pipeline.engine import batch_serving_class, engine_args
+        from pipeline.engine.serving import batch_serving_class
+        from pipeline.engine.engine_args import engine_args
 
         path = resolve_model(config.model.path)
         sampling = config.defaults.sampling_defaults()
@@ -146,7 +148,7 @@ def check_rows(config: JobConfig) -> Iterator[RowCheck]:
 
 
 def _prepare(config: JobConfig) -> tuple[Any, Any, RequestChecker]:
-    plan = inputs.plan_input(config.input, config.output.rows_per_file or 2048)  # any size serves validate
+    plan = plan_input(config.input, config.output.rows_per_file or 2048)  # any size serves validate
     return plan, request_builder(config, plan.format), RequestChecker(config)
 
 
@@ -162,10 +164,10 @@ def _check_shards(plan: Any, builder: Any, checker: RequestChecker, loop: Any,
                  chunk: int = 512) -> Iterator[RowCheck]:
     """Rows are checked a chunk at a time, concurrently, so vLLM's tokenizer batches their prompts."""
     for shard in plan.shards:
-        table = inputs.read_shard(plan, shard)
+        table = read_shard(plan, shard)
         problems = table.column(INPUT_ERROR).to_pylist()
         keys = table.column(ROW_KEY).to_pylist()
-        rows = inputs.python_rows(table.drop_columns([INPUT_ERROR]), problems)
+        rows = python_rows(table.drop_columns([INPUT_ERROR]), problems)
         for start in range(0, len(keys), chunk):
             verdicts: list[RowCheck | None] = []
             pending: dict[int, Any] = {}

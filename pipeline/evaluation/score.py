@@ -9,12 +9,12 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from pipeline.inputs import INPUT_ERROR, ROW_KEY, InputError
+from pipeline.io.plan import INPUT_ERROR, ROW_KEY, InputError
 from pipeline.protocol import RequestBuilder
-from pipeline.records import SCORE, score_type
-from pipeline.scoring.config import MultipleChoice, PythonScorer, ScoringConfig
-from pipeline.scoring.multiple_choice import LoglikelihoodRequests, choice_score
-from pipeline.scoring.text import extract, text_score
+from pipeline.io.records import SCORE, score_type
+from pipeline.config.scoring import MultipleChoice, PythonScorer, ScoringConfig
+from pipeline.evaluation.multiple_choice import LoglikelihoodRequests, choice_score
+from pipeline.evaluation.text import extract, text_score
 
 log = logging.getLogger(__name__)
 

@@ -9,19 +9,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-# The request fields a multiple-choice row's request sets (multiple_choice.py); a sweep may not vary them.
+from pipeline.config.sections import Strict
+
+# The request fields a multiple-choice row's request sets (evaluation/multiple_choice.py); a sweep may not vary them.
 CHOICE_REQUEST_FIELDS = ("prompt", "echo", "max_tokens", "logprobs", "n")
 # Fields a multiple-choice score carries besides its two values (see records.score_type).
 CHOICE_DETAILS = ("prediction", "prediction_norm", "choice_logprobs", "choice_tokens")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class Normalize(_Strict):
+class Normalize(Strict):
     """What is ignored when two answers are compared (applied to the prediction and the reference)."""
 
     case: bool = Field(True, description="Ignore upper/lower case.")
@@ -31,7 +29,7 @@ class Normalize(_Strict):
     articles: bool = Field(False, description="Drop the words a, an and the.")
 
 
-class _Scorer(_Strict):
+class _Scorer(Strict):
     name: str | None = Field(None, description=(
         "The scorer's field in the records' `score` struct and its line in the comparison. Default: its kind."))
 
@@ -107,7 +105,7 @@ Scorer = Annotated[Union[ExactMatch, Contains, Numeric, MultipleChoice, PythonSc
 GENERATIVE = (ExactMatch, Contains, Numeric, PythonScorer)
 
 
-class ScoringConfig(_Strict):
+class ScoringConfig(Strict):
     """Scores each record against its row's reference answer; a sweep's comparison gains the means."""
 
     reference_column: str = Field("answer", description=(

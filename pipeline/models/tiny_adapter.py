@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.tiny_model import BUILTIN_PREFIX, SHAPES, cached_build
+from pipeline.models.tiny_model import BUILTIN_PREFIX, SHAPES, cached_build
 
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -7,7 +7,7 @@ another on their model's engine, so these are that engine's rates under the vari
 
 A scored job's lines also carry `scores`: per score value, the mean over the rows scored, its 95%
 interval, the count scored and, against the baseline variant, the paired difference over the rows both
-scored, with its interval (pipeline/scoring/stats.py says how). Error rows have no score: they are
+scored, with its interval (stats.py says how). Error rows have no score: they are
 counted in `errors`, never as wrong.
 """
 
@@ -23,13 +23,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from pipeline import outputs
+from pipeline.io import outputs
 from pipeline.config import JobConfig, Variant
-from pipeline.inputs import ROW_KEY
-from pipeline.records import SCORE
-from pipeline.scoring.stats import paired_difference, summarize
-from pipeline.storage import filesystem, join, write_bytes, write_text
-from pipeline.summary import Tally
+from pipeline.io.plan import ROW_KEY
+from pipeline.io.records import SCORE
+from pipeline.evaluation.stats import paired_difference, summarize
+from pipeline.io.storage import filesystem, join, write_bytes, write_text
+from pipeline.io.tally import Tally
 
 COLUMNS = ("variant", "model", "params", "rows", "errors", "prompt_tokens", "completion_tokens",
            "tokens_per_s", "finish_reasons", "completion_mean", "completion_p50", "completion_p95")

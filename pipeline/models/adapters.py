@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 import pyarrow.fs as pafs
 
 from pipeline.config import check_adapter_name
-from pipeline.inputs import InputError, filesystem, redact
-from pipeline.tiny_adapter import ADAPTERS, ensure_built, is_builtin_adapter
-from pipeline.tiny_model import BUILTIN_PREFIX, cached_build
+from pipeline.io.plan import InputError
+from pipeline.io.storage import filesystem, redact
+from pipeline.models.tiny_adapter import ADAPTERS, ensure_built, is_builtin_adapter
+from pipeline.models.tiny_model import BUILTIN_PREFIX, cached_build
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig, ModelConfig

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from pipeline.engine import Answer, EngineDeadError
+from pipeline.engine.completion_engine import Answer, EngineDeadError
 from pipeline.protocol import error_body
 
 log = logging.getLogger(__name__)

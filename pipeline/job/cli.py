@@ -14,7 +14,7 @@ import logging
 import sys
 
 from pipeline.config import ConfigError, load_config
-from pipeline.inputs import InputError
+from pipeline.io.plan import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate" or getattr(args, "validate", False):
         return _validate(config)
 
-    from pipeline.outputs import OutputError
-    from pipeline.runner import run
-    from pipeline.storage import StorageError
+    from pipeline.io.outputs import OutputError
+    from pipeline.job.run import run
+    from pipeline.io.storage import StorageError
 
     try:
         summary = run(config)
@@ -63,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()  # flush the actors' logs first, so the summary is the last thing printed
     print("\n== job summary ==\n" + summary.render(), flush=True)
     if summary.comparison:
-        from pipeline.compare import render
+        from pipeline.evaluation.compare import render
 
         print(render(summary.comparison), flush=True)
     return EXIT_OK if summary.rows_out == summary.records_expected else EXIT_FAILED
 
 
 def _validate(config) -> int:
-    from pipeline.preflight import validate
+    from pipeline.job.validate import validate
 
     try:
         report = validate(config)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.protocol import BodyError, RequestBuilder
-from pipeline.scoring.config import MultipleChoice
+from pipeline.config.scoring import MultipleChoice
 
 
 class LoglikelihoodRequests:

@@ -30,10 +30,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import OutputConfig
-from pipeline.inputs import LINE_ERROR, ROW_KEY
-from pipeline.records import response_body
-from pipeline.storage import delete, exists, filesystem, join, read_json, redact, write_bytes, write_text
-from pipeline.summary import Tally
+from pipeline.io.plan import LINE_ERROR, ROW_KEY
+from pipeline.io.records import response_body
+from pipeline.io.storage import delete, exists, filesystem, join, read_json, redact, write_bytes, write_text
+from pipeline.io.tally import Tally
 
 MARKER = "_SUCCESS"
 JOB_FILE = "_job.json"

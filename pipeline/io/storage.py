@@ -12,11 +12,14 @@ import json
 import os
 import posixpath
 import uuid
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+
+READ_CHUNK = 1 << 20  # bytes of a line-by-line read (JSONL) in memory at once
 
 
 class StorageError(ValueError):
@@ -88,3 +91,21 @@ def delete(uri: str) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def open_lines(fs: pafs.FileSystem, path: str) -> pa.NativeFile:
+    """A text file as a buffered stream to read line by line (`.gz`: decompressed)."""
+    compression = "gzip" if path.endswith(".gz") else None
+    return fs.open_input_stream(path, compression=compression, buffer_size=READ_CHUNK)
+
+
+def iter_lines(stream: pa.NativeFile) -> Iterator[bytes]:
+    """The lines of a stream, without their `\\n`, a chunk in memory at a time (a last line without a
+    `\\n` counts; nothing after a final `\\n` does)."""
+    rest = b""
+    while chunk := stream.read(READ_CHUNK):
+        parts = (rest + chunk).split(b"\n")
+        rest = parts.pop()
+        yield from parts
+    if rest:
+        yield rest

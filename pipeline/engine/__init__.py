@@ -1,0 +1,1 @@
+"""The engine: vLLM hosted in an engine actor (see docs/development.md, "The rooms")."""

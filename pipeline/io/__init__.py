@@ -1,0 +1,1 @@
+"""Input and output: planning, reading rows, records and their tallies, the output folder, storage."""

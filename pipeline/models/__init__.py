@@ -1,0 +1,1 @@
+"""What an engine serves: the model's path resolved, the bundled tiny model, and LoRA adapters."""

@@ -1,0 +1,101 @@
+"""The package's rooms and the one direction of their imports (docs/development.md, "The rooms").
+
+Every `import` counts, the ones inside functions too: a lazy import that closes a loop is a loop.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
+MAX_LINES = 420  # "a room a newcomer reads in one sitting": about 400 lines
+
+# room -> the rooms it may import (besides itself). `protocol` and `templates` are single modules.
+MAY_IMPORT = {
+    "templates": set(),
+    "protocol": {"templates"},
+    "config": {"protocol", "templates"},
+    "io": {"config", "protocol", "templates"},
+    "models": {"io", "config"},
+    "engine": {"models", "io", "config", "protocol"},
+    "evaluation": {"io", "config", "protocol"},
+    "reporting": {"io"},
+    "job": {"engine", "evaluation", "reporting", "models", "io", "config", "protocol", "templates"},
+}
+VLLM_ROOMS = {"pipeline.engine", "pipeline.job.validate"}  # the only modules that import vLLM
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    return "job" if len(parts) == 1 or parts[1] == "__main__" else parts[1]
+
+
+def imports(path: Path) -> set[str]:
+    """The pipeline modules (or packages) a file imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "vllm"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names
+                         if (PACKAGE.parent / node.module.replace(".", "/") / f"{a.name}.py").exists())
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] in ("pipeline", "vllm"))
+    return found
+
+
+GRAPH = {module_name(p): imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_rooms_import_only_downward():
+    wrong = []
+    for module, targets in GRAPH.items():
+        for target in targets:
+            if target.startswith("pipeline") and target != "pipeline" and room(target) != room(module) \
+                    and room(target) not in MAY_IMPORT[room(module)]:
+                wrong.append(f"{module} imports {target}")
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_every_module_is_in_a_known_room():
+    assert {room(m) for m in GRAPH} <= set(MAY_IMPORT), sorted({room(m) for m in GRAPH} - set(MAY_IMPORT))
+
+
+def test_no_import_cycles():
+    modules = {m: {t for t in targets if t in GRAPH and t != m} for m, targets in GRAPH.items()}
+    # a package's __init__ re-exporting its own modules is not a loop with them
+    for package in [m for m in modules if (PACKAGE.parent / m.replace(".", "/") / "__init__.py").exists()]:
+        for module in modules:
+            if module.startswith(package + "."):
+                modules[module].discard(package)
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(module: str, stack: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(modules[module]):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+            elif target not in state:
+                visit(target, stack + [target])
+        state[module] = 2
+
+    for module in sorted(modules):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == [], "\n".join(cycles)
+
+
+def test_no_module_is_longer_than_a_sitting():
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}, long
+
+
+def test_only_the_engine_room_and_validate_import_vllm():
+    importers = {m for m, targets in GRAPH.items() if any(t.split(".")[0] == "vllm" for t in targets)}
+    assert importers and all(m.startswith(tuple(VLLM_ROOMS)) for m in importers), sorted(importers)
