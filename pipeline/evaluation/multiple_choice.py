@@ -23,8 +23,11 @@ scored (null). tests/parity/test_loglikelihood_parity.py compares the token coun
 tokenizer split and the sums with the reference server's answers.
 
 Log-likelihood of a choice = the sum of its tokens' logprobs (−inf is clamped to −9999.0 by the
-endpoint); the normalised variant divides by the choice's length in characters (the harness's
-`acc_norm`, which divides by the length of the choice as given). Ties go to the first choice.
+endpoint); the normalised variant divides by the choice's length in characters without its leading
+whitespace. That is lm-evaluation-harness's `acc_norm` in either layout: the harness asks for context +
+target delimiter (a space by default) + choice and divides by the length of the choice alone, so " 41"
+(the delimiter carried by the choice) and "41" after a context ending in a space both count 2. A choice
+that is all whitespace counts its whole length. Ties go to the first choice.
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ def continuation_logprob(logprobs: dict[str, Any], text: str, choice: str) -> tu
     return float(sum(picked)), len(picked)
 
 
+def norm_length(choice: str) -> int:
+    """The characters `acc_norm` divides a choice's log-likelihood by: the choice without the target
+    delimiter (its leading whitespace), as lm-evaluation-harness counts it."""
+    return len(choice.lstrip()) or len(choice)
+
+
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
@@ -103,7 +112,7 @@ def choice_score(scorer: MultipleChoice, response: dict[str, Any], choices: list
         return score
     totals = [f[0] for f in found]
     score["prediction"] = _argmax(totals)
-    score["prediction_norm"] = _argmax([t / len(c) for t, c in zip(totals, choices)])
+    score["prediction_norm"] = _argmax([t / norm_length(c) for t, c in zip(totals, choices)])
     right = _right_index(reference, choices)
     if right is not None:
         score[name] = float(score["prediction"] == right)

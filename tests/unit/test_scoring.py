@@ -15,7 +15,7 @@ from pipeline.io.plan import InputError
 from pipeline.protocol import BodyError, RequestBuilder
 from pipeline.io.records import result_arrays
 from pipeline.config.scoring import ScoringConfig
-from pipeline.evaluation.multiple_choice import LoglikelihoodRequests, choice_score, continuation_logprob
+from pipeline.evaluation.multiple_choice import LoglikelihoodRequests, choice_score, continuation_logprob, norm_length
 from pipeline.evaluation.score import request_builder, score_column, score_schema
 from pipeline.evaluation.stats import paired_difference, summarize, wilson
 
@@ -127,6 +127,23 @@ def test_multiple_choice_prediction_total_and_per_character():
     assert choice_score(config.scorers[0], answer, choices, " a")["mc"] == 1.0  # the reference as the choice's text
     assert choice_score(config.scorers[0], answer, choices, 1.0)["mc"] == 0.0  # an index from a float column
     assert choice_score(config.scorers[0], answer, choices, 5)["mc"] is None  # no such choice: not scored
+
+
+def test_acc_norm_counts_the_choice_without_the_delimiter_in_either_layout():
+    # lm-evaluation-harness: argmax(loglikelihood / len(choice)) over context + " " + choice; here "4"
+    # (-1.0 per character) loses to "41" (-1.9 / 2 = -0.95). Counting the delimiter's space would flip
+    # it (-1.0 / 2 = -0.5 against -1.9 / 3 = -0.63).
+    config = scoring({"kind": "multiple_choice", "name": "mc"})
+    layouts = {"choices carry the delimiter": ("Q:", [" 4", " 41"], ["Q:", " 4"], ["Q:", " 4", "1"]),
+               "context ends with it": ("Q: ", ["4", "41"], ["Q:", " 4"], ["Q:", " 4", "1"])}
+    for layout, (context, choices, tokens_a, tokens_b) in layouts.items():
+        answer = {"choices": [
+            {"index": 0, "text": context + choices[0], "logprobs": echoed(["<s>", *tokens_a], [None, -1, -1.0])},
+            {"index": 1, "text": context + choices[1], "logprobs": echoed(["<s>", *tokens_b], [None, -1, -1.0, -0.9])}]}
+        score = choice_score(config.scorers[0], answer, choices, 1)
+        assert score["choice_logprobs"] == [-1.0, -1.9], layout
+        assert (score["prediction"], score["prediction_norm"], score["mc_norm"]) == (0, 1, 1.0), layout
+    assert norm_length(" 41") == norm_length("41") == 2 and norm_length(" ") == 1
 
 
 def test_multiple_choice_request_expands_the_row():
