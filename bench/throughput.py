@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "pipeline" / "assets" / "corpus.txt"
+CORPUS = ROOT / "pipeline" / "models" / "assets" / "corpus.txt"
 SEED = 0
 # The job's `engine` section (c); a and b get what pipeline.engine.engine_args makes of it.
 ENGINE = {

@@ -1,10 +1,13 @@
 """python -m pipeline {run,validate} --config FILE [--input PATH] [--output PATH] [--set KEY=VALUE]
+python -m pipeline eval --config FILE --tasks TASKS [lm_eval's run arguments]
 
 run:       run the batch job, or resume it: shards an earlier run into the same output finished are
            kept. Exit 0 done (also: nothing left to do), 1 failed (some rows have no record),
            2 bad config, unreadable input, or an output folder of another job.
 validate:  read the whole input and check every row's request without starting an engine.
            Exit 0 every row valid, 1 some rows invalid (a job would record them as errors), 2 as above.
+eval:      lm-evaluation-harness tasks, their requests answered by pipeline jobs (job/evaluate.py);
+           every other argument is lm_eval's own (--tasks, --num_fewshot, --limit, --output_path, ...).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("eval", help="lm-evaluation-harness tasks answered by the pipeline (lm_eval's arguments)",
+                   add_help=False)
     for name, help_ in (("run", "run a batch completion job"),
                         ("validate", "check every row's request without starting an engine")):
         cmd = sub.add_parser(name, help=help_)
@@ -38,6 +43,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv[:1] == ["eval"]:
+        from pipeline.job.evaluate import main as evaluate
+
+        return evaluate(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

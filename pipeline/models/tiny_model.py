@@ -2,7 +2,7 @@
 
 No model can be downloaded on CI machines, so the demo, the tests and the benchmark run on models
 this module builds. The build is deterministic: the same shape gives the same bytes on every machine
-(fixed seed, tokenizer trained on ``pipeline/assets/corpus.txt``), and it is cached under
+(fixed seed, tokenizer trained on ``pipeline/models/assets/corpus.txt``), and it is cached under
 ``~/.cache/batch-completions/models/<name>`` (override with ``PIPELINE_MODEL_CACHE``).
 """
 

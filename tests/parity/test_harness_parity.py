@@ -1,0 +1,105 @@
+"""lm-evaluation-harness tasks answered by the pipeline equal `lm_eval --model local-completions` against
+vLLM's OpenAI server (the reference server), item by item, and give the same results table.
+
+One local task of each request kind (data/make_harness_tasks.py: multiple choice, generation, rolling
+log-likelihood; few-shot examples from their train splits; nothing downloaded). The harness builds the
+requests in both runs; only who answers them differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.models.tiny_model import resolve_model
+from tests.integration.conftest import CONTEXT
+from tests.parity.conftest import SERVED
+
+pytestmark = pytest.mark.engine
+lm_eval = pytest.importorskip("lm_eval")
+
+TASKS = ["tiny_choice", "tiny_qa", "tiny_text"]
+TOLERANCE = 1e-4
+
+
+def _evaluate(model, include_path: Path) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(model=model, tasks=TASKS, task_manager=TaskManager(include_path=str(include_path)),
+                           log_samples=True, bootstrap_iters=1000)
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory, run_job):  # run_job: the session's Ray, shut down at the end
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "data"))
+    from make_harness_tasks import make
+
+    from pipeline.job.harness import register
+
+    folder = tmp_path_factory.mktemp("harness")
+    include_path = make(folder / "tasks")
+    config = folder / "pipeline.yaml"
+    config.write_text(json.dumps({
+        "output": str(folder / "records"), "model": {"path": "builtin:tiny-llama", "served_name": SERVED},
+        "engine": {"device": "cpu", "dtype": "float32", "max_model_len": CONTEXT, "gpu_memory_utilization": 0.5},
+    }))
+    pipeline_lm = register()(config=str(config))
+    return folder, include_path, pipeline_lm, _evaluate(pipeline_lm, include_path)
+
+
+def test_every_item_and_the_results_table_equal_local_completions(harness, reference):
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from lm_eval.utils import make_table
+
+    _, include_path, _, ours = harness
+    theirs = _evaluate(LocalCompletionsAPI(base_url=f"{reference.url}/v1/completions", model=SERVED,
+                                           tokenizer=resolve_model("builtin:tiny-llama"),
+                                           tokenizer_backend="huggingface", max_length=CONTEXT), include_path)
+    worst = {}
+    for task in TASKS:
+        mine, server = ours["samples"][task], theirs["samples"][task]
+        assert [s["doc_id"] for s in mine] == [s["doc_id"] for s in server] and mine
+        kind = ours["configs"][task]["output_type"]
+        for a, b in zip(mine, server):
+            assert a["arguments"] == b["arguments"]  # the harness built the same requests
+            for x, y in zip(a["resps"], b["resps"], strict=True):
+                x, y = x[0], y[0]
+                if isinstance(x, str):  # a greedy generation: identical
+                    assert x == y, (task, a["doc_id"])
+                else:  # (log-likelihood, is_greedy) or a rolling log-likelihood
+                    x, y = (x, y) if isinstance(x, float) else (x[0], y[0])
+                    worst[kind] = max(worst.get(kind, 0.0), abs(x - y))
+                    assert abs(x - y) <= TOLERANCE, (task, a["doc_id"], x, y)
+    print("largest log-likelihood difference per kind:", worst)
+    assert set(worst) == {"multiple_choice", "loglikelihood_rolling"}
+    assert make_table(ours) == make_table(theirs)
+
+
+def test_requests_are_records_and_a_stopped_evaluation_resumes(harness):
+    folder, include_path, pipeline_lm, first = harness
+    kinds = sorted(p.name.rsplit("-", 1)[0] for p in (folder / "records").iterdir())
+    assert kinds == ["generate_until", "loglikelihood", "loglikelihood_rolling"]
+    generations = next((folder / "records").glob("generate_until-*"))
+    requests = pq.read_table(generations / "requests.parquet")
+    records = pq.read_table(generations / "records" / "data")
+    assert requests.num_rows == records.num_rows == len(first["samples"]["tiny_qa"])
+    assert set(records.column("task").to_pylist()) == {"tiny_qa"}
+    assert set(records.column("kind").to_pylist()) == {"generate_until"}
+    assert sorted(records.column("doc_id").to_pylist()) == sorted(s["doc_id"] for s in first["samples"]["tiny_qa"])
+    # a shard lost (as if the evaluation stopped before it was written): the same evaluation again
+    # answers only that shard's requests and gives the same results
+    lost = sorted((generations / "records" / "data").iterdir())[0]
+    lost_rows = pq.read_metadata(lost).num_rows
+    lost.unlink()
+    again = _evaluate(pipeline_lm, include_path)
+    summary = json.loads((generations / "records" / "summary.json").read_text())
+    assert summary["rows_run"] == lost_rows and summary["shards_kept"] == summary["shards"] - 1
+    assert again["results"] == first["results"]
