@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-harness clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test: setup
 # (bench/results/throughput.json, throughput-short.json); see docs/performance.md.
 bench: setup
 	$(VENV)/bin/python bench/throughput.py
+
+# make bench-harness: lm-evaluation-harness tasks three ways (its vLLM backend, its API backend against
+# vLLM's server, this pipeline); bench/results/harness.json, docs/lm-evaluation-harness.md.
+bench-harness: setup
+	$(VENV)/bin/python bench/harness.py
 
 clean:
 	rm -rf output .pytest_cache

@@ -61,6 +61,12 @@ def _text_doc(rng: random.Random, index: int) -> dict:
     return {"id": index, "text": " ".join(sentences)}
 
 
+def count(task: str, docs: int | dict[str, int] | None) -> int:
+    if isinstance(docs, dict):
+        return docs.get(task, DEFAULT_DOCS[task])
+    return docs or DEFAULT_DOCS[task]
+
+
 MAKERS = {"tiny_choice": _choice_doc, "tiny_qa": _qa_doc, "tiny_text": _text_doc}
 YAMLS = {
     "tiny_choice": {
@@ -83,14 +89,15 @@ YAMLS = {
 }
 
 
-def make(folder: Path, docs: int | None = None) -> Path:
-    """Write the tasks' data and YAMLs under `folder`; returns the YAMLs' folder (the include path)."""
+def make(folder: Path, docs: int | dict[str, int] | None = None) -> Path:
+    """Write the tasks' data and YAMLs under `folder`; returns the YAMLs' folder (the include path).
+    `docs`: test documents of every task, or per task (default DEFAULT_DOCS)."""
     tasks = folder / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
     for name, maker in MAKERS.items():
         rng = random.Random(f"{SEED}-{name}")
         splits = {"train": [maker(rng, i) for i in range(TRAIN_DOCS)],
-                  "test": [maker(rng, i) for i in range(docs or DEFAULT_DOCS[name])]}
+                  "test": [maker(rng, i) for i in range(count(name, docs))]}
         files = {}
         for split, rows in splits.items():
             path = folder / f"{name}_{split}.jsonl"

@@ -103,3 +103,37 @@ def test_requests_are_records_and_a_stopped_evaluation_resumes(harness):
     summary = json.loads((generations / "records" / "summary.json").read_text())
     assert summary["rows_run"] == lost_rows and summary["shards_kept"] == summary["shards"] - 1
     assert again["results"] == first["results"]
+
+
+def test_a_sweep_evaluates_each_variant_and_compares_them_per_task_and_metric(harness, monkeypatch):
+    from pipeline.job.evaluate import main
+
+    folder, include_path, _, _ = harness
+    config = folder / "sweep.yaml"
+    config.write_text(json.dumps({
+        "output": str(folder / "sweep-records"),
+        "model": {"path": "builtin:tiny-llama", "served_name": SERVED, "adapters": {"tiny-lora-a": "builtin:tiny-lora-a"}},
+        "engine": {"device": "cpu", "dtype": "float32", "max_model_len": CONTEXT, "gpu_memory_utilization": 0.5},
+        "sweep": {"models": [SERVED, "tiny-lora-a"]},
+    }))
+    results = folder / "sweep-results"
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the harness's command line reads sys.argv
+    assert main(["--config", str(config), "--include_path", str(include_path), "--tasks", "tiny_choice",
+                 "--limit", "8", "--output_path", str(results)]) == 0
+    comparison = json.loads((results / "comparison.json").read_text())
+    assert [line["variant"] for line in comparison] == [SERVED, "tiny-lora-a"]
+    for line in comparison:
+        assert set(line["scores"]) == {"tiny_choice/acc", "tiny_choice/acc_norm"}
+        assert all(s["scored"] == 8 and s["pairs"] == 8 for s in line["scores"].values())
+    assert comparison[0]["scores"]["tiny_choice/acc"]["diff"] == 0.0  # the baseline against itself
+    for variant in (SERVED, "tiny-lora-a"):  # the harness's own results, per variant
+        assert list((results / variant).glob("results_*.json")) and list((results / variant).glob("samples_tiny_choice_*"))
+    # the same requests, each variant's own answers: the adapter changes the log-likelihoods
+    answers = {}
+    for variant in (SERVED, "tiny-lora-a"):
+        records = pq.read_table(next((folder / "sweep-records" / variant).glob("loglikelihood-*")) / "records" / "data")
+        answers[variant] = {r["row_key"]: r["response"]["choices"][0]["logprobs"]["token_logprobs"]
+                            for r in records.to_pylist()}
+        assert {json.loads(b)["model"] for b in records.column("body").to_pylist()} == {variant}
+    assert answers[SERVED].keys() == answers["tiny-lora-a"].keys()
+    assert any(answers[SERVED][k] != answers["tiny-lora-a"][k] for k in answers[SERVED])

