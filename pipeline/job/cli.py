@@ -39,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
         if name == "run":
             cmd.add_argument("--validate", action="store_true",
                              help="only validate the input (as the validate command) and exit")
+            cmd.add_argument("--verbose", action="store_true",
+                             help="show Ray's, Ray Data's and vLLM's output on the terminal too (by default "
+                                  "it goes to the job's log file; the summary says where)")
     return p
 
 
@@ -61,23 +64,38 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(config)
 
     from pipeline.io.outputs import OutputError
-    from pipeline.job.run import run
     from pipeline.io.storage import StorageError
+    from pipeline.job.run import run
+    from pipeline.reporting import console
 
-    try:
-        summary = run(config)
-    except (InputError, OutputError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    import ray
+    with console.session(verbose=args.verbose) as log_file:
+        try:
+            summary = run(config)
+        except (InputError, OutputError, StorageError) as exc:
+            console.say(f"error: {exc}")
+            return EXIT_BAD_INPUT
+        import ray
 
-    ray.shutdown()  # flush the actors' logs first, so the summary is the last thing printed
+        ray_logs = _ray_logs_dir()
+        ray.shutdown()  # flush the actors' logs first, so the summary is the last thing printed
     print("\n== job summary ==\n" + summary.render(), flush=True)
     if summary.comparison:
         from pipeline.evaluation.compare import render
 
         print(render(summary.comparison), flush=True)
+    print(f"log: {log_file}" + (f" | engine actors' logs: {ray_logs} (worker-*.out/.err, on each node)"
+                                if ray_logs else ""), flush=True)
     return EXIT_OK if summary.rows_out == summary.records_expected else EXIT_FAILED
+
+
+def _ray_logs_dir() -> str | None:
+    """Ray's log folder of this session on the driver's node (each node has its own)."""
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_logs_dir_path() if _global_node is not None else None
+    except Exception:  # noqa: BLE001 - a hint, not a result
+        return None
 
 
 def _validate(config) -> int:

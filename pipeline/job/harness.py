@@ -135,9 +135,10 @@ def _harness_model() -> type:
             bodies = [self._create_payload(self.create_message([tokens]), generate=False, seed=self._seed)
                       for tokens in inputs]
             kind = "loglikelihood" if cache_keys and cache_keys[0] is not None else "loglikelihood_rolling"
-            answers = self._answers(kind, bodies)
+            owners, self._owners = self._owners, []
             results = []
-            for answer, tokens, ctxlen, cache_key in zip(answers, inputs, ctxlens, cache_keys):
+            for answer, tokens, ctxlen, cache_key in zip(self._answers(kind, bodies, owners), inputs, ctxlens,
+                                                         cache_keys):
                 result = self.parse_logprobs(outputs=[answer], tokens=[tokens], ctxlens=[ctxlen])[0]
                 if cache_key is not None:
                     self.cache_hook.add_partial("loglikelihood", cache_key, result)
@@ -154,9 +155,9 @@ def _harness_model() -> type:
                 max_context = self.max_length - gen_kwargs.get("max_gen_toks", self._max_gen_toks)
                 bodies.append(self._create_payload(self.create_message([tokens[-max_context:]]), generate=True,
                                                    gen_kwargs=gen_kwargs, seed=self._seed, eos=self.eos_string))
-            self._owners = [_owner(r) for r in requests]
             texts = []
-            for request, context, answer in zip(requests, contexts, self._answers("generate_until", bodies)):
+            answers = self._answers("generate_until", bodies, [_owner(r) for r in requests])
+            for request, context, answer in zip(requests, contexts, answers):
                 text = self.parse_generations(outputs=[answer], contexts=[context])[0]
                 if text is None:
                     text = LMEVAL_MODEL_NONE_ANSWER_PLACEHOLDER
@@ -167,9 +168,10 @@ def _harness_model() -> type:
 
         # -- answering: one pipeline job per call ----------------------------------------------------
 
-        def _answers(self, kind: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            """The response body of each request, answered by a pipeline job over all of them."""
-            owners, self._owners = self._owners, []
+        def _answers(self, kind: str, bodies: list[dict[str, Any]],
+                     owners: list[tuple[str, int, str]]) -> list[dict[str, Any]]:
+            """The response body of each request (the (task, doc_id, id) of each in `owners`), answered
+            by a pipeline job over all of them."""
             assert len(owners) == len(bodies), "one owner per request"
             if not bodies:
                 return []
@@ -179,14 +181,14 @@ def _harness_model() -> type:
             unique = {key: i for i, key in enumerate(rows["id"])}  # a repeated request is answered once
             table = pa.table({name: [column[i] for i in unique.values()] for name, column in rows.items()},
                              schema=REQUESTS)
-            records = self._run(kind, table)
+            folder, records = self._run(kind, table)
             missing = [key for key in unique if key not in records]
             failed = [key for key in unique if key in records and records[key]["error"] is not None]
             if missing or failed:
                 first = records[failed[0]]["error"]["message"] if failed else "no record"
                 raise HarnessError(f"{len(missing) + len(failed)} of {len(unique)} {kind} requests have no answer "
                                    f"(the first, {(failed or missing)[0]}: {first}); their records are in "
-                                   f"{storage.redact(self._folder(kind, table))}. Fix the cause and run the same "
+                                   f"{storage.redact(folder)}. Fix the cause and run the same "
                                    "command again: answered requests are kept")
             return [response_body(records[key]["response"]) for key in rows["id"]]
 
@@ -197,7 +199,8 @@ def _harness_model() -> type:
                     digest.update(value.encode() + b"\0")
             return storage.join(self._records, f"{kind}-{digest.hexdigest()[:16]}")
 
-        def _run(self, kind: str, table: pa.Table) -> dict[str, dict[str, Any]]:
+        def _run(self, kind: str, table: pa.Table) -> tuple[str, dict[str, dict[str, Any]]]:
+            """The folder of the job answering `table`'s requests, and its records by request id."""
             folder = self._folder(kind, table)
             requests, out = storage.join(folder, "requests.parquet"), storage.join(folder, "records")
             if not storage.exists(requests):
@@ -215,7 +218,7 @@ def _harness_model() -> type:
                   f"{summary.wall_s:.1f}s)", flush=True)
             fs, path = storage.filesystem(storage.join(out, "data"))
             data = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=[ROW_KEY, "response", "error"])
-            return {row[ROW_KEY]: row for row in data.to_pylist()}
+            return folder, {row[ROW_KEY]: row for row in data.to_pylist()}
 
     return PipelineLM
 

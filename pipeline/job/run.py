@@ -34,6 +34,7 @@ from pipeline.io.records import VARIANT_PARAMS, output_schema
 from pipeline.io.tally import Tally
 from pipeline.models import adapters
 from pipeline.protocol import RequestBuilder
+from pipeline.reporting import console
 from pipeline.reporting.progress import EngineMeter, EngineUse, ProgressLine, engine_use, start_stats, utilisation
 from pipeline.reporting.progress import snapshot as progress_snapshot
 from pipeline.reporting.summary import JobSummary
@@ -60,10 +61,12 @@ def _init_ray(config: JobConfig) -> None:
     if ray.is_initialized():
         return
     address = config.ray_address or ("auto" if in_ray_job() else None)
-    if address is None:
-        ray.init(address="local", include_dashboard=False)  # never a cluster another `ray start` left
+    # quiet (the command line's default): the actors' output stays in Ray's logs (reporting/console.py)
+    forward = console.verbose()
+    if address is None:  # never a cluster another `ray start` left
+        ray.init(address="local", include_dashboard=False, log_to_driver=forward)
     else:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=forward)
 
 
 def _record_schema(config: JobConfig, plan: InputPlan) -> pa.Schema:
@@ -114,7 +117,7 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
 
     _init_ray(config)
     show = os.environ.get("CI") != "true"
-    ray.data.DataContext.get_current().enable_progress_bars = show
+    ray.data.DataContext.get_current().enable_progress_bars = show and console.verbose()  # ours is below
     stats = start_stats()
     actor_plan = plan.for_readers()  # each actor gets its shards from Ray Data, not the whole list
     variants = {item.variant.name: item.variant for item in items}

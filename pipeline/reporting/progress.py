@@ -13,6 +13,7 @@ busy share, ETA) and, at the end, each engine's busy share and the job's engine 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -21,7 +22,8 @@ from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
 BEAT_S = 2.0  # how often an engine actor reports
-PROGRESS_S = 5.0  # how often the driver prints a progress line
+PROGRESS_S = 5.0  # how often the driver prints a progress line (rewrites it, on a terminal)
+SAME_S = 30.0  # in a log (not a terminal), a line that says nothing new is printed this often at most
 QUIET_S = 60.0  # the progress line says so when no row was answered for this long
 
 
@@ -206,6 +208,8 @@ class ProgressLine:
         self._history: list[tuple[float, int, int]] = []  # (time, rows, tokens)
         self._moved_at = (self._started, done_rows)  # when the rows done last changed, and to what
         self.last: dict[str, Any] | None = None
+        self._key: tuple = ()  # what the last line rendered says, without its clock and rates
+        self._printed: tuple[float, tuple] = (float("-inf"), ())
         self._thread = threading.Thread(target=self._run, daemon=True, name="progress-line")
 
     def __enter__(self) -> "ProgressLine":
@@ -217,20 +221,37 @@ class ProgressLine:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        in_place = sys.stdout.isatty()
         while not self._stop.wait(self._interval):
             self.last = snapshot(self._stats, self.last)
-            print(self.render(self.last, time.time()), flush=True)
+            now = time.time()
+            line = self.render(self.last, now)
+            if in_place:
+                print("\r\x1b[K" + line, end="", flush=True)
+            elif self.news(now):
+                print(line, flush=True)
+        if in_place:
+            print(flush=True)
+
+    def news(self, now: float) -> bool:
+        """Whether the line just rendered is worth a line of its own: rows moved, engines came or went,
+        or SAME_S passed (start-up, a long stretch without an answer)."""
+        if self._key != self._printed[1] or now - self._printed[0] >= SAME_S:
+            self._printed = (now, self._key)
+            return True
+        return False
 
     def render(self, snap: dict[str, Any], now: float) -> str:
         engines = snap["engines"].values()
         rows = min(self._total, self._done_before + sum(e.get("rows", 0) for e in engines))
         tokens = sum(e.get("completion_tokens", 0) for e in engines)
         self._history = [h for h in self._history if now - h[0] <= 30] + [(now, rows, tokens)]
-        # the rates are over the last 30 s in which an engine was up: the minutes of start-up before
-        # the first row would make the first ETA after start-up hours long
+        # the rates are from the moment the first engine came up (what was done then: the last line
+        # before it), or over the last 30 s, whichever is later
         ready = min((e["ready_at"] for e in snap["engines"].values() if "ready_at" in e), default=None)
+        before = [h for h in self._history if ready is not None and h[0] < ready]
         since = [h for h in self._history if ready is not None and h[0] >= ready]
-        first = since[0] if since else self._history[-1]
+        first = (ready, *before[-1][1:]) if before else since[0] if since else self._history[-1]
         span = now - first[0]
         tok_s = (tokens - first[2]) / span if span > 0 else 0.0
         row_s = (rows - first[1]) / span if span > 0 else 0.0
@@ -248,6 +269,7 @@ class ProgressLine:
         quiet = now - max(self._moved_at[0], ready or now)
         if quiet >= QUIET_S and rows < self._total:
             engines += f" | nothing answered for {quiet:.0f}s"
+        self._key = (rows, len(live), restarts, quiet >= QUIET_S)
         pct = rows / self._total if self._total else 1.0
         return (f"progress: {rows:,}/{self._total:,} rows ({pct:.0%}) | {tok_s:,.0f} output tok/s | {engines} | "
                 f"ETA {eta} | {now - self._started:.0f}s")

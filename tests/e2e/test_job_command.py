@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,12 +23,24 @@ def test_job_command_writes_records_and_summary(tmp_path):
         [sys.executable, "jobs/complete.py", "--config", "configs/local-cpu.yaml",
          "--input", str(tmp_path / "in.parquet"), "--output", str(out),
          "--set", "engine.max_model_len=512", "--set", "defaults.max_tokens=8"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **SECRETS})
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, **SECRETS, "PIPELINE_LOG_DIR": str(tmp_path / "logs")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "== job summary ==" in result.stdout and str(out) in result.stdout
 
+    # the terminal shows the job's own lines; Ray's, Ray Data's and vLLM's go to the job's log file
+    terminal = (result.stdout + result.stderr).splitlines()
+    noise = [line for line in terminal if any(mark in line for mark in (
+        "INFO", "WARNING", "MapWorker", "core_worker", "Triton", "logging_progress", "Running Dataset"))]
+    assert not noise, noise[:5]
+    (log_line,) = [line for line in terminal if line.startswith("log: ")]
+    log_file = Path(log_line.split()[1])
+    assert log_file.parent == tmp_path / "logs"
+    assert "Started a local Ray instance" in log_file.read_text() and "engine actors' logs: " in log_line
+    assert len(terminal) < 40, terminal  # progress lines, the summary, where the logs are
+
     # secrets in the job's environment reach no log line, record, summary or run log
-    written = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
+    written = [p.read_bytes() for p in [*out.rglob("*"), log_file] if p.is_file()]
     for secret in SECRETS.values():
         assert secret not in result.stdout + result.stderr
         assert not any(secret.encode() in data for data in written)

@@ -1,4 +1,5 @@
-"""A job that succeeds prints no ERROR and no traceback: not the driver, and not the engine actor as it exits.
+"""A job that succeeds prints no ERROR and no traceback: not the driver (its terminal and its log file),
+and not the engine actor as it exits.
 
 The job runs as users run it, a subprocess with its own local Ray. Ray's session logs go to a folder of
 the test's own (`RAY_TMPDIR`), so the actor's last words are read there too: the driver stops
@@ -23,7 +24,8 @@ def test_a_successful_job_prints_no_error_and_no_traceback(tmp_path):
     pq.write_table(sample, tmp_path / "in.parquet")  # every row takes the job's max_tokens, 8
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live below it
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_ID")},
-           "RAY_TMPDIR": ray_tmp}  # a Ray of the job's own, as `python -m pipeline run` starts locally
+           "RAY_TMPDIR": ray_tmp,  # a Ray of the job's own, as `python -m pipeline run` starts locally
+           "PIPELINE_LOG_DIR": str(tmp_path / "logs")}
     try:
         result = subprocess.run(
             [sys.executable, "-m", "pipeline", "run", "--config", "configs/local-cpu.yaml",
@@ -38,7 +40,9 @@ def test_a_successful_job_prints_no_error_and_no_traceback(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "== job summary ==" in result.stdout
     assert any("EngineActor" in text for text in worker_logs.values()), sorted(worker_logs)
-    for name, text in {"the job's output": result.stdout + result.stderr, **worker_logs}.items():
+    (job_log,) = (tmp_path / "logs").iterdir()  # what the terminal did not show (reporting/console.py)
+    logs = {"the job's output": result.stdout + result.stderr, "the job's log": job_log.read_text(), **worker_logs}
+    for name, text in logs.items():
         for word in ("ERROR", "Traceback"):
             at = text.find(word)
             assert at < 0, f"{word} in {name}:\n{text[max(at - 500, 0):at + 1500]}"

@@ -64,17 +64,18 @@ def test_progress_line_before_any_engine_is_up():
 
 
 def test_progress_line_rates_leave_out_the_start_up():
-    # The engine is up at 25 s; lines before it saw no rows. The rate is over the time since.
+    # The engine is up at 25 s; lines before it saw no rows. The rate is over the time since, from the
+    # first line after it (a short job's rows may all be done by then: the rate is not 0).
     line = ProgressLine(stats=None, total_rows=320)
     line._started = 0.0
     for now in (5.0, 10.0, 15.0, 20.0):
         line.render({"engines": {}, "shard_starts": []}, now)
-    snap = {"engines": {"a.1-1": {"ready_at": 25.0, "last_at": 26.0, "rows": 1, "completion_tokens": 8,
-                                  "busy_s": 1.0}}, "shard_starts": []}
-    assert line.render(snap, 26.0).endswith("| ETA -- | 26s")  # one line since the engine came up: no rate yet
-    snap["engines"]["a.1-1"].update(last_at=31.0, rows=101, completion_tokens=808, busy_s=6.0)
-    text = line.render(snap, 31.0)
-    assert "| 160 output tok/s |" in text and "| ETA 0:10 |" in text  # 100 rows in 5 s, 219 to go: 10.95 s
+    snap = {"engines": {"a.1-1": {"ready_at": 25.0, "last_at": 29.0, "rows": 224, "completion_tokens": 896,
+                                  "busy_s": 4.0}}, "shard_starts": []}
+    text = line.render(snap, 29.0)  # 224 rows in the 4 s since the engine came up
+    assert "| 224 output tok/s |" in text and "| ETA 0:01 |" in text, text  # 96 rows to go at 56 rows/s
+    snap["engines"]["a.1-1"].update(last_at=33.0, rows=320, completion_tokens=1280, busy_s=8.0)
+    assert "| 160 output tok/s |" in line.render(snap, 33.0)  # 1,280 tokens in 8 s
 
 
 def test_progress_line_says_when_nothing_moved_and_counts_restarts():
@@ -90,3 +91,16 @@ def test_progress_line_says_when_nothing_moved_and_counts_restarts():
     assert "| nothing answered for 65s |" in text
     snap["engines"]["a.1-2"]["rows"] = 5
     assert "nothing answered" not in line.render(snap, 90.0)
+
+
+def test_a_log_gets_a_line_when_something_moved_or_every_30s():
+    line = ProgressLine(stats=None, total_rows=100)
+    line._started = 0.0
+    printed = []
+    for now in range(5, 125, 5):  # two minutes of start-up, then rows
+        snap = {"engines": {}, "shard_starts": []} if now < 100 else \
+            {"engines": {"a.1-1": {"ready_at": 95.0, "last_at": now, "rows": (now - 95) * 2}}, "shard_starts": []}
+        line.render(snap, float(now))
+        if line.news(float(now)):
+            printed.append(now)
+    assert printed == [5, 35, 65, 95, 100, 105, 110, 115, 120]  # start-up: every 30 s; then every line moves
