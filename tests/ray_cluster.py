@@ -69,7 +69,9 @@ class RayCluster:
         return min(raylets, key=lambda p: p.create_time())
 
     def stop(self) -> None:
-        mine = [p for p in psutil.process_iter() if self.temp_dir in cmdline(p)]
+        # the head's Ray client server names only the cluster's address (its parent, `ray start`, is gone)
+        mine = [p for p in psutil.process_iter() if self.temp_dir in cmdline(p)
+                or ("ray.util.client.server" in cmdline(p) and f":{self.port} " in cmdline(p) + " ")]
         for proc in list(mine):
             try:
                 mine += proc.children(recursive=True)

@@ -29,7 +29,7 @@ from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_bo
 log = logging.getLogger(__name__)
 # what each call returns: a line per shard (its rows, or why it has no records)
 SHARD_DONE = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("seconds", pa.float64()),
-                        ("error", pa.string())])
+                        ("error", pa.string()), ("engine", pa.string()), ("node", pa.string())])
 
 
 @dataclass
@@ -87,7 +87,8 @@ class EngineActor:
         self._variants = variants  # by name: its request fields (a sweep), which beat the row's
         context = ray.get_runtime_context()
         # an actor restarted by Ray keeps its id but not its process: the pid tells its engines apart
-        self._meter = meter(f"{context.get_actor_id()[:8]}.{os.getpid()}", context.get_node_id())
+        self._node = context.get_node_id()
+        self._meter = meter(f"{context.get_actor_id()[:8]}.{os.getpid()}", self._node)
         self._score = score
         engine = config.engine
         self._supervisor = EngineSupervisor(self._start_engine(), self._start_engine, row_retries=engine.row_retries,
@@ -130,7 +131,8 @@ class EngineActor:
             except Exception as exc:  # noqa: BLE001 - a bug must not take the other shards with it
                 log.exception("shard %s failed", out)
                 rows, failure = 0, f"{type(exc).__name__}: {exc} (a bug: please report it)"
-            done.append({"shard": out, "rows": rows, "seconds": time.time() - started, "error": failure})
+            done.append({"shard": out, "rows": rows, "seconds": time.time() - started, "error": failure,
+                         "engine": self._meter.engine_id, "node": self._node})
         return pa.Table.from_pylist(done, schema=SHARD_DONE)
 
     async def _shard(self, shard: Shard, variant: str, out: str) -> int:

@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, in_ray_job, load_config
 from pipeline.io.plan import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         import ray
 
+        if config.ray_address or in_ray_job():
+            from pipeline.reporting import metrics
+
+            metrics.flush()  # the job's last figures reach the cluster's metrics agent
         ray_logs = _ray_logs_dir()
         ray.shutdown()  # flush the actors' logs first, so the summary is the last thing printed
     print("\n== job summary ==\n" + summary.render(), flush=True)

@@ -34,7 +34,7 @@ from pipeline.io.records import VARIANT_PARAMS, output_schema
 from pipeline.io.tally import Tally
 from pipeline.models import adapters
 from pipeline.protocol import RequestBuilder
-from pipeline.reporting import console
+from pipeline.reporting import console, metrics
 from pipeline.reporting.progress import EngineMeter, EngineUse, ProgressLine, engine_use, start_stats, utilisation
 from pipeline.reporting.progress import snapshot as progress_snapshot
 from pipeline.reporting.summary import JobSummary
@@ -128,7 +128,7 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
         EngineActor,
         fn_constructor_args=(config, actor_plan, request_builder(config, plan.format), schema, variants,
                              functools.partial(score.with_scores, config.scoring),
-                             functools.partial(EngineMeter, stats)),
+                             functools.partial(EngineMeter, stats, labels=_metric_labels(config))),
         batch_format="pyarrow",
         batch_size=1,
         compute=pool.actor_pool(config.engine, len(items), rows / len(items)),
@@ -139,20 +139,33 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
         **pool.actor_resources(config.engine),
     )
     failed: dict[str, str] = {}
+    variant_of = {item.out: item.variant.name for item in items}
+    metrics.planned(metrics.labels(**_metric_labels(config)), rows)
     progress = ProgressLine(stats, rows) if show else contextlib.nullcontext()
     with progress:
         for batch in done.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
+                tags = metrics.labels(**_metric_labels(config), variant=variant_of.get(row["shard"]) or "",
+                                      engine=row["engine"] or "", node=row["node"] or "")
                 if row["error"] is not None:
                     failed[row["shard"]] = row["error"]
                     log.error("shard %s has no records: %s", row["shard"], row["error"])
+                    metrics.shards(tags, "failed", 1)
                 else:
                     log.info("shard %s done: %d rows in %.1fs", row["shard"], row["rows"], row["seconds"])
+                    if row["rows"]:  # 0: an earlier attempt of it had written it (and was counted)
+                        (tally,) = outputs.read_tallies(config.output.path, [row["shard"]])
+                        metrics.shard_recorded(tags, tally)
     end = time.time()
     snap = progress_snapshot(stats, getattr(progress, "last", None))
     ray.kill(stats)
     ready = [e["ready_at"] for e in snap["engines"].values() if "ready_at" in e]
     return Ran(engine_use(snap["engines"], end), snap["shard_starts"], failed, min(ready) if ready else None)
+
+
+def _metric_labels(config: JobConfig) -> dict[str, str]:
+    """The job's labels on its Ray metrics: its output location, and the model's served name."""
+    return {"output": storage.redact(config.output.path), "model": config.model.resolved_served_name()}
 
 
 def _shard_size(config: JobConfig, rows: int) -> JobConfig:
@@ -204,6 +217,9 @@ def run(config: JobConfig) -> JobSummary:
             run_tally.add(tally)
     engines = [e for r in ran for e in r.engines]
     attempts = [s for r in ran for s in r.shard_starts]
+    job_tags = metrics.labels(**_metric_labels(config))
+    metrics.shards(job_tags, "kept", len(items) - len(pending))
+    metrics.shards(job_tags, "redone", len(attempts) - len(set(attempts)))
     ready = [r.first_ready_at for r in ran if r.first_ready_at is not None]
     missing = {i.out: "" for i in items if i.out not in written}
     missing.update({name: why for r in ran for name, why in r.failed.items() if name not in written})

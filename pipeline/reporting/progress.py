@@ -20,6 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from pipeline.reporting import metrics
+
 log = logging.getLogger(__name__)
 BEAT_S = 2.0  # how often an engine actor reports
 PROGRESS_S = 5.0  # how often the driver prints a progress line (rewrites it, on a terminal)
@@ -43,15 +45,19 @@ class EngineUse(BaseModel):
 class EngineMeter:
     """Counts one actor's engine work and reports it to the job's stats actor (actor side)."""
 
-    def __init__(self, stats: Any, actor_id: str, node: str) -> None:
+    def __init__(self, stats: Any, actor_id: str, node: str, labels: dict[str, str] | None = None) -> None:
+        """`labels` (job, model): the actor's live Ray metrics (reporting/metrics.py) carry them; none
+        without."""
         self._stats = stats
         self._actor = actor_id
         self._node = node
+        self._labels = labels
         self._generation = 0
         self._lock = threading.Lock()
         self._figures = self._fresh()
         self._in_engine = 0
         self._busy_since: float | None = None
+        self._busy_exported = 0.0  # of this engine's busy seconds, those counted in the metric
         if stats is not None:
             threading.Thread(target=self._beat_forever, daemon=True, name="engine-meter").start()
 
@@ -63,6 +69,11 @@ class EngineMeter:
     def engine_id(self) -> str:
         return f"{self._actor}-{self._generation}"
 
+    def _tags(self) -> dict[str, str] | None:
+        if self._labels is None:
+            return None
+        return metrics.labels(**self._labels, engine=self.engine_id, node=self._node)
+
     def engine_started(self, startup_s: float) -> None:
         """A new engine is ready: its figures start from zero."""
         now = time.time()
@@ -72,13 +83,19 @@ class EngineMeter:
             self._generation += 1
             self._figures = self._fresh()
             self._busy_since = now if self._in_engine else None
+            self._busy_exported = 0.0
         self._send("engine", self.engine_id, {"node": self._node, "startup_s": startup_s, "ready_at": now})
+        if (tags := self._tags()) is not None:
+            metrics.engine_started(tags, restart=self._generation > 1)
 
     def enter(self) -> None:
         with self._lock:
             if self._in_engine == 0:
                 self._busy_since = time.time()
             self._in_engine += 1
+            in_engine = self._in_engine
+        if (tags := self._tags()) is not None:
+            metrics.in_flight(tags, in_engine)
 
     def leave(self) -> None:
         with self._lock:
@@ -86,11 +103,16 @@ class EngineMeter:
             if self._in_engine == 0 and self._busy_since is not None:
                 self._figures["busy_s"] += time.time() - self._busy_since
                 self._busy_since = None
+            in_engine = self._in_engine
+        if (tags := self._tags()) is not None:
+            metrics.in_flight(tags, in_engine)
 
     def answered(self, completion_tokens: int) -> None:
         with self._lock:
             self._figures["rows"] += 1
             self._figures["completion_tokens"] += completion_tokens
+        if (tags := self._tags()) is not None:
+            metrics.answered(tags, completion_tokens)
 
     def shard_started(self, name: str) -> None:
         self._send("shard_started", name)
@@ -102,7 +124,10 @@ class EngineMeter:
             if self._busy_since is not None:
                 figures["busy_s"] += now - self._busy_since
             engine = self.engine_id
+            busy_since_last, self._busy_exported = figures["busy_s"] - self._busy_exported, figures["busy_s"]
         self._send("beat", engine, figures, now)
+        if (tags := self._tags()) is not None:
+            metrics.busy(tags, busy_since_last)
 
     def _beat_forever(self) -> None:
         while True:

@@ -104,3 +104,13 @@ def test_a_log_gets_a_line_when_something_moved_or_every_30s():
         if line.news(float(now)):
             printed.append(now)
     assert printed == [5, 35, 65, 95, 100, 105, 110, 115, 120]  # start-up: every 30 s; then every line moves
+
+
+def test_rows_by_status_code_from_a_tally():
+    from pipeline.io.tally import Tally
+    from pipeline.reporting.metrics import status_codes
+
+    tally = Tally(rows=10, completions=6, errors_by_type={"BadRequestError (400)": 2, "NotFoundError (404)": 1,
+                                                          "InternalServerError (500)": 1})
+    assert status_codes(tally) == {"200": 6, "400": 2, "404": 1, "500": 1}
+    assert sum(status_codes(tally).values()) == tally.rows

@@ -1,0 +1,137 @@
+"""The job's figures as Ray metrics (`ray.util.metrics`): Ray's agent on each node exports them for
+Prometheus (`ray start --metrics-export-port`, and Ray's service-discovery file), wherever the actors
+run. Ray names them `ray_batch_completions_*` and adds its own labels (node address, worker, session).
+
+Two kinds, both labelled by the job's output location (`output`; not `job`, which Prometheus gives
+every scrape target and would rename ours to `exported_job`), variant and model:
+- recorded, by the driver as each shard's records are written (the shard's tally), also labelled by
+  the engine and node that wrote it: rows by status code, prompt and completion tokens, rows retried,
+  recovered and failed, and shards by state (done, kept from an earlier run, failed, redone). They add
+  up to the run's figures in `summary.json`.
+- live, by each engine actor as it works, labelled by engine and node: rows answered (200s) and their
+  output tokens, rows in flight, engine busy seconds, engine starts and restarts. Live figures count an
+  answer when it is made, so a shard redone after its actor died counts twice there, never in the
+  recorded ones.
+And rows planned: the rows the run sets out to answer (progress and ETA on the dashboard).
+
+Figures are best effort: a metric that cannot be recorded is logged at debug level and the job goes on;
+a cluster that exports no metrics runs the job the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from typing import Any
+
+from pipeline.io.tally import Tally
+
+log = logging.getLogger(__name__)
+PREFIX = "batch_completions_"
+LABELS = ("output", "variant", "model", "engine", "node")
+DESCRIPTIONS = {
+    "rows_planned_total": "Rows this run set out to answer (shards not kept from an earlier run).",
+    "rows_recorded_total": "Rows whose records were written, by status code (200, each 4xx, 500).",
+    "prompt_tokens_total": "Prompt tokens of the rows recorded.",
+    "completion_tokens_total": "Completion tokens of the rows recorded.",
+    "rows_retried_total": "Rows answered again after their engine died or answered 500.",
+    "rows_recovered_total": "Retried rows that got an answer.",
+    "rows_failed_total": "Retried rows given up on (recorded as 500s).",
+    "shards_total": "Shards by state: done (written by this run), kept (an earlier run's), failed, redone.",
+    "rows_answered_total": "Rows the engines answered with a response (live; a redone shard counts again).",
+    "output_tokens_total": "Output tokens of the rows answered (live).",
+    "rows_in_flight": "Rows in the engine now.",
+    "engine_busy_seconds_total": "Seconds in which the engine had at least one row in it.",
+    "engine_starts_total": "Engines started (the first of each actor, and every replacement).",
+    "engine_restarts_total": "Engines started to replace one that died or stalled.",
+}
+
+
+@functools.cache
+def _metric(name: str, kind: str, tags: tuple[str, ...]) -> Any:
+    from ray.util import metrics
+
+    cls = {"counter": metrics.Counter, "gauge": metrics.Gauge}[kind]
+    return cls(PREFIX + name, description=DESCRIPTIONS[name], tag_keys=tags)
+
+
+def _record(name: str, value: float, tags: dict[str, str], kind: str = "counter") -> None:
+    if kind == "counter" and not value:
+        return
+    try:
+        metric = _metric(name, kind, tuple(tags))
+        if kind == "counter":
+            metric.inc(value, tags=tags)
+        else:
+            metric.set(value, tags=tags)
+    except Exception:  # noqa: BLE001 - figures are best effort; the records are what matters
+        log.debug("could not record the metric %s", name, exc_info=True)
+
+
+def labels(output: str, model: str, variant: str = "", engine: str = "", node: str = "") -> dict[str, str]:
+    """A metric's labels (all of LABELS, some empty: a metric's label set is fixed)."""
+    return {"output": output, "variant": variant, "model": model, "engine": engine, "node": node}
+
+
+def status_codes(tally: Tally) -> dict[str, int]:
+    """Rows by status code: 200 for a response, an error's code from `type (code)`."""
+    codes = {"200": tally.completions} if tally.completions else {}
+    for kind, rows in tally.errors_by_type.items():
+        found = re.search(r"\((\d+)\)$", kind)
+        code = found.group(1) if found else "unknown"
+        codes[code] = codes.get(code, 0) + rows
+    return codes
+
+
+def shard_recorded(tags: dict[str, str], tally: Tally) -> None:
+    """A shard's records were written (the driver, from the shard's tally)."""
+    for code, rows in status_codes(tally).items():
+        _record("rows_recorded_total", rows, {**tags, "code": code})
+    for name, value in (("prompt_tokens_total", tally.prompt_tokens),
+                        ("completion_tokens_total", tally.completion_tokens),
+                        ("rows_retried_total", tally.rows_retried), ("rows_recovered_total", tally.rows_recovered),
+                        ("rows_failed_total", tally.rows_failed)):
+        _record(name, value, tags)
+    shards(tags, "done", 1)
+
+
+def planned(tags: dict[str, str], rows: int) -> None:
+    """The run sets out to answer `rows` rows (the driver, before the engines start)."""
+    _record("rows_planned_total", rows, tags)
+
+
+def shards(tags: dict[str, str], state: str, count: int) -> None:
+    _record("shards_total", count, {**tags, "state": state})
+
+
+def answered(tags: dict[str, str], output_tokens: int) -> None:
+    _record("rows_answered_total", 1, tags)
+    _record("output_tokens_total", output_tokens, tags)
+
+
+def in_flight(tags: dict[str, str], rows: int) -> None:
+    _record("rows_in_flight", rows, tags, kind="gauge")
+
+
+def busy(tags: dict[str, str], seconds: float) -> None:
+    _record("engine_busy_seconds_total", seconds, tags)
+
+
+def engine_started(tags: dict[str, str], restart: bool) -> None:
+    _record("engine_starts_total", 1, tags)
+    if restart:
+        _record("engine_restarts_total", 1, tags)
+
+
+def flush() -> None:
+    """Wait until Ray has exported what this process recorded (its report interval), before the
+    driver exits: what a process records in its last seconds is otherwise never exported."""
+    import time
+
+    try:
+        import ray
+
+        time.sleep(max(ray._config.metrics_report_interval_ms(), 1000) / 1000 + 1)
+    except Exception:  # noqa: BLE001 - best effort
+        log.debug("could not wait for Ray's metrics export", exc_info=True)
