@@ -60,6 +60,10 @@ def _record(name: str, value: float, tags: dict[str, str], kind: str = "counter"
     if kind == "counter" and not value:
         return
     try:
+        import ray
+
+        if not ray.is_initialized():  # a run with nothing to do starts no Ray: nothing to export to
+            return
         metric = _metric(name, kind, tuple(tags))
         if kind == "counter":
             metric.inc(value, tags=tags)
