@@ -52,10 +52,17 @@ def job_config(tmp_path: Path, input_uri: str, output_uri: str) -> Path:
 def run_job(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
     result = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(config)], cwd=ROOT,
-                            env={**clean, "PYTHONPATH": str(ROOT), "CI": "true", **env},
+                            env={**clean, "PYTHONPATH": str(ROOT), "CI": "true",
+                                 "PIPELINE_LOG_DIR": str(config.parent / "logs"), **env},
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def job_log(run: subprocess.CompletedProcess) -> str:
+    """The job's log file (where its INFO lines go; the terminal's last line names it)."""
+    (line,) = [line for line in run.stdout.splitlines() if line.startswith("log: ")]
+    return Path(line.split()[1]).read_text()
 
 
 def objects(fs: pafs.FileSystem, prefix: str) -> dict[str, pafs.FileInfo]:
@@ -102,7 +109,7 @@ def test_job_reads_and_writes_s3_resumes_there_and_keeps_credentials_out(tmp_pat
         summary = json.loads(fs.open_input_stream("jobs/out/summary.json").read())
         assert (summary["shards"], summary["shards_kept"], summary["shards_run"]) == (6, 6 - DELETED, DELETED)
         assert summary["rows_run"] == DELETED * PER_SHARD and summary["rows_out"] == len(ids) == 60
-        assert f"{DELETED} of 6 shards to run" in second.stderr
+        assert f"{DELETED} of 6 shards to run" in job_log(second)
         assert {p: written[p].mtime for p in kept} == kept  # the kept shards were not written again
         run2 = writes(log, log_offset)
         rewritten = {p for p in run2 if p.startswith("jobs/out/data/") and p.endswith(".parquet")
@@ -119,6 +126,6 @@ def test_job_reads_and_writes_s3_resumes_there_and_keeps_credentials_out(tmp_pat
 
         for secret in (SECRET_KEY, ACCESS_KEY):
             for run in (first, second):
-                assert secret not in run.stdout + run.stderr
+                assert secret not in run.stdout + run.stderr + job_log(run)
             for path in written:
                 assert secret.encode() not in fs.open_input_stream(path).read(), path

@@ -13,10 +13,10 @@ def test_a_quiet_session_sends_everything_else_to_the_log(tmp_path, capfd):
         assert path == log and not console.verbose()
         os.write(2, b"[E core_worker.cc] a line from C++\n")  # what Ray's core writes on stderr
         print("a library's warning", file=sys.stderr)
-        logging.getLogger("ray.data").info("Starting execution of Dataset")
+        logging.getLogger("some.library").info("Starting execution of Dataset")
         logging.getLogger("pipeline.job.run").info("4 of 4 shards to run")
         logging.getLogger("pipeline.job.run").warning("shard s-0 has no records")
-        logging.getLogger("ray").error("an actor died")
+        logging.getLogger("some.library").error("an actor died")
         console.say("error: the input is gone")
     assert console.verbose()  # a library caller's default: everything shown
     err = capfd.readouterr().err
@@ -36,7 +36,7 @@ def test_a_verbose_session_shows_everything_and_keeps_the_log(tmp_path, capfd):
     with console.session(verbose=True, path=log):
         assert console.verbose()
         os.write(2, b"a line from C++\n")
-        logging.getLogger("ray.data").info("Starting execution of Dataset")
+        logging.getLogger("some.library").info("Starting execution of Dataset")
     err = capfd.readouterr().err
     assert "a line from C++" in err and "Starting execution" in err
     assert "Starting execution" in log.read_text()
