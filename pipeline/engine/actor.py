@@ -29,7 +29,8 @@ from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_bo
 log = logging.getLogger(__name__)
 # what each call returns: a line per shard (its rows, or why it has no records)
 SHARD_DONE = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("seconds", pa.float64()),
-                        ("error", pa.string()), ("engine", pa.string()), ("node", pa.string())])
+                        ("error", pa.string()), ("engine", pa.string()), ("node", pa.string()),
+                        ("tally", pa.string())])  # the written shard's tally (JSON): the job's metrics count it
 
 
 @dataclass
@@ -124,21 +125,23 @@ class EngineActor:
             shard = Shard(**{**item, "duplicates": tuple(item["duplicates"])})
             started = time.time()
             try:
-                rows = await self._shard(shard, variant, out)
+                rows, tally = await self._shard(shard, variant, out)
                 failure = None
             except (ShardFailed, EngineUnavailable) as exc:
-                rows, failure = 0, str(exc)
+                rows, tally, failure = 0, None, str(exc)
             except Exception as exc:  # noqa: BLE001 - a bug must not take the other shards with it
                 log.exception("shard %s failed", out)
-                rows, failure = 0, f"{type(exc).__name__}: {exc} (a bug: please report it)"
+                rows, tally, failure = 0, None, f"{type(exc).__name__}: {exc} (a bug: please report it)"
             done.append({"shard": out, "rows": rows, "seconds": time.time() - started, "error": failure,
-                         "engine": self._meter.engine_id, "node": self._node})
+                         "engine": self._meter.engine_id, "node": self._node,
+                         "tally": tally.model_dump_json() if tally is not None else None})
         return pa.Table.from_pylist(done, schema=SHARD_DONE)
 
-    async def _shard(self, shard: Shard, variant: str, out: str) -> int:
-        """Answer and write one shard; returns its rows (0 if an earlier attempt wrote it already)."""
+    async def _shard(self, shard: Shard, variant: str, out: str) -> tuple[int, Tally | None]:
+        """Answer and write one shard; returns its rows and tally (0 and None if an earlier attempt wrote
+        it already)."""
         if await asyncio.to_thread(outputs.shard_written, self._config.output, out):
-            return 0  # Ray Data ran this shard again (its result was lost with a node): it is done
+            return 0, None  # Ray Data ran this shard again (its result was lost with a node): it is done
         await self._supervisor.load_adapters()  # an adapter that does not load fails its shards, not rows
         started = time.time()
         self._meter.shard_started(out)
@@ -160,7 +163,7 @@ class EngineActor:
         tally = Tally.of_records(records, **asdict(retries), intervals=[[started, time.time()]])
         await self._tried(f"writing shard {out}", outputs.write_shard, self._config.output, out, records, tally)
         self._meter.beat()
-        return shard.rows
+        return shard.rows, tally
 
     async def _answers(self, rows: list[tuple[str, Any]], retries: _Retries) -> list[tuple[dict | None, dict | None]]:
         """Each row's (response, error), in order. The rows go into the engine a chunk at a time: each

@@ -140,12 +140,13 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     )
     failed: dict[str, str] = {}
     variant_of = {item.out: item.variant.name for item in items}
-    metrics.planned(metrics.labels(**_metric_labels(config)), rows)
+    job_labels = _metric_labels(config)
+    metrics.planned(metrics.labels(**job_labels), rows)
     progress = ProgressLine(stats, rows) if show else contextlib.nullcontext()
     with progress:
         for batch in done.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
-                tags = metrics.labels(**_metric_labels(config), variant=variant_of.get(row["shard"]) or "",
+                tags = metrics.labels(**job_labels, variant=variant_of.get(row["shard"]) or "",
                                       engine=row["engine"] or "", node=row["node"] or "")
                 if row["error"] is not None:
                     failed[row["shard"]] = row["error"]
@@ -153,9 +154,8 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
                     metrics.shards(tags, "failed", 1)
                 else:
                     log.info("shard %s done: %d rows in %.1fs", row["shard"], row["rows"], row["seconds"])
-                    if row["rows"]:  # 0: an earlier attempt of it had written it (and was counted)
-                        (tally,) = outputs.read_tallies(config.output.path, [row["shard"]])
-                        metrics.shard_recorded(tags, tally)
+                    if row["tally"] is not None:  # None: an earlier attempt had written it (and was counted)
+                        metrics.shard_recorded(tags, Tally.model_validate_json(row["tally"]))
     end = time.time()
     snap = progress_snapshot(stats, getattr(progress, "last", None))
     ray.kill(stats)

@@ -29,17 +29,12 @@ from pathlib import Path
 from typing import IO, Iterator
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_state: dict[str, object] = {"verbose": True, "terminal": None, "log": None}
+_state: dict[str, object] = {"verbose": True, "terminal": None}
 
 
 def verbose() -> bool:
     """Whether Ray and vLLM print on the terminal (the actors' output forwarded, Ray Data's progress)."""
     return bool(_state["verbose"])
-
-
-def log_path() -> Path | None:
-    """The job's log file, while a session is open."""
-    return _state["log"]  # type: ignore[return-value]
 
 
 def terminal() -> IO[str]:
@@ -88,7 +83,7 @@ def session(verbose: bool = False, path: Path | None = None) -> Iterator[Path]:
         sys.stderr = log
     root.handlers = [to_file, to_term]
     root.setLevel(logging.INFO)
-    _state.update(verbose=verbose, terminal=term, log=path)
+    _state.update(verbose=verbose, terminal=term)
     try:
         yield path
     finally:
@@ -97,6 +92,6 @@ def session(verbose: bool = False, path: Path | None = None) -> Iterator[Path]:
         os.dup2(saved_fd, 2)
         os.close(saved_fd)
         root.handlers, root.level = saved_handlers, saved_level
-        _state.update(verbose=True, terminal=None, log=None)
+        _state.update(verbose=True, terminal=None)
         term.close()
         log.close()

@@ -8,7 +8,7 @@ every scrape target and would rename ours to `exported_job`), variant and model:
   the engine and node that wrote it: rows by status code, prompt and completion tokens, rows retried,
   recovered and failed, and shards by state (done, kept from an earlier run, failed, redone). They add
   up to the run's figures in `summary.json`.
-- live, by each engine actor as it works, labelled by engine and node: rows answered (200s) and their
+- live, by each engine actor's meter at every beat (2 s; not per row), labelled by engine and node: rows answered (200s) and their
   output tokens, rows in flight, engine busy seconds, engine starts and restarts. Live figures count an
   answer when it is made, so a shard redone after its actor died counts twice there, never in the
   recorded ones.
@@ -109,17 +109,12 @@ def shards(tags: dict[str, str], state: str, count: int) -> None:
     _record("shards_total", count, {**tags, "state": state})
 
 
-def answered(tags: dict[str, str], output_tokens: int) -> None:
-    _record("rows_answered_total", 1, tags)
+def engine_work(tags: dict[str, str], rows: int, output_tokens: int, busy_s: float, in_flight: int) -> None:
+    """An engine's work since its last report (the actor's meter, every beat)."""
+    _record("rows_answered_total", rows, tags)
     _record("output_tokens_total", output_tokens, tags)
-
-
-def in_flight(tags: dict[str, str], rows: int) -> None:
-    _record("rows_in_flight", rows, tags, kind="gauge")
-
-
-def busy(tags: dict[str, str], seconds: float) -> None:
-    _record("engine_busy_seconds_total", seconds, tags)
+    _record("engine_busy_seconds_total", busy_s, tags)
+    _record("rows_in_flight", in_flight, tags, kind="gauge")
 
 
 def engine_started(tags: dict[str, str], restart: bool) -> None:

@@ -57,7 +57,7 @@ class EngineMeter:
         self._figures = self._fresh()
         self._in_engine = 0
         self._busy_since: float | None = None
-        self._busy_exported = 0.0  # of this engine's busy seconds, those counted in the metric
+        self._exported = self._fresh()  # this engine's figures the metrics have counted (at each beat)
         if stats is not None:
             threading.Thread(target=self._beat_forever, daemon=True, name="engine-meter").start()
 
@@ -83,7 +83,7 @@ class EngineMeter:
             self._generation += 1
             self._figures = self._fresh()
             self._busy_since = now if self._in_engine else None
-            self._busy_exported = 0.0
+            self._exported = self._fresh()
         self._send("engine", self.engine_id, {"node": self._node, "startup_s": startup_s, "ready_at": now})
         if (tags := self._tags()) is not None:
             metrics.engine_started(tags, restart=self._generation > 1)
@@ -93,9 +93,6 @@ class EngineMeter:
             if self._in_engine == 0:
                 self._busy_since = time.time()
             self._in_engine += 1
-            in_engine = self._in_engine
-        if (tags := self._tags()) is not None:
-            metrics.in_flight(tags, in_engine)
 
     def leave(self) -> None:
         with self._lock:
@@ -103,16 +100,11 @@ class EngineMeter:
             if self._in_engine == 0 and self._busy_since is not None:
                 self._figures["busy_s"] += time.time() - self._busy_since
                 self._busy_since = None
-            in_engine = self._in_engine
-        if (tags := self._tags()) is not None:
-            metrics.in_flight(tags, in_engine)
 
     def answered(self, completion_tokens: int) -> None:
         with self._lock:
             self._figures["rows"] += 1
             self._figures["completion_tokens"] += completion_tokens
-        if (tags := self._tags()) is not None:
-            metrics.answered(tags, completion_tokens)
 
     def shard_started(self, name: str) -> None:
         self._send("shard_started", name)
@@ -124,10 +116,11 @@ class EngineMeter:
             if self._busy_since is not None:
                 figures["busy_s"] += now - self._busy_since
             engine = self.engine_id
-            busy_since_last, self._busy_exported = figures["busy_s"] - self._busy_exported, figures["busy_s"]
+            new = {name: figures[name] - self._exported[name] for name in figures}
+            self._exported, in_engine = figures, self._in_engine
         self._send("beat", engine, figures, now)
-        if (tags := self._tags()) is not None:
-            metrics.busy(tags, busy_since_last)
+        if (tags := self._tags()) is not None:  # the live metrics, from the figures kept for the beat
+            metrics.engine_work(tags, new["rows"], new["completion_tokens"], new["busy_s"], in_engine)
 
     def _beat_forever(self) -> None:
         while True:
