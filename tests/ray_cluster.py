@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -38,6 +39,7 @@ class RayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="rtc-", dir="/tmp")  # short: Ray's socket paths are limited
         self.port = free_port()
         self.dashboard_port = free_port()
+        self.agent_port: int | None = None
         # token authentication, as Ray 2.60 enables it, with a token of the cluster's own (not ~/.ray's)
         self.env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CI")},
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -45,6 +47,8 @@ class RayCluster:
     def _start(self, *args: str) -> None:
         ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                         "metrics-export-port", "runtime-env-agent-port")]
+        if self.agent_port is None:  # the head's, the first node started
+            self.agent_port = int(ports[0].split("=")[1])
         started = subprocess.run([RAY, "start", *args, *ports, "--num-cpus=1", f"--temp-dir={self.temp_dir}",
                                   "--disable-usage-stats"], capture_output=True, text=True, env=self.env, timeout=180)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
@@ -53,6 +57,23 @@ class RayCluster:
         self._start("--head", f"--port={self.port}",
                     *(["--include-dashboard=true", "--dashboard-host=127.0.0.1",
                        f"--dashboard-port={self.dashboard_port}"] if dashboard else ["--include-dashboard=false"]))
+
+    def submit(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """`ray job submit` to the head's dashboard once the head's job agent is up (a busy machine can take
+        longer than the 10 s Ray's job head waits for it; it then says "No available agent ... try again later")."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.agent_port)) == 0:
+                    break
+            time.sleep(0.5)
+        command = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{self.dashboard_port}", *args]
+        for _ in range(6):
+            done = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=timeout)
+            if "No available agent to submit job" not in done.stdout + done.stderr:
+                return done
+            time.sleep(10)
+        return done
 
     def add_node(self) -> psutil.Process:
         """Start another node (one CPU) and return its raylet process."""

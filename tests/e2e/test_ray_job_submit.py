@@ -5,13 +5,12 @@ its own; the head (tests/ray_cluster.py: its own temp dir, ports and token) is s
 """
 
 import json
-import subprocess
 import sys
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.ray_cluster import RAY, RayCluster
+from tests.ray_cluster import RayCluster
 
 pytestmark = pytest.mark.engine
 
@@ -22,12 +21,10 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
     cluster = RayCluster()
     try:
         cluster.start_head(dashboard=True)
-        submitted = subprocess.run(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{cluster.dashboard_port}", "--working-dir", ".",
-             "--", sys.executable, "jobs/complete.py", "--config", "configs/local-cpu.yaml",
-             "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
-             "--set", "defaults.max_tokens=16"],
-            capture_output=True, text=True, env=cluster.env, timeout=600)
+        submitted = cluster.submit(
+            "--working-dir", ".", "--", sys.executable, "jobs/complete.py", "--config", "configs/local-cpu.yaml",
+            "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+            "--set", "defaults.max_tokens=16")
     finally:
         cluster.stop()
     assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
