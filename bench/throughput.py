@@ -14,6 +14,8 @@ Two workloads (`--workload short|long|both`, default both, one after the other):
   a  vLLM's `LLM.generate` over the whole prompt list in one process: the ceiling.
   b  Ray Data LLM: `ray.data.llm.build_processor(vLLMEngineProcessorConfig(...))` over the Parquet file.
   c  this pipeline: `python -m pipeline run --config <generated YAML>`, read back from its summary.json.
+  m  c with vLLM's engine metrics off (`--set engine.engine_metrics=false`); c/m is what they cost
+     (`--contenders c,m`; not in the default set).
 
 Each contender runs in its own process, one after another. The engine settings of a and b are what
 `pipeline.engine.engine_args` gives vLLM for the job's `engine` section (everything it sets that
@@ -102,7 +104,9 @@ CONTENDERS = {
     "a": "vLLM LLM.generate (one process)",
     "b": "ray.data.llm build_processor",
     "c": "this pipeline (python -m pipeline run)",
+    "m": "this pipeline, vLLM's engine metrics off (engine.engine_metrics=false): what metrics cost",
 }
+PIPELINE = ("c", "m")
 METHODS = {
     "a": {"startup_s": "from before importing vLLM until LLM(...) returned",
           "wall_s": "from the same start until LLM.generate over all prompts returned"},
@@ -244,8 +248,11 @@ def worker(name: str, work: Path) -> None:
 
 def launch(name: str, work: Path) -> dict[str, Any]:
     """Run one contender in its own process; return what it measured, or stop with its log."""
-    if name == "c":
-        command = [sys.executable, "-m", "pipeline", "run", "--config", str(work / "job.yaml")]
+    if name in PIPELINE:
+        command = [sys.executable, "-m", "pipeline", "run", "--config", str(work / "job.yaml"),
+                   "--set", f"output.path={work / f'out-{name}'}"]
+        if name == "m":
+            command += ["--set", "engine.engine_metrics=false"]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work)]
     log = work / f"{name}.log"
@@ -266,15 +273,15 @@ def launch(name: str, work: Path) -> dict[str, Any]:
     if code != 0:
         raise SystemExit(f"contender {name} failed (exit {code}); the end of its log:\n"
                          f"{log.read_text()[-4000:]}")
-    if name == "c":
-        summary = json.loads((work / "out-c" / "summary.json").read_text())
+    if name in PIPELINE:
+        summary = json.loads((work / f"out-{name}" / "summary.json").read_text())
         result = {"rows": summary["rows_run"], "output_tokens": summary["run_completion_tokens"],
                   "prompt_tokens": summary["prompt_tokens"], "startup_s": summary["first_engine_ready_s"],
                   "wall_s": summary["wall_s"], "engine_startup_s": summary["engine_startup_s"]}
     else:
         result = json.loads((work / f"result-{name}.json").read_text())
     return {"contender": CONTENDERS[name], **result, **derived(result),
-            "process_wall_s": round(process_wall_s, 3), "load_avg_1m_before": load, "method": METHODS[name]}
+            "process_wall_s": round(process_wall_s, 3), "load_avg_1m_before": load, "method": METHODS["c" if name in PIPELINE else name]}
 
 
 def wait_for_leftovers(marker: str, timeout_s: float = 60) -> None:
@@ -330,9 +337,10 @@ def machine() -> dict[str, Any]:
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """c over a and over b, of each contender's median over its rounds."""
+    """c over a, over b, and over itself with vLLM's metrics off (m), of each contender's median over its
+    rounds."""
     out = {}
-    for other in ("a", "b"):
+    for other in ("a", "b", "m"):
         if "c" in results and other in results:
             for measure in ("tokens_per_s_generation", "tokens_per_s_end_to_end"):
                 out[f"c/{other} {measure}"] = round(results["c"]["median"][measure] /

@@ -121,6 +121,10 @@ class EngineConfig(Strict):
         "Start vLLM's engine-core process from a forkserver that imports vLLM while the actor does "
         "(Linux), instead of vLLM spawning a new interpreter that imports it again afterwards: about 6 s "
         "off each engine start-up on CPU. false: vLLM's own spawn."))
+    engine_metrics: bool = Field(True, description=(
+        "Export vLLM's own engine metrics (running and waiting requests, KV-cache use, prefix-cache hits, "
+        "time to first token, inter-token latency, tokens) through Ray's metrics, labelled like the job's "
+        "(docs/observability.md). false: vLLM keeps no per-step stats."))
 
     @field_validator("num_actors", mode="before")
     @classmethod

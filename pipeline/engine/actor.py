@@ -70,7 +70,7 @@ class EngineActor:
                  meter: Callable[[str, str], Any]) -> None:
         """`score` adds a scored job's `score` column to a shard's records (or returns them as they
         are); `meter(engine_id, node)` makes the meter that counts this actor's engine work (enter,
-        leave, answered, engine_started, shard_started, beat). Both come from the job, so that this
+        leave, answered, engine_started, shard_started, beat, stat_loggers). Both come from the job, so that this
         room imports neither evaluation nor reporting."""
         # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
@@ -101,8 +101,10 @@ class EngineActor:
         `engine.row_retries` times, after the same backoff as a row's."""
         for attempt in range(self._config.engine.row_retries + 1):
             try:
-                engine = CompletionEngine.start(self._config.engine, self._model_path, self._builder.served_name,
-                                                self._config.defaults.sampling_defaults(), self._adapters)
+                engine = CompletionEngine.start(
+                    self._config.engine, self._model_path, self._builder.served_name,
+                    self._config.defaults.sampling_defaults(), self._adapters,
+                    stat_loggers=self._meter.stat_loggers() if self._config.engine.engine_metrics else ())
                 break
             except Exception as exc:  # noqa: BLE001 - vLLM raises RuntimeError and others
                 if attempt == self._config.engine.row_retries:

@@ -20,7 +20,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import ValidationError
 
@@ -93,10 +93,12 @@ class CompletionEngine:
 
     @classmethod
     def start(cls, cfg: EngineConfig, model_path: str, served_name: str,
-              sampling_defaults: dict[str, Any], adapters: AdapterSet = AdapterSet()) -> "CompletionEngine":
+              sampling_defaults: dict[str, Any], adapters: AdapterSet = AdapterSet(),
+              stat_loggers: Sequence[Any] = ()) -> "CompletionEngine":
         """Start an engine. `sampling_defaults` holds temperature, top_p and max_tokens defaults;
         `adapters` (local folders) are served under their names beside the base model, as the server's
-        `--lora-modules` serves them."""
+        `--lora-modules` serves them; `stat_loggers`: vLLM's stat-logger classes (its engine metrics),
+        none by default (vLLM then keeps no per-step stats)."""
         import_vllm_apart()
         if cfg.resolved_device() == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gb))
@@ -109,7 +111,8 @@ class CompletionEngine:
         defaults = {k: v for k, v in sampling_defaults.items() if k != "max_tokens"}
         cores.for_a_new_engine()
         with core_process.forked_engine_core():
-            engine = AsyncLLM.from_engine_args(engine_args(cfg, model_path, served_name, defaults, adapters))
+            engine = AsyncLLM.from_engine_args(engine_args(cfg, model_path, served_name, defaults, adapters),
+                                               stat_loggers=list(stat_loggers) or None)
         cores.share_out_cores()
         lora_modules = [LoRAModulePath(name=name, path=path) for name, path in adapters.paths.items()]
         models = OpenAIServingModels(engine_client=engine,

@@ -74,6 +74,16 @@ class EngineMeter:
             return None
         return metrics.labels(**self._labels, engine=self.engine_id, node=self._node)
 
+    def stat_loggers(self) -> list[type]:
+        """vLLM's Ray metrics logger for the next engine this actor starts, labelled as the job's live
+        metrics are (none without labels)."""
+        if self._labels is None:
+            return []
+        from pipeline.reporting import engine_metrics
+
+        return [engine_metrics.stat_logger(metrics.labels(**self._labels, engine=f"{self._actor}-{self._generation + 1}",
+                                                          node=self._node))]
+
     def engine_started(self, startup_s: float) -> None:
         """A new engine is ready: its figures start from zero."""
         now = time.time()

@@ -1,0 +1,31 @@
+"""vLLM's Ray metrics logger with the job's labels (pipeline/reporting/engine_metrics.py): vLLM's own
+wrappers, given the job's tag keys and values; vLLM's `engine` index replaced by the job's engine id.
+(The metrics reaching a real Prometheus from a real job: tests/e2e/test_two_node_poison.py.)"""
+
+from pipeline.reporting import engine_metrics, metrics
+
+TAGS = metrics.labels(output="/tmp/out", model="tiny", engine="ab12cd34.77-2", node="n1")
+
+
+def test_vllms_labels_and_the_jobs_on_every_metric():
+    logger = engine_metrics.stat_logger(TAGS)
+    gauge = logger._gauge_cls("vllm:num_requests_running", "running", labelnames=["model_name", "engine"])
+    assert gauge.metric._tag_keys == ("model_name", "engine", "output", "variant", "model", "node", "ReplicaId")
+    labelled = gauge.labels("tiny-served", "0")  # as vLLM labels it: served name, engine index
+    assert labelled._tags == {"model_name": "tiny-served", "engine": "ab12cd34.77-2", "output": "/tmp/out",
+                              "variant": "", "model": "tiny", "node": "n1", "ReplicaId": ""}
+    counter = logger._counter_cls("vllm:corrupted_requests", "unlabelled")  # a metric vLLM gives no labels
+    assert set(counter._tags) == set(counter.metric._tag_keys) and counter._tags["engine"] == "ab12cd34.77-2"
+    histogram = logger._histogram_cls("vllm:time_to_first_token_seconds", "ttft", labelnames=["model_name", "engine"],
+                                      buckets=[0.1, 1.0]).labels("tiny-served", "0")
+    assert histogram._tags["engine"] == "ab12cd34.77-2" and histogram._tags["output"] == "/tmp/out"
+    assert logger._spec_decoding_cls._counter_cls is logger._counter_cls
+
+
+def test_a_meter_gives_the_next_engine_its_id_and_none_without_labels():
+    from pipeline.reporting.progress import EngineMeter
+
+    assert EngineMeter(None, "a.1", "node").stat_loggers() == []
+    (logger,) = EngineMeter(None, "a.1", "node", labels={"output": "o", "model": "m"}).stat_loggers()
+    gauge = logger._gauge_cls("vllm:kv_cache_usage_perc", "kv", labelnames=["model_name", "engine"]).labels("m", "0")
+    assert gauge._tags["engine"] == "a.1-1" and gauge._tags["node"] == "node"
