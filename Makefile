@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test bench bench-harness clean
+.PHONY: setup demo test bench bench-harness dashboard clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test: setup
 # (bench/results/throughput.json, throughput-short.json); see docs/performance.md.
 bench: setup
 	$(VENV)/bin/python bench/throughput.py
+
+# make dashboard: the Grafana dashboard's panels drawn from a real run through a real Prometheus
+# (Debian's `prometheus`), into docs/dashboard.png; see docs/observability.md.
+dashboard: setup
+	$(VENV)/bin/python bench/dashboard.py
 
 # make bench-harness: lm-evaluation-harness tasks three ways (its vLLM backend, its API backend against
 # vLLM's server, this pipeline); bench/results/harness.json, docs/lm-evaluation-harness.md.

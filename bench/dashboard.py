@@ -1,10 +1,10 @@
 """The Grafana dashboard's panels, rendered from a real run without Grafana (none installs here).
 
-    .venv/bin/python bench/dashboard.py [--rows 320] [--out docs/dashboard.png]
+    .venv/bin/python bench/dashboard.py [--rows 1280] [--out docs/dashboard.png]
 
 Starts a Ray head on this machine with a metrics port (tests/ray_cluster.py: its own temp dir, ports
 and token), a real Prometheus scraping it through Ray's service-discovery file (tests/prometheus.py,
-Debian's `prometheus`), runs the job on the sample prompts with two engine actors, then asks
+Debian's `prometheus`), runs the job on the sample prompts (repeated) with one CPU engine, then asks
 Prometheus each panel's queries of configs/grafana/batch-completions.json over the run (`$output` set
 to the job's) and draws them where the dashboard places them: time series as lines, stat and gauge
 panels as their last value. Everything it started is stopped by its own process id.
@@ -21,6 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +35,14 @@ DASHBOARD = ROOT / "configs" / "grafana" / "batch-completions.json"
 
 def run_job(cluster: RayCluster, work: Path, rows: int) -> str:
     sample = pq.read_table(ROOT / "data" / "sample_prompts.parquet")
-    pq.write_table(sample.slice(0, rows), work / "in.parquet")
+    copies = [sample.set_column(sample.schema.get_field_index("id"), "id",
+                                pa.array([f"{n}-{i}" for i in sample.column("id").to_pylist()]))
+              for n in range(-(-rows // sample.num_rows))]  # the sample again, under other ids, for a longer job
+    pq.write_table(pa.concat_tables(copies).slice(0, rows), work / "in.parquet")
     out = str(work / "out")
     command = [sys.executable, "-m", "pipeline", "run", "--config", "configs/local-cpu.yaml",
                "--input", str(work / "in.parquet"), "--output", out, "--set", f"ray_address=127.0.0.1:{cluster.port}",
-               "--set", "engine.num_actors=2", "--set", "output.rows_per_file=20"]
+               "--set", "output.rows_per_file=20"]
     done = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"the job failed:\n{(done.stdout + done.stderr)[-3000:]}")
@@ -87,7 +91,7 @@ def draw(panels: list[dict], data: dict[int, list[list[dict]]], start: float, ti
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=320)
+    parser.add_argument("--rows", type=int, default=1280)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard.png")
     args = parser.parse_args()
     if not prometheus.available():
@@ -112,7 +116,7 @@ def main() -> None:
     silent = [p["title"] for p in panels if not any(s["values"] for target in data[p["id"]] for s in target)]
     when = datetime.fromtimestamp(start).strftime("%Y-%m-%d %H:%M")
     draw(panels, data, start, f"Batch completions dashboard, rendered from Prometheus for a {args.rows}-row job "
-         f"with 2 CPU engines on one Ray node ({when}); panels without data: {silent or 'none'}", args.out)
+         f"on one CPU engine (one Ray node, tiny model) ({when}); panels without data: {silent or 'none'}", args.out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from pathlib import Path
 
 J = 'output=~"$output"'
 M = "ray_batch_completions_"
-V = "ray_vllm_"  # vLLM's own engine metrics, with the job's labels (pipeline/reporting/engine_metrics.py)
+V = "ray_vllm_"  # vLLM's own engine metrics, with the job's labels (pipeline/engine/vllm_metrics.py)
 panels_spec = [
     # (title, type, [(expr, legend)], unit, w)
     ("Rows recorded / planned", "gauge", [(f'sum({M}rows_recorded_total{{{J}}}) / sum({M}rows_planned_total{{{J}}})', "done")], "percentunit", 6),

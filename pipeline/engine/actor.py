@@ -14,7 +14,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline.config import JobConfig, Variant
-from pipeline.engine import core_process
+from pipeline.engine import core_process, vllm_metrics
 from pipeline.engine.completion_engine import CompletionEngine
 from pipeline.engine.supervisor import EngineSupervisor, EngineUnavailable, Row
 from pipeline.io import outputs, storage
@@ -70,7 +70,7 @@ class EngineActor:
                  meter: Callable[[str, str], Any]) -> None:
         """`score` adds a scored job's `score` column to a shard's records (or returns them as they
         are); `meter(engine_id, node)` makes the meter that counts this actor's engine work (enter,
-        leave, answered, engine_started, shard_started, beat, stat_loggers). Both come from the job, so that this
+        leave, answered, engine_starting, engine_started, shard_started, beat, next_engine_tags). Both come from the job, so that this
         room imports neither evaluation nor reporting."""
         # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
@@ -99,12 +99,13 @@ class EngineActor:
     def _start_engine(self) -> Any:
         """Start an engine; one that dies while starting (killed, out of memory) is started again,
         `engine.row_retries` times, after the same backoff as a row's."""
+        self._meter.engine_starting()
         for attempt in range(self._config.engine.row_retries + 1):
             try:
                 engine = CompletionEngine.start(
                     self._config.engine, self._model_path, self._builder.served_name,
                     self._config.defaults.sampling_defaults(), self._adapters,
-                    stat_loggers=self._meter.stat_loggers() if self._config.engine.engine_metrics else ())
+                    stat_loggers=self._stat_loggers())
                 break
             except Exception as exc:  # noqa: BLE001 - vLLM raises RuntimeError and others
                 if attempt == self._config.engine.row_retries:
@@ -113,6 +114,11 @@ class EngineActor:
                 time.sleep(self._config.engine.retry_backoff_s * 2 ** attempt)
         self._meter.engine_started(engine.startup_s)
         return engine
+
+    def _stat_loggers(self) -> tuple[type, ...]:
+        """vLLM's Ray metrics logger for the next engine, with the job's labels (engine.engine_metrics)."""
+        tags = self._meter.next_engine_tags() if self._config.engine.engine_metrics else None
+        return (vllm_metrics.stat_logger(tags),) if tags else ()
 
     def __del__(self) -> None:
         # Ray Data deletes the UDF when it retires the actor: stop the engine before the process goes.

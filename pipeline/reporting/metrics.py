@@ -56,8 +56,9 @@ def _metric(name: str, kind: str, tags: tuple[str, ...]) -> Any:
     return cls(PREFIX + name, description=DESCRIPTIONS[name], tag_keys=tags)
 
 
-def _record(name: str, value: float, tags: dict[str, str], kind: str = "counter") -> None:
-    if kind == "counter" and not value:
+def _record(name: str, value: float, tags: dict[str, str], kind: str = "counter", zero: bool = False) -> None:
+    """Add `value` to a counter (nothing when 0) or set a gauge; `zero`: start a counter's series at 0."""
+    if kind == "counter" and not value and not zero:
         return
     try:
         import ray
@@ -65,7 +66,11 @@ def _record(name: str, value: float, tags: dict[str, str], kind: str = "counter"
         if not ray.is_initialized():  # a run with nothing to do starts no Ray: nothing to export to
             return
         metric = _metric(name, kind, tuple(tags))
-        if kind == "counter":
+        if zero:
+            # Ray's Counter.inc refuses 0; its recording does not. A series born at its first export
+            # with rows already counted would make Prometheus's rate() miss them.
+            metric._record(0.0, tags=tags)
+        elif kind == "counter":
             metric.inc(value, tags=tags)
         else:
             metric.set(value, tags=tags)
@@ -115,6 +120,13 @@ def engine_work(tags: dict[str, str], rows: int, output_tokens: int, busy_s: flo
     _record("output_tokens_total", output_tokens, tags)
     _record("engine_busy_seconds_total", busy_s, tags)
     _record("rows_in_flight", in_flight, tags, kind="gauge")
+
+
+def engine_starting(tags: dict[str, str]) -> None:
+    """An engine is being started: its live counters' series start at 0, exported while it loads, so
+    that rate() counts its first answers too (a series first exported with rows in it would not)."""
+    for name in ("rows_answered_total", "output_tokens_total", "engine_busy_seconds_total", "engine_restarts_total"):
+        _record(name, 0, tags, zero=True)
 
 
 def engine_started(tags: dict[str, str], restart: bool) -> None:

@@ -74,15 +74,17 @@ class EngineMeter:
             return None
         return metrics.labels(**self._labels, engine=self.engine_id, node=self._node)
 
-    def stat_loggers(self) -> list[type]:
-        """vLLM's Ray metrics logger for the next engine this actor starts, labelled as the job's live
-        metrics are (none without labels)."""
+    def next_engine_tags(self) -> dict[str, str] | None:
+        """The labels of the next engine this actor starts (its live metrics', and vLLM's metrics' for
+        it: pipeline/engine/vllm_metrics.py); None without labels."""
         if self._labels is None:
-            return []
-        from pipeline.reporting import engine_metrics
+            return None
+        return metrics.labels(**self._labels, engine=f"{self._actor}-{self._generation + 1}", node=self._node)
 
-        return [engine_metrics.stat_logger(metrics.labels(**self._labels, engine=f"{self._actor}-{self._generation + 1}",
-                                                          node=self._node))]
+    def engine_starting(self) -> None:
+        """The next engine is being started (its live metrics start at 0)."""
+        if (tags := self.next_engine_tags()) is not None:
+            metrics.engine_starting(tags)
 
     def engine_started(self, startup_s: float) -> None:
         """A new engine is ready: its figures start from zero."""

@@ -1,14 +1,15 @@
-"""vLLM's Ray metrics logger with the job's labels (pipeline/reporting/engine_metrics.py): vLLM's own
+"""vLLM's Ray metrics logger with the job's labels (pipeline/engine/vllm_metrics.py): vLLM's own
 wrappers, given the job's tag keys and values; vLLM's `engine` index replaced by the job's engine id.
 (The metrics reaching a real Prometheus from a real job: tests/e2e/test_two_node_poison.py.)"""
 
-from pipeline.reporting import engine_metrics, metrics
+from pipeline.engine import vllm_metrics
+from pipeline.reporting import metrics
 
 TAGS = metrics.labels(output="/tmp/out", model="tiny", engine="ab12cd34.77-2", node="n1")
 
 
 def test_vllms_labels_and_the_jobs_on_every_metric():
-    logger = engine_metrics.stat_logger(TAGS)
+    logger = vllm_metrics.stat_logger(TAGS)
     gauge = logger._gauge_cls("vllm:num_requests_running", "running", labelnames=["model_name", "engine"])
     assert gauge.metric._tag_keys == ("model_name", "engine", "output", "variant", "model", "node", "ReplicaId")
     labelled = gauge.labels("tiny-served", "0")  # as vLLM labels it: served name, engine index
@@ -25,7 +26,7 @@ def test_vllms_labels_and_the_jobs_on_every_metric():
 def test_a_meter_gives_the_next_engine_its_id_and_none_without_labels():
     from pipeline.reporting.progress import EngineMeter
 
-    assert EngineMeter(None, "a.1", "node").stat_loggers() == []
-    (logger,) = EngineMeter(None, "a.1", "node", labels={"output": "o", "model": "m"}).stat_loggers()
+    assert EngineMeter(None, "a.1", "node").next_engine_tags() is None
+    logger = vllm_metrics.stat_logger(EngineMeter(None, "a.1", "node", labels={"output": "o", "model": "m"}).next_engine_tags())
     gauge = logger._gauge_cls("vllm:kv_cache_usage_perc", "kv", labelnames=["model_name", "engine"]).labels("m", "0")
     assert gauge._tags["engine"] == "a.1-1" and gauge._tags["node"] == "node"
