@@ -121,6 +121,13 @@ class EngineConfig(Strict):
         "Start vLLM's engine-core process from a forkserver that imports vLLM while the actor does "
         "(Linux), instead of vLLM spawning a new interpreter that imports it again afterwards: about 6 s "
         "off each engine start-up on CPU. false: vLLM's own spawn."))
+    vllm: dict[str, Any] = Field(default_factory=dict, description=(
+        "Any other argument of the installed vLLM's engine, by the names `vllm serve` documents (dashes "
+        "or underscores): `quantization`, `kv_cache_dtype`, `speculative_config`, `pipeline_parallel_size`, "
+        "`load_format`, `tokenizer`, `revision`, `hf_overrides`, ... Checked against vLLM's own argument "
+        "definitions before Ray starts; null keeps vLLM's default. The keys above, and what the job "
+        "sets from the model, the request defaults and the metrics, are not taken here "
+        "(docs/configuration.md#vllm-engine-arguments)."))
     engine_metrics: bool = Field(True, description=(
         "Export vLLM's own engine metrics (running and waiting requests, KV-cache use, prefix-cache hits, "
         "time to first token, inter-token latency, tokens) through Ray's metrics, labelled like the job's "

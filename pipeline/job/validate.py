@@ -21,6 +21,7 @@ from pipeline.io.plan import plan_input
 from pipeline.io.read import python_rows, read_shard
 from pipeline.models.adapters import discover, unknown_model_message
 from pipeline.config import JobConfig
+from pipeline.engine import engine_args
 from pipeline.engine.serving import batch_request_class, naming_param, param_in_body, validation_error_body
 from pipeline.io.plan import INPUT_ERROR, ROW_KEY
 from pipeline.protocol import BodyError, error_body
@@ -36,6 +37,8 @@ class ValidationReport(BaseModel):
     examples: dict[str, list[str]] = Field(default_factory=dict, description="a few row keys per error")
     prompt_tokens: dict[str, float] = Field(default_factory=dict, description="min/mean/p50/p95/max")
     max_new_tokens: int = Field(0, description="The most tokens the job could generate (valid rows).")
+    vllm_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "engine.vllm as vLLM's parser read it: what the engine is given besides the engine keys."))
     setup_s: float = Field(0.0, description="Loading vLLM, the model config and the tokenizer.")
     seconds: float = Field(0.0, description="Reading and checking the rows.")
     rows_per_s: float = 0.0
@@ -52,6 +55,8 @@ class ValidationReport(BaseModel):
             lines.append("prompt tokens:    min {min:.0f}, mean {mean:.1f}, p50 {p50:.0f}, p95 {p95:.0f}, "
                          "max {max:.0f}".format(**stats))
         lines.append(f"max new tokens:   {self.max_new_tokens} (if every valid row ran to its max_tokens)")
+        if self.vllm_args:
+            lines.append(f"vLLM arguments:   {self.vllm_args} (engine.vllm, as vLLM read them)")
         lines.append(f"checked in:       {self.seconds:.2f}s ({self.rows_per_s:.0f} rows/s), after "
                      f"{self.setup_s:.1f}s loading the tokenizer and vLLM's checks")
         return "\n".join(lines)
@@ -193,12 +198,13 @@ async def _gather(coroutines: list[Any]) -> list[Any]:
 def validate(config: JobConfig, examples_per_error: int = 3) -> ValidationReport:
     """Check every row of the input and summarize; raises InputError for job-level problems."""
     setup_started = time.monotonic()
+    vllm = engine_args.vllm_args(config.engine)  # VllmArgsError first: a config error
     prepared = _prepare(config)  # plans the input, loads the tokenizer and vLLM's checks
     started = time.monotonic()
     errors: Counter[str] = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
     prompt_lengths: list[int] = []
-    report = ValidationReport(input=config.input.path)
+    report = ValidationReport(input=config.input.path, vllm_args=vllm)
     for row in _checked(*prepared):
         report.rows += 1
         if row.error is None:
