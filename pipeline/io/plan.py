@@ -19,7 +19,7 @@ from array import array
 from bisect import bisect_left
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -55,7 +55,7 @@ class Shard:
     stop: int  # one past the last
     byte_start: int = -1  # JSONL: where line `start` begins (-1: stream the file from its start, e.g. gzip)
     byte_stop: int = -1
-    duplicates: tuple[int, ...] = ()  # JSONL: lines in the shard whose custom_id an earlier line has
+    duplicates: tuple[int, ...] = ()  # rows in the shard whose custom_id (or input.id_column) an earlier row has
 
     @property
     def rows(self) -> int:
@@ -71,7 +71,7 @@ class InputFile:
     # uncompressed JSONL: the byte where each line begins, then one past the last line (rows + 1 entries,
     # 8 bytes each); None for Parquet (row groups are found by the reader) and for gzip (streamed)
     line_starts: array | None = None
-    duplicates: array = field(default_factory=lambda: array("q"))  # JSONL: lines whose custom_id an earlier line has
+    duplicates: array = field(default_factory=lambda: array("q"))  # rows whose custom_id / id_column value an earlier row has
 
 
 @dataclass
@@ -151,6 +151,8 @@ def plan_input(config: InputConfig, rows_per_shard: int | None = None) -> InputP
     if plan.rows == 0:
         raise InputError(f"input {redact(config.path)} holds no rows; nothing to do")
     _check_columns(plan)
+    if plan.format == "parquet" and config.id_column:
+        _find_repeated_ids(plan)
     if rows_per_shard is not None:
         plan.shards = cut_shards(plan, rows_per_shard)
     return plan
@@ -206,6 +208,21 @@ def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, root: str, infos: li
     return InputPlan(config, "parquet", fs, root, files, schema, sum(f.rows for f in files))
 
 
+def _find_repeated_ids(plan: InputPlan) -> None:
+    """Rows whose `input.id_column` value an earlier row has (across files, in order): they become error
+    records, as repeated custom_ids do, so that every row key names one record. Reads that column only."""
+    import pyarrow.parquet as pq
+
+    column, ids = plan.config.id_column, _CustomIds()
+    for file in plan.files:
+        with plan.filesystem.open_input_file(file.path) as handle:
+            values = pq.ParquetFile(handle).read(columns=[column]).column(0).to_pylist()
+        for value in values:
+            ids.add_key(None if value is None else str(value))
+    for file, duplicates in zip(plan.files, ids.repeated([f.rows for f in plan.files])):
+        file.duplicates = duplicates
+
+
 def _plan_batch(config: InputConfig, fs: pafs.FileSystem, root: str, paths: list[str]) -> InputPlan:
     """One streamed pass over the JSONL files, in order: count lines, note where each begins, and find
     repeated custom_ids (the first line keeps it; the others become error records)."""
@@ -243,9 +260,13 @@ class _CustomIds:
             custom_id = json.loads(line).get("custom_id")
         except (ValueError, AttributeError, RecursionError):  # the reader makes it the line's error
             custom_id = None
-        if isinstance(custom_id, str):
+        self.add_key(custom_id)
+
+    def add_key(self, key: Any) -> None:
+        """The next row's key; a null or empty one is the reader's error, never a repeat."""
+        if isinstance(key, str) and key:
             self._numbers.append(self._lines)
-            self._digests += hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            self._digests += hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
         self._lines += 1
 
     def repeated(self, rows_per_file: list[int]) -> list[array]:

@@ -35,13 +35,35 @@ def read_parquet_shard(plan: InputPlan, shard: Shard) -> pa.Table:
     table, errors = _utf8_errors(_parquet_slice(plan, shard))
     name = shard.file.rsplit("/", 1)[-1]
     if plan.config.id_column:
-        keys = pa.array([None if v is None else str(v) for v in table.column(plan.config.id_column).to_pylist()],
-                        pa.string())
+        keys = pa.array(_row_keys(plan.config.id_column, table.column(plan.config.id_column).to_pylist(), shard,
+                                  name, errors), pa.string())
     else:
         keys = pa.array([f"{name}:{i}" for i in range(shard.start, shard.stop)], pa.string())
     columns = {f.name: _conform(table, f) for f in plan.schema if f.name != ROW_KEY}
     out = pa.table({ROW_KEY: keys, **columns}, schema=plan.schema)
     return out.append_column(pa.field(INPUT_ERROR, ERROR_STRUCT), pa.array(errors, ERROR_STRUCT))
+
+
+def _row_keys(column: str, values: list[Any], shard: Shard, name: str, errors: list[Any]) -> list[str]:
+    """Each row's key from `input.id_column`. A null or empty value, or one an earlier row has, is the
+    row's error (a 400 naming the column) and its key is `<file>:<row>`, so every key names one record."""
+    keys, duplicates = [], set(shard.duplicates)
+    for i, value in enumerate(values):
+        number = shard.start + i
+        key = None if value is None else str(value)
+        problem = None
+        if not key:
+            problem = f"input.id_column `{column}` is {'null' if key is None else 'empty'} on this row; row keys " \
+                      "must be non-empty and unique"
+        elif number in duplicates:
+            shown = key if len(key) <= 80 else key[:77] + "..."
+            problem = f"input.id_column `{column}` value {shown!r} appears on an earlier row; row keys must be unique"
+        if problem is not None:
+            key = f"{name}:{number}"
+            if errors[i] is None:
+                errors[i] = error_body(problem, "BadRequestError", 400, column)
+        keys.append(key)
+    return keys
 
 
 def _conform(table: pa.Table, field: pa.Field) -> pa.ChunkedArray:
