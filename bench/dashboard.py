@@ -42,7 +42,7 @@ def run_job(cluster: RayCluster, work: Path, rows: int) -> str:
     out = str(work / "out")
     command = [sys.executable, "-m", "pipeline", "run", "--config", "configs/local-cpu.yaml",
                "--input", str(work / "in.parquet"), "--output", out, "--set", f"ray_address=127.0.0.1:{cluster.port}",
-               "--set", "output.rows_per_file=20"]
+               "--set", "output.rows_per_file=20", "--set", "engine.engine_metrics=true"]
     done = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"the job failed:\n{(done.stdout + done.stderr)[-3000:]}")

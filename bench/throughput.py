@@ -14,8 +14,8 @@ Two workloads (`--workload short|long|both`, default both, one after the other):
   a  vLLM's `LLM.generate` over the whole prompt list in one process: the ceiling.
   b  Ray Data LLM: `ray.data.llm.build_processor(vLLMEngineProcessorConfig(...))` over the Parquet file.
   c  this pipeline: `python -m pipeline run --config <generated YAML>`, read back from its summary.json.
-  m  c with vLLM's engine metrics off (`--set engine.engine_metrics=false`); c/m is what they cost
-     (`--contenders c,m`; not in the default set).
+  m  c with vLLM's engine metrics on (`--set engine.engine_metrics=true`, the GPU default; off on CPU):
+     c/m is what they cost (`--contenders c,m`; not in the default set).
 
 Each contender runs in its own process, one after another. The engine settings of a and b are what
 `pipeline.engine.engine_args` gives vLLM for the job's `engine` section (everything it sets that
@@ -104,7 +104,7 @@ CONTENDERS = {
     "a": "vLLM LLM.generate (one process)",
     "b": "ray.data.llm build_processor",
     "c": "this pipeline (python -m pipeline run)",
-    "m": "this pipeline, vLLM's engine metrics off (engine.engine_metrics=false): what metrics cost",
+    "m": "this pipeline with vLLM's engine metrics on (engine.engine_metrics=true, the GPU default)",
 }
 PIPELINE = ("c", "m")
 METHODS = {
@@ -252,7 +252,7 @@ def launch(name: str, work: Path) -> dict[str, Any]:
         command = [sys.executable, "-m", "pipeline", "run", "--config", str(work / "job.yaml"),
                    "--set", f"output.path={work / f'out-{name}'}"]
         if name == "m":
-            command += ["--set", "engine.engine_metrics=false"]
+            command += ["--set", "engine.engine_metrics=true"]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work)]
     log = work / f"{name}.log"
@@ -337,7 +337,7 @@ def machine() -> dict[str, Any]:
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """c over a, over b, and over itself with vLLM's metrics off (m), of each contender's median over its
+    """c over a, over b, and over itself with vLLM's metrics on (m), of each contender's median over its
     rounds."""
     out = {}
     for other in ("a", "b", "m"):

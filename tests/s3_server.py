@@ -4,6 +4,7 @@ subprocess on a free port and stopped by its pid whatever happens."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -24,12 +25,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def s3_server(log: str = "/dev/null") -> Iterator[str]:
-    """Yield the endpoint (`127.0.0.1:PORT`) of a fresh moto S3 server."""
+def s3_server(log: str = "/dev/null", authenticate: bool = False) -> Iterator[str]:
+    """Yield the endpoint (`127.0.0.1:PORT`) of a fresh moto S3 server. `authenticate`: it checks
+    credentials (moto's IAM: every access key is unknown to it, so every request is refused)."""
     port = _free_port()
+    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if authenticate else {})}
     with open(log, "wb") as out:
         server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=out, stderr=subprocess.STDOUT)
+                                  stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60
         while True:

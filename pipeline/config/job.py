@@ -13,9 +13,17 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.config.scoring import CHOICE_REQUEST_FIELDS, ScoringConfig
-from pipeline.config.sections import (ConfigError, EngineConfig, InputConfig, ModelConfig, OutputConfig,
-                                      RequestDefaults, Strict)
+from pipeline.config.sections import (ConfigError, CostConfig, EngineConfig, InputConfig, ModelConfig,
+                                      OutputConfig, RequestDefaults, Strict)
 from pipeline.config.sweep import SweepConfig, Variant, label, slug
+
+
+# engine.vllm arguments that change only speed or placement, not answers: a resume may change them.
+SPEED_ONLY = {"pipeline_parallel_size", "distributed_executor_backend", "block_size", "swap_space",
+              "cpu_offload_gb", "max_parallel_loading_workers", "disable_custom_all_reduce", "max_num_partial_prefills",
+              "max_long_partial_prefills", "long_prefill_token_threshold", "scheduling_policy", "num_gpu_blocks_override",
+              "kv_cache_memory_bytes", "enable_expert_parallel", "data_parallel_size", "async_scheduling",
+              "compilation_config", "cuda_graph_sizes", "load_format", "download_dir", "worker_cls", "ray_workers_use_nsight"}
 
 
 class JobConfig(Strict):
@@ -30,6 +38,8 @@ class JobConfig(Strict):
     scoring: ScoringConfig | None = Field(None, description=(
         "Score each record against the row's reference answer (a `score` column; a sweep's comparison "
         "gains mean scores with 95% intervals); see docs/evaluation.md."))
+    cost: CostConfig = Field(default_factory=CostConfig, description=(
+        "The price of an accelerator-hour, for the summary's cost figures."))
     ray_address: str | None = Field(None, description=(
         "Ray cluster to join (`auto` inside `ray job submit`). None: use the job's cluster when run by "
         "`ray job submit`, else start a local Ray in-process."))
@@ -110,6 +120,9 @@ class JobConfig(Strict):
             "defaults": self.defaults.model_dump(),
             "variants": {v.name: {"model": _model_identity(v), "params": v.params} for v in self.variants()},
         }
+        answering = {k: v for k, v in self.engine.vllm.items() if k.replace("-", "_") not in SPEED_ONLY}
+        if answering:  # engine.vllm arguments that change answers (an identity without any is what it was)
+            identity["engine"]["vllm"] = answering
         if self.scoring is not None:  # the scores are in the records; the baseline only in the comparison
             identity["scoring"] = self.scoring.model_dump(exclude={"baseline"})
         return json.loads(json.dumps(identity))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline.config import JobConfig, Variant
-from pipeline.engine import core_process, vllm_metrics
+from pipeline.engine import core_process, pool, vllm_metrics
 from pipeline.engine.completion_engine import CompletionEngine
 from pipeline.engine.supervisor import EngineSupervisor, EngineUnavailable, Row
 from pipeline.io import outputs, storage
@@ -112,12 +112,12 @@ class EngineActor:
                     raise
                 log.warning("the vLLM engine failed while starting (%s: %s); starting it again", type(exc).__name__, exc)
                 time.sleep(self._config.engine.retry_backoff_s * 2 ** attempt)
-        self._meter.engine_started(engine.startup_s)
+        self._meter.engine_started(engine.startup_s, pool.hardware(self._config.engine))
         return engine
 
     def _stat_loggers(self) -> tuple[type, ...]:
         """vLLM's Ray metrics logger for the next engine, with the job's labels (engine.engine_metrics)."""
-        tags = self._meter.next_engine_tags() if self._config.engine.engine_metrics else None
+        tags = self._meter.next_engine_tags() if self._config.engine.resolved_engine_metrics() else None
         return (vllm_metrics.stat_logger(tags),) if tags else ()
 
     def __del__(self) -> None:

@@ -59,3 +59,35 @@ def actor_resources(engine: EngineConfig) -> dict[str, Any]:
         # One GPU per tensor-parallel rank; vLLM's TP workers share the actor's reservation.
         return {"num_gpus": engine.tensor_parallel_size, "num_cpus": 1}
     return {"num_cpus": engine.cpus_per_actor}
+
+
+def accelerators(engine: EngineConfig) -> tuple[float, str]:
+    """What one engine reserves, for its cost: (count, kind): GPUs on a GPU engine, CPU cores on the CPU
+    engine."""
+    if engine.resolved_device() == "gpu":
+        return float(engine.tensor_parallel_size), "GPU"
+    return float(engine.cpus_per_actor), "CPU core"
+
+
+def hardware(engine: EngineConfig) -> dict[str, Any]:
+    """What this process's engine runs on (the actor reports it with its engine): the GPUs' model and
+    count, or the CPU's model and the cores this process may use."""
+    import os
+    import platform
+
+    if engine.resolved_device() == "gpu":
+        try:
+            import torch
+
+            count = torch.cuda.device_count()
+            return {"device": "gpu", "gpus": count, "model": torch.cuda.get_device_name(0) if count else "none visible"}
+        except Exception as exc:  # noqa: BLE001 - a description, never a reason to fail
+            return {"device": "gpu", "error": f"{type(exc).__name__}: {exc}"}
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"device": "cpu", "cpu": model, "cores_usable": cores, "cores_reserved": engine.cpus_per_actor}

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from pipeline.config import OutputConfig
 from pipeline.io.plan import LINE_ERROR, ROW_KEY
 from pipeline.io.records import response_body
-from pipeline.io.storage import delete, exists, filesystem, join, read_json, redact, write_bytes, write_text
+from pipeline.io.storage import delete, exists, filesystem, join, plainly, read_json, redact, write_bytes, write_text
 from pipeline.io.tally import Tally
 
 MARKER = "_SUCCESS"
@@ -67,6 +67,9 @@ def unmark(output: str) -> None:
     delete(marker_path(output))
 
 
+PROVENANCE = "provenance"  # in _job.json beside the identity: how the output was made, never compared
+
+
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for key in sorted(set(old) | set(new))
@@ -74,16 +77,45 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def prepare(config: OutputConfig, identity: dict[str, Any]) -> set[str]:
+def prepare(config: OutputConfig, identity: dict[str, Any], provenance: dict[str, Any] | None = None) -> set[str]:
     """Make the output folder ready and return the shards earlier runs finished.
 
-    A new folder gets `_job.json`. A folder of the same job resumes. A folder another job wrote (other
-    request defaults, model, columns, shard size...) is refused: mixing them would give one dataset two
-    meanings.
+    A new folder gets `_job.json`: the identity, and how the output was made (`provenance`, never
+    compared). A folder of the same job resumes. A folder another job wrote (other request defaults,
+    model or adapter fingerprints, answer-changing engine arguments, columns, shard size...) is refused:
+    mixing them would give one dataset two meanings.
     """
+    with plainly(config.path, "use the output"):
+        return _prepare(config, identity, provenance)
+
+
+def _comparable(recorded: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
+    """The recorded identity as it compares with `identity`: without its provenance; a fingerprint
+    missing on either side (an output written before fingerprints, a model the driver cannot read) is
+    taken as equal."""
+    recorded = {k: v for k, v in recorded.items() if k != PROVENANCE}
+    if "fingerprints" not in identity:
+        return recorded
+    if "fingerprints" not in recorded:
+        recorded["fingerprints"] = identity["fingerprints"]
+
+    def fill(old: Any, new: Any) -> Any:
+        if isinstance(old, dict) and isinstance(new, dict):
+            if "sha256" in old and "sha256" in new and (old["sha256"] is None or new["sha256"] is None):
+                return new
+            return {k: fill(old.get(k), new.get(k)) if k in new else old[k] for k in old}
+        return old
+
+    recorded["fingerprints"] = fill(recorded["fingerprints"], identity["fingerprints"])
+    return recorded
+
+
+def _prepare(config: OutputConfig, identity: dict[str, Any], provenance: dict[str, Any] | None) -> set[str]:
     if config.mode == "overwrite":
         clear(config.path)
     recorded = recorded_identity(config)  # None after an overwrite cleared the folder
+    if recorded is not None:
+        recorded = _comparable(recorded, identity)
     done = done_shards(config)
     if recorded is None and done:
         raise OutputError(f"output {redact(config.path)} holds records but no {JOB_FILE}, so it was not written by "
@@ -100,8 +132,9 @@ def prepare(config: OutputConfig, identity: dict[str, Any]) -> set[str]:
                               + "\n  ".join(changed) + "\nRerun with the earlier settings to resume it, choose a "
                               "new output.path, or set output.mode: overwrite to replace it")
         identity = {**identity, "variants": {**had, **has}}
-    if recorded != identity:
-        write_text(join(config.path, JOB_FILE), json.dumps(identity, indent=2, sort_keys=True))
+    if recorded != identity or provenance is not None:
+        write_text(join(config.path, JOB_FILE),
+                   json.dumps({**identity, PROVENANCE: provenance or {}}, indent=2, sort_keys=True))
     return done
 
 

@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.config import InputConfig
-from pipeline.io.storage import StorageError, filesystem, iter_lines, open_lines, redact
+from pipeline.io.storage import (NO_BUCKET, StorageError, bucket_missing, explain, filesystem, is_store_failure, iter_lines, open_lines,
+                                 plainly, redact)
 
 ROW_KEY = "row_key"
 LINE_ERROR = "InvalidBatchLine"  # error type of an OpenAI batch line that never became a request
@@ -110,9 +111,14 @@ def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
     their sizes as the listing gave them, and their root: the folder, the glob's fixed part, or the
     file's folder."""
     try:
-        fs, path = filesystem(uri)
+        with plainly(uri, "read the input"):
+            return _list_files(uri)
     except StorageError as exc:
         raise InputError(str(exc)) from None
+
+
+def _list_files(uri: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
+    fs, path = filesystem(uri, "read the input")
     if any(ch in path for ch in "*?["):
         base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
@@ -122,6 +128,8 @@ def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
         return fs, base, sorted(files, key=lambda i: i.path)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
+        if bucket_missing(fs, uri, path):
+            raise InputError(f"cannot read the input {redact(uri)}: {NO_BUCKET}")
         raise InputError(f"input {redact(uri)} does not exist; pass --input with a file, a folder or a glob")
     if info.type == pafs.FileType.File:
         return fs, path.rsplit("/", 1)[0], [info]
@@ -188,6 +196,8 @@ def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, root: str, infos: li
             fragment.ensure_complete_metadata()
             return fragment.physical_schema.remove_metadata(), fragment.metadata.num_rows
         except (pa.ArrowInvalid, OSError) as exc:
+            if isinstance(exc, OSError) and is_store_failure(exc):
+                raise InputError(str(explain(exc, info.path, "read the input file"))) from None
             raise InputError(f"input file {info.path} is not a readable Parquet file ({exc}); remove or "
                              "replace it, nothing was processed") from None
 

@@ -8,6 +8,7 @@ A URI may carry filesystem options as a query (`s3://bucket/out?endpoint_overrid
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -26,14 +27,79 @@ class StorageError(ValueError):
     """A URI names no filesystem pyarrow can open. The message says which (without its credentials)."""
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """pyarrow's filesystem for a URI (s3://, gs://, hdfs://, file://) or a local path, and the path in it."""
+def filesystem(uri: str, doing: str = "open") -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem for a URI (s3://, gs://, hdfs://, file://) or a local path, and the path in it.
+    (For s3:// without a region, pyarrow asks the store for the bucket's region here: an unreachable
+    store or a missing bucket is a StorageError already.)"""
     if "://" in uri:
         try:
             return pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, ValueError) as exc:
             raise StorageError(f"cannot open {redact(uri)}: {str(exc).replace(uri, redact(uri))}") from None
+        except OSError as exc:
+            raise explain(exc, uri, doing) from None
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+# What an object store's error says, as (words in pyarrow's / the SDK's message, what failed, what to check).
+_FAILURES = [
+    (("network_connection", "couldn't connect", "could not connect", "connection refused", "failed to connect",
+      "could not resolve host", "timed out", "timeout", "curl error", "connection reset"),
+     "the storage endpoint could not be reached",
+     "the endpoint (AWS_ENDPOINT_URL, or ?endpoint_override= in the URI), the network and any proxy, and "
+     "that the service is up"),
+    (("nosuchbucket", "no_such_bucket", "bucket does not exist", "bucket not found", "to create buckets"),
+     "the bucket does not exist", "the bucket's name (and region: AWS_DEFAULT_REGION or ?region=)"),
+    (("invalidaccesskeyid", "invalid_access_key_id", "signaturedoesnotmatch", "signature_does_not_match",
+      "security token", "expiredtoken", "no credentials", "unable to find credentials"),
+     "the credentials were refused",
+     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the node's role) for this store"),
+    (("access_denied", "accessdenied", "access denied", "forbidden", "http response code 403"),
+     "access was denied", "the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the node's role; "
+     "a HEAD request cannot tell unknown keys from missing rights) and that they may list, read and write this "
+     "bucket and path"),
+]
+
+
+def explain(exc: OSError, uri: str, doing: str) -> StorageError:
+    """An object store's (or filesystem's) OSError as one line: the URI without credentials, what
+    failed and what to check. pyarrow's own text follows in brackets, first line only."""
+    text = str(exc).replace(uri, redact(uri))
+    lowered = text.lower()
+    if isinstance(exc, FileNotFoundError):
+        what, check = "it does not exist", "the path"
+    elif isinstance(exc, PermissionError):
+        what, check = "permission was denied", "the path's permissions"
+    else:
+        what, check = next(((w, c) for words, w, c in _FAILURES if any(word in lowered for word in words)),
+                           ("the storage refused", "the URI and the store's settings"))
+    detail = (text.strip().splitlines() or [type(exc).__name__])[0]
+    detail = detail if len(detail) <= 240 else detail[:237] + "..."
+    return StorageError(f"cannot {doing} {redact(uri)}: {what}; check {check} [{detail}]")
+
+
+@contextlib.contextmanager
+def plainly(uri: str, doing: str) -> Iterator[None]:
+    """A block whose OSErrors become StorageErrors that say what failed (see `explain`)."""
+    try:
+        yield
+    except OSError as exc:
+        raise explain(exc, uri, doing) from None
+
+
+def bucket_missing(fs: pafs.FileSystem, uri: str, path: str) -> bool:
+    """For a path an object store says is not there: whether its bucket is what is missing."""
+    bucket = path.split("/", 1)[0]
+    return "://" in uri and bucket != path and fs.get_file_info(bucket).type == pafs.FileType.NotFound
+
+
+NO_BUCKET = "the bucket does not exist; check the bucket's name (and region: AWS_DEFAULT_REGION or ?region=)"
+
+
+def is_store_failure(exc: OSError) -> bool:
+    """Whether an OSError is the store's (unreachable, no bucket, credentials, access), not the file's."""
+    lowered = str(exc).lower()
+    return any(word in lowered for words, _, _ in _FAILURES for word in words)
 
 
 def join(uri: str, *parts: str) -> str:

@@ -105,9 +105,11 @@ def _ray_logs_dir() -> str | None:
 def _validate(config) -> int:
     from pipeline.job.validate import validate
 
+    from pipeline.io.storage import StorageError
+
     try:
         report = validate(config)
-    except (ConfigError, InputError) as exc:
+    except (ConfigError, InputError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print("\n== validation ==\n" + report.render(), flush=True)

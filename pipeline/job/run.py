@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.engine import engine_args, pool
+from pipeline.job import provenance
 from pipeline.engine.actor import EngineActor
 from pipeline.evaluation import score
 from pipeline.evaluation.compare import write_comparison
@@ -35,6 +36,7 @@ from pipeline.io.tally import Tally
 from pipeline.models import adapters
 from pipeline.protocol import RequestBuilder
 from pipeline.reporting import console, metrics
+from pipeline.reporting.cost import run_cost
 from pipeline.reporting.progress import EngineMeter, EngineUse, ProgressLine, engine_use, start_stats, utilisation
 from pipeline.reporting.progress import snapshot as progress_snapshot
 from pipeline.reporting.summary import JobSummary
@@ -189,7 +191,10 @@ def run(config: JobConfig) -> JobSummary:
     schema = _record_schema(config, plan)
     adapters.check_job(config)  # AdapterError before Ray starts
     engine_args.vllm_args(config.engine)  # VllmArgsError (engine.vllm) before Ray starts
-    done = outputs.prepare(config.output, config.identity())  # OutputError before Ray starts
+    prints = provenance.fingerprints(config)
+    made = provenance.provenance(config, prints)
+    # OutputError before Ray starts; a resume with another model or adapter behind its path is refused
+    done = outputs.prepare(config.output, {**config.identity(), "fingerprints": prints}, made)
     variants = config.variants()
     items = [WorkItem(v, s) for v in variants for s in plan.shards]
     pending = [i for i in items if i.out not in done]
@@ -234,7 +239,9 @@ def run(config: JobConfig) -> JobSummary:
         engine_restarts=sum(1 for e in engines if not e.engine.endswith("-1")),
         engine_startup_s=[e.startup_s for e in engines], engines=engines, engine_utilisation=utilisation(engines),
         first_engine_ready_s=round(min(ready) - started, 3) if ready else 0.0,
-        wall_s=round(time.time() - started, 3),
+        wall_s=round(time.time() - started, 3), provenance=made,
+        cost=run_cost(engines, *pool.accelerators(config.engine), run_tally.prompt_tokens, run_tally.completion_tokens,
+                      config.cost.price_per_accelerator_hour, config.cost.currency),
     )
     if (config.sweep is not None or config.scoring is not None) and not finished:
         summary.comparison = write_comparison(config, variants, by_variant)

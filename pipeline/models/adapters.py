@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import check_adapter_name
 from pipeline.io.plan import InputError
-from pipeline.io.storage import filesystem, redact
+from pipeline.io.storage import NO_BUCKET, bucket_missing, explain, filesystem, plainly, redact
 from pipeline.models.tiny_adapter import ADAPTERS, ensure_built, is_builtin_adapter
 from pipeline.models.tiny_model import BUILTIN_PREFIX, cached_build
 
@@ -70,7 +70,9 @@ def _read_config(fs: pafs.FileSystem, folder: str, shown: str) -> dict:
     except FileNotFoundError:
         raise AdapterError(f"adapter {shown} has no {CONFIG_FILE}; an adapter is a PEFT folder "
                            f"({CONFIG_FILE} + {WEIGHT_FILES[0]})") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise AdapterError(str(explain(exc, f"{shown}/{CONFIG_FILE}", "read the adapter's"))) from None
+    except ValueError as exc:
         raise AdapterError(f"cannot read {shown}/{CONFIG_FILE}: {exc}") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{shown}/{CONFIG_FILE} must hold a JSON object")
@@ -87,8 +89,11 @@ def read_adapter(path: str) -> tuple[int, tuple[str, ...] | None]:
                                f"{[BUILTIN_PREFIX + n for n in sorted(ADAPTERS)]}")
         path = str(ensure_built(path[len(BUILTIN_PREFIX):]))
     fs, folder = filesystem(path)
-    info = fs.get_file_info(folder)
+    with plainly(path, "read the adapter"):
+        info = fs.get_file_info(folder)
     if info.type != pafs.FileType.Directory:
+        if info.type == pafs.FileType.NotFound and bucket_missing(fs, path, folder):
+            raise AdapterError(f"cannot read the adapter {shown}: {NO_BUCKET}")
         raise AdapterError(f"adapter folder {shown} does not exist (or is not a folder)")
     config = _read_config(fs, folder, shown)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
@@ -96,8 +101,9 @@ def read_adapter(path: str) -> tuple[int, tuple[str, ...] | None]:
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise AdapterError(f"{shown}/{CONFIG_FILE} has no LoRA rank `r` (a positive integer); got {rank!r}")
-    files = {i.base_name for i in fs.get_file_info([f"{folder}/{w}" for w in WEIGHT_FILES])
-             if i.type == pafs.FileType.File}
+    with plainly(path, "read the adapter"):
+        files = {i.base_name for i in fs.get_file_info([f"{folder}/{w}" for w in WEIGHT_FILES])
+                 if i.type == pafs.FileType.File}
     if not files:
         raise AdapterError(f"adapter {shown} has no weights: {' or '.join(WEIGHT_FILES)}")
     targets = config.get("target_modules")
@@ -113,10 +119,14 @@ def _child(folder: str, name: str) -> str:
 def _folder_adapters(folder: str) -> dict[str, str]:
     """The subfolders of an adapter folder, by name; hidden ones (`.x`, `_x`) are skipped."""
     fs, path = filesystem(folder)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
+    with plainly(folder, "read model.adapter_folder"):
+        infos = fs.get_file_info(path), fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    if infos[0].type != pafs.FileType.Directory:
+        if infos[0].type == pafs.FileType.NotFound and bucket_missing(fs, folder, path):
+            raise AdapterError(f"cannot read model.adapter_folder {redact(folder)}: {NO_BUCKET}")
         raise AdapterError(f"model.adapter_folder {redact(folder)} does not exist (or is not a folder)")
     found = {}
-    for info in fs.get_file_info(pafs.FileSelector(path)):
+    for info in infos[1]:
         if info.type == pafs.FileType.Directory and not info.base_name.startswith((".", "_")):
             found[info.base_name] = _child(folder, info.base_name)
     if not found:

@@ -38,6 +38,8 @@ class EngineUse(BaseModel):
     rows: int = Field(0, description="Rows it answered (a row answered again after a death counts again).")
     completion_tokens: int = 0
     busy_s: float = Field(0.0, description="Time with at least one row in the engine.")
+    hardware: dict[str, Any] = Field(default_factory=dict, description=(
+        "What it ran on: GPU model and count, or CPU model and cores (pipeline/engine/pool.py)."))
     alive_s: float = Field(0.0, description="Time from its start-up's end to its end (or the job's).")
     busy_share: float = Field(0.0, description="busy_s / alive_s.")
 
@@ -86,7 +88,7 @@ class EngineMeter:
         if (tags := self.next_engine_tags()) is not None:
             metrics.engine_starting(tags)
 
-    def engine_started(self, startup_s: float) -> None:
+    def engine_started(self, startup_s: float, hardware: dict[str, Any] | None = None) -> None:
         """A new engine is ready: its figures start from zero."""
         now = time.time()
         with self._lock:
@@ -96,7 +98,8 @@ class EngineMeter:
             self._figures = self._fresh()
             self._busy_since = now if self._in_engine else None
             self._exported = self._fresh()
-        self._send("engine", self.engine_id, {"node": self._node, "startup_s": startup_s, "ready_at": now})
+        self._send("engine", self.engine_id, {"node": self._node, "startup_s": startup_s, "ready_at": now,
+                                              "hardware": hardware or {}})
         if (tags := self._tags()) is not None:
             metrics.engine_started(tags, restart=self._generation > 1)
 
@@ -213,6 +216,7 @@ def engine_use(engines: dict[str, dict[str, Any]], end: float) -> list[EngineUse
         alive = max(until - e["ready_at"], 0.0)
         busy = min(e.get("busy_s", 0.0), alive)
         used.append(EngineUse(engine=name, node=e.get("node", ""), startup_s=round(e.get("startup_s", 0.0), 3),
+                              hardware=e.get("hardware", {}),
                               rows=e.get("rows", 0), completion_tokens=e.get("completion_tokens", 0),
                               busy_s=round(busy, 3), alive_s=round(alive, 3),
                               busy_share=round(busy / alive, 4) if alive else 0.0))

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from pipeline.io.tally import Tally
+from pipeline.reporting.cost import Cost
 from pipeline.reporting.progress import EngineUse
 
 
@@ -59,6 +60,9 @@ class JobSummary(BaseModel):
     wall_s: float = 0.0
     run_completion_tokens: int = 0
     output_tokens_per_s: float = Field(0.0, description="This run's completion tokens / wall_s.")
+    cost: Cost | None = Field(None, description="What this run's engines cost (reporting/cost.py).")
+    provenance: dict[str, Any] = Field(default_factory=dict, description=(
+        "How the output was made: versions, fingerprints, engine arguments, defaults, seeds (job/provenance.py)."))
     comparison: list[dict[str, Any]] = Field(default_factory=list, description=(
         "A sweep's (or a scored job's) comparison, one line per variant (also comparison.csv/.json/.png)."))
 
@@ -102,6 +106,8 @@ class JobSummary(BaseModel):
             f"wall time:           {self.wall_s:.1f}s",
             f"output tokens/s:     {self.output_tokens_per_s:.0f}",
         ]
+        if self.cost is not None and self.cost.engine_s:
+            lines.append(f"cost:                {self.cost.render()}")
         if self.shards_failed:
             lines += ["", f"FAILED: {len(self.shards_failed)} shards have no records; fix the cause and run the "
                       "same command again to run only these:"]

