@@ -217,6 +217,10 @@ class InputConfig(_HasPath):
         "column names only; nothing in a template runs."))
     id_column: str | None = Field(None, description=(
         "A column whose value is each row's key. Default: `<file>:<row>` (OpenAI batch: custom_id)."))
+    when_changed: Literal["redo", "stop"] = Field("redo", description=(
+        "A rerun that finds an input file changed since its shards were answered (its size or modification "
+        "time differ): `redo` answers those shards again (and drops the records of rows the file no longer "
+        "has); `stop` stops before Ray starts and names the files."))
 
     @field_validator("columns")
     @classmethod

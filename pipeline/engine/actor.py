@@ -169,6 +169,7 @@ class EngineActor:
             records = records.append_column(VARIANT_PARAMS, pa.array([json.dumps(params)] * len(keys), pa.string()))
         records = records.select(self._schema.names).cast(self._schema)
         tally = Tally.of_records(records, **asdict(retries), intervals=[[started, time.time()]])
+        tally.source = shard.source  # the input file as it was: a rerun compares it
         await self._tried(f"writing shard {out}", outputs.write_shard, self._config.output, out, records, tally)
         self._meter.beat()
         return shard.rows, tally

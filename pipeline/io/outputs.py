@@ -179,6 +179,31 @@ def read_tallies(output: str, shard_ids: list[str]) -> list[Tally]:
         return list(pool.map(read, shard_ids))
 
 
+def changed_shards(output: str, done: set[str], planned: dict[str, str]) -> tuple[dict[str, tuple[str, str]], set[str]]:
+    """Done shards whose input file changed since they were answered, and done shards of such a file that
+    the plan no longer has (it has fewer rows now). `planned`: each planned shard's name -> its file's
+    fingerprint now. A shard recorded without one (an earlier version's) counts as unchanged."""
+    names = sorted(done & set(planned))
+    with ThreadPoolExecutor(32) as pool:
+        recorded = dict(zip(names, pool.map(lambda n: (read_json(tally_path(output, n)) or {}).get("source", ""), names)))
+    changed = {n: (old, planned[n]) for n, old in recorded.items() if old and planned[n] and old != planned[n]}
+    files = {_file_of(n) for n in changed}
+    stale = {n for n in done - set(planned) if _file_of(n) in files}
+    return changed, stale
+
+
+def _file_of(name: str) -> str:
+    """A shard's name without its first row: the same for every shard of one file (and variant)."""
+    return name.rsplit("-", 1)[0]
+
+
+def forget(config: OutputConfig, names: set[str]) -> None:
+    """Remove shards' records and tallies (the data file first: a shard without it is not done)."""
+    for name in sorted(names):
+        delete(join(data_dir(config.path), name + EXTENSIONS[config.format]))
+        delete(tally_path(config.path, name))
+
+
 def is_complete(output: str) -> bool:
     return exists(marker_path(output))
 

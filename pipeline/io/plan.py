@@ -57,6 +57,7 @@ class Shard:
     byte_start: int = -1  # JSONL: where line `start` begins (-1: stream the file from its start, e.g. gzip)
     byte_stop: int = -1
     duplicates: tuple[int, ...] = ()  # rows in the shard whose custom_id (or input.id_column) an earlier row has
+    source: str = ""  # its file as planning found it (`size:mtime_ns`): recorded with the shard's tally
 
     @property
     def rows(self) -> int:
@@ -73,6 +74,7 @@ class InputFile:
     # 8 bytes each); None for Parquet (row groups are found by the reader) and for gzip (streamed)
     line_starts: array | None = None
     duplicates: array = field(default_factory=lambda: array("q"))  # rows whose custom_id / id_column value an earlier row has
+    fingerprint: str = ""  # `size:mtime_ns` from the listing: a file rewritten under the same name differs
 
 
 @dataclass
@@ -93,6 +95,11 @@ class InputPlan:
         """What a shard's reader needs (format, filesystem, schema, config), without the per-file counts
         and the shard list, which can be large and each reader gets its own shards."""
         return replace(self, files=[], shards=[])
+
+
+def file_fingerprint(info: pafs.FileInfo) -> str:
+    """`size:mtime_ns` as the listing gives them (an object store: the object's size and LastModified)."""
+    return f"{info.size}:{info.mtime_ns}"
 
 
 def shard_id(root: str, path: str, start: int) -> str:
@@ -156,6 +163,8 @@ def plan_input(config: InputConfig, rows_per_shard: int | None = None) -> InputP
     fmt = _format(config, [i.path for i in infos])
     plan = (_plan_parquet(config, fs, root, infos) if fmt == "parquet"
             else _plan_batch(config, fs, root, [i.path for i in infos]))
+    for file, info in zip(plan.files, infos):
+        file.fingerprint = file_fingerprint(info)
     if plan.rows == 0:
         raise InputError(f"input {redact(config.path)} holds no rows; nothing to do")
     _check_columns(plan)
@@ -179,7 +188,7 @@ def cut_shards(plan: InputPlan, rows_per_shard: int) -> list[Shard]:
             duplicates = tuple(repeated[bisect_left(repeated, start):bisect_left(repeated, stop)])
             shards.append(Shard(shard_id(plan.root, file.path, start), file.path, start, stop,
                                 starts[start] if starts is not None else -1,
-                                starts[stop] if starts is not None else -1, duplicates))
+                                starts[stop] if starts is not None else -1, duplicates, file.fingerprint))
     return shards
 
 

@@ -25,6 +25,9 @@ class Tally(BaseModel):
     rows_failed: int = Field(0, description="Retried rows given up on: recorded as a 500 error.")
     intervals: list[list[float]] = Field(default_factory=list, description=(
         "[start, end] unix times of the shards' work: busy time, for tokens per second."))
+    source: str = Field("", description=(
+        "One shard's input file as it was when the shard was answered (`size:mtime_ns`): a rerun that "
+        "finds another redoes the shard or stops (input.when_changed). Not summed."))
 
     @classmethod
     def of_records(cls, table: pa.Table, *, retried: int = 0, recovered: int = 0, failed: int = 0,

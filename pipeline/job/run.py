@@ -165,6 +165,28 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     return Ran(engine_use(snap["engines"], end), snap["shard_starts"], failed, min(ready) if ready else None)
 
 
+def _changed_inputs(config: JobConfig, plan: InputPlan, items: list[WorkItem], done: set[str]) -> set[str]:
+    """Done shards whose input file changed since they were answered (another size or modification
+    time), and those of such a file the plan no longer has: forgotten, to be answered again
+    (input.when_changed: redo), or an InputError before Ray starts (stop)."""
+    if not done:
+        return set()
+    changed, stale = outputs.changed_shards(config.output.path, done, {i.out: i.shard.source for i in items})
+    if not changed and not stale:
+        return set()
+    files = sorted({i.shard.file.rsplit("/", 1)[-1] for i in items if i.out in changed})
+    what = (f"{len(files)} input file{'s' if len(files) != 1 else ''} changed since {len(changed)} of the output's "
+            f"shards were answered (size or modification time differ): {', '.join(files[:5])}"
+            + (" ..." if len(files) > 5 else ""))
+    if config.input.when_changed == "stop":
+        raise InputError(f"{what}. Set input.when_changed: redo to answer them again, restore the files, or "
+                         "choose a new output.path")
+    log.warning("%s; answering them again%s", what,
+                f" and dropping {len(stale)} shards of rows those files no longer have" if stale else "")
+    outputs.forget(config.output, set(changed) | stale)
+    return set(changed) | stale
+
+
 def _metric_labels(config: JobConfig) -> dict[str, str]:
     """The job's labels on its Ray metrics: its output location, and the model's served name."""
     return {"output": storage.redact(config.output.path), "model": config.model.resolved_served_name()}
@@ -197,6 +219,8 @@ def run(config: JobConfig) -> JobSummary:
     done = outputs.prepare(config.output, {**config.identity(), "fingerprints": prints}, made)
     variants = config.variants()
     items = [WorkItem(v, s) for v in variants for s in plan.shards]
+    changed = _changed_inputs(config, plan, items, done)
+    done -= changed
     pending = [i for i in items if i.out not in done]
     finished = not pending and outputs.is_complete(config.output.path)
     ran: list[Ran] = []
@@ -235,7 +259,7 @@ def run(config: JobConfig) -> JobSummary:
         variants=[v.name for v in variants if v.name], records_expected=plan.rows * len(variants),
         nothing_to_do=finished, shards=len(items), shards_kept=len(items) - len(pending),
         shards_run=len(pending) - len(missing), rows_per_shard=config.output.rows_per_file,
-        shards_failed=missing, shards_redone=len(attempts) - len(set(attempts)),
+        shards_failed=missing, shards_redone=len(attempts) - len(set(attempts)), shards_changed=len(changed),
         engine_restarts=sum(1 for e in engines if not e.engine.endswith("-1")),
         engine_startup_s=[e.startup_s for e in engines], engines=engines, engine_utilisation=utilisation(engines),
         first_engine_ready_s=round(min(ready) - started, 3) if ready else 0.0,

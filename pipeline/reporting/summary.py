@@ -50,6 +50,8 @@ class JobSummary(BaseModel):
         "failed; a rerun resumes and runs only these."))
     rows_run: int = Field(0, description="Rows this run wrote.")
     shards_redone: int = Field(0, description="Shard attempts run again after an engine actor died.")
+    shards_changed: int = Field(0, description=(
+        "Done shards answered again (or dropped) because their input file changed (input.when_changed: redo)."))
     engine_restarts: int = Field(0, description="Engines started again after one died.")
     engine_startup_s: list[float] = Field(default_factory=list, description="One per engine start.")
     engines: list[EngineUse] = Field(default_factory=list, description=(
@@ -96,7 +98,8 @@ class JobSummary(BaseModel):
             f"retried rows:        {self.rows_retried} ({self.rows_recovered} recovered, {self.rows_failed} failed)",
             f"this run:            {self.rows_run} rows in {self.shards_run} shards "
             f"({self.shards_kept} of {self.shards} shards kept from earlier runs, "
-            f"{self.shards_redone} redone after an actor died)",
+            f"{self.shards_redone} redone after an actor died"
+            + (f", {self.shards_changed} again because their input file changed" if self.shards_changed else "") + ")",
             f"engine start-up:     {', '.join(f'{s:.1f}s' for s in self.engine_startup_s) or 'n/a'} "
             f"(first engine ready {self.first_engine_ready_s:.1f}s after the start)",
             f"engine restarts:     {self.engine_restarts}",
