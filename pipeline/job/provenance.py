@@ -12,6 +12,7 @@ from importlib import metadata
 from typing import Any
 
 from pipeline.config import JobConfig
+from pipeline.engine.engine_args import device_defaults
 from pipeline.models.fingerprint import COVERS, fingerprint
 from pipeline.models.tiny_model import BUILTIN_PREFIX, resolve_model
 
@@ -64,17 +65,13 @@ def _local(path: str) -> str:
 
 def provenance(config: JobConfig, prints: dict[str, Any]) -> dict[str, Any]:
     engine = config.engine
-    on_cpu = engine.resolved_device() == "cpu"
     return {
         "versions": versions(),
         "fingerprints": prints,
         "fingerprint_covers": COVERS,
+        # the engine section as the job ran it, with what its open keys resolve to on this device
         "engine": {**engine.model_dump(mode="json"), "device": engine.resolved_device(),
-                   # what the job's engine arguments resolve to where the section leaves them open
-                   "enforce_eager": engine.enforce_eager if engine.enforce_eager is not None else on_cpu,
-                   "engine_metrics": engine.resolved_engine_metrics(),
-                   "enable_chunked_prefill": (False if on_cpu else "vllm default")
-                   if engine.enable_chunked_prefill is None else engine.enable_chunked_prefill},
+                   **device_defaults(engine), "engine_metrics": engine.resolved_engine_metrics()},
         "defaults": config.defaults.model_dump(mode="json"),
         "seeds": {"engine": engine.seed,
                   "note": "rows with a `seed` sample from it; rows without sample from the engine's seed"},

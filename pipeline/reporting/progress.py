@@ -71,17 +71,17 @@ class EngineMeter:
     def engine_id(self) -> str:
         return f"{self._actor}-{self._generation}"
 
-    def _tags(self) -> dict[str, str] | None:
+    def _tags(self, generation: int | None = None) -> dict[str, str] | None:
+        """The live metrics' labels of this actor's current engine (or its `generation`-th)."""
         if self._labels is None:
             return None
-        return metrics.labels(**self._labels, engine=self.engine_id, node=self._node)
+        engine = f"{self._actor}-{generation}" if generation is not None else self.engine_id
+        return metrics.labels(**self._labels, engine=engine, node=self._node)
 
     def next_engine_tags(self) -> dict[str, str] | None:
         """The labels of the next engine this actor starts (its live metrics', and vLLM's metrics' for
         it: pipeline/engine/vllm_metrics.py); None without labels."""
-        if self._labels is None:
-            return None
-        return metrics.labels(**self._labels, engine=f"{self._actor}-{self._generation + 1}", node=self._node)
+        return self._tags(self._generation + 1)
 
     def engine_starting(self) -> None:
         """The next engine is being started (its live metrics start at 0)."""
