@@ -44,19 +44,21 @@ class RayCluster:
         self.env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CI")},
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
-    def _start(self, *args: str) -> None:
+    def _start(self, *args: str, cpus: int = 1, gpus: int = 0) -> None:
+        """`ray start` with `cpus` CPUs and `gpus` GPUs (logical: Ray schedules what a node declares)."""
         ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                         "metrics-export-port", "runtime-env-agent-port")]
         if self.agent_port is None:  # the head's, the first node started
             self.agent_port = int(ports[0].split("=")[1])
-        started = subprocess.run([RAY, "start", *args, *ports, "--num-cpus=1", f"--temp-dir={self.temp_dir}",
-                                  "--disable-usage-stats"], capture_output=True, text=True, env=self.env, timeout=180)
+        started = subprocess.run([RAY, "start", *args, *ports, f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+                                  f"--temp-dir={self.temp_dir}", "--disable-usage-stats"], capture_output=True, text=True, env=self.env, timeout=180)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
 
-    def start_head(self, dashboard: bool = False) -> None:
+    def start_head(self, dashboard: bool = False, cpus: int = 1, gpus: int = 0) -> None:
         self._start("--head", f"--port={self.port}",
                     *(["--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                       f"--dashboard-port={self.dashboard_port}"] if dashboard else ["--include-dashboard=false"]))
+                       f"--dashboard-port={self.dashboard_port}"] if dashboard else ["--include-dashboard=false"]),
+                    cpus=cpus, gpus=gpus)
 
     def submit(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """`ray job submit` to the head's dashboard once the head's job agent is up (a busy machine can take
@@ -75,10 +77,10 @@ class RayCluster:
             time.sleep(10)
         return done
 
-    def add_node(self) -> psutil.Process:
-        """Start another node (one CPU) and return its raylet process."""
+    def add_node(self, cpus: int = 1, gpus: int = 0) -> psutil.Process:
+        """Start another node (one CPU by default) and return its raylet process."""
         node_port = free_port()
-        self._start(f"--address=127.0.0.1:{self.port}", f"--node-manager-port={node_port}")
+        self._start(f"--address=127.0.0.1:{self.port}", f"--node-manager-port={node_port}", cpus=cpus, gpus=gpus)
         return self.raylet(node_port)
 
     def raylet(self, node_port: int | None = None) -> psutil.Process:

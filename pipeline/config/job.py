@@ -123,6 +123,8 @@ class JobConfig(Strict):
         answering = {k: v for k, v in self.engine.vllm.items() if k.replace("-", "_") not in SPEED_ONLY}
         if answering:  # engine.vllm arguments that change answers (an identity without any is what it was)
             identity["engine"]["vllm"] = answering
+        if self.engine.batch_invariant:  # other kernels: other numerics
+            identity["engine"]["batch_invariant"] = True
         if self.scoring is not None:  # the scores are in the records; the baseline only in the comparison
             identity["scoring"] = self.scoring.model_dump(exclude={"baseline"})
         return json.loads(json.dumps(identity))

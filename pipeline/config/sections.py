@@ -133,6 +133,18 @@ class EngineConfig(Strict):
         "time to first token, inter-token latency, tokens) through Ray's metrics, labelled like the job's "
         "(docs/observability.md). Default: on for GPU engines (as `vllm serve` and ray.data.llm), off "
         "on CPU, where vLLM's per-request stats took 9% of the short benchmark's generation time."))
+    batch_invariant: bool = Field(False, description=(
+        "vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1): a row's answer no longer depends on which "
+        "rows share its engine step (actors, shard sizes, rows_in_flight), at a cost in speed. GPU only: "
+        "its kernels are Triton's, and vLLM's CPU build fails its first step with it "
+        "(docs/observability.md#determinism)."))
+
+    @model_validator(mode="after")
+    def _batch_invariant_needs_a_gpu(self) -> "EngineConfig":
+        if self.batch_invariant and self.resolved_device() == "cpu":
+            raise ValueError("batch_invariant needs a GPU engine: vLLM's CPU build fails its first step in "
+                             "batch-invariant mode (its kernels are Triton's); on CPU leave it false")
+        return self
 
     @field_validator("num_actors", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from pipeline.config import EngineConfig
 from pipeline.engine import core_process, cores
 from pipeline.engine.engine_args import engine_args
+from pipeline.engine.pool import executor, parallel
 from pipeline.engine.prompt_tokens import Key, PromptTokens
 from pipeline.engine.serving import (batch_request_class, batch_serving_class, naming_param, param_in_body,
                                      validation_error_body)
@@ -56,6 +57,15 @@ class Prepared:
 
     requests: list[Any]
     keys: list[Key]
+
+
+def _join_this_cluster() -> None:
+    """vLLM's engine-core process calls `ray.init()` to start its workers in the actor's placement group
+    (vLLM reads the group in this process and hands it over): point it at the actor's own cluster."""
+    import ray
+
+    if ray.is_initialized():
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 class CompletionEngine:
@@ -102,6 +112,10 @@ class CompletionEngine:
         import_vllm_apart()
         if cfg.resolved_device() == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gb))
+        if executor(cfg) == "ray":
+            _join_this_cluster()
+        if cfg.batch_invariant:  # read by vLLM in the engine's processes (GPU only: config/sections.py)
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
         from vllm.entrypoints.openai.models.protocol import BaseModelPath, LoRAModulePath
         from vllm.entrypoints.openai.models.serving import OpenAIServingModels
         from vllm.renderers.online_renderer import OnlineRenderer
@@ -110,6 +124,8 @@ class CompletionEngine:
         t0 = time.monotonic()
         defaults = {k: v for k, v in sampling_defaults.items() if k != "max_tokens"}
         cores.for_a_new_engine()
+        if cfg.resolved_device() == "cpu":
+            cores.bind_workers(cfg.tensor_parallel_size * parallel(cfg)[1])
         with core_process.forked_engine_core():
             engine = AsyncLLM.from_engine_args(engine_args(cfg, model_path, served_name, defaults, adapters),
                                                stat_loggers=list(stat_loggers) or None)

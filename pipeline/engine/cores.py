@@ -87,3 +87,20 @@ def for_a_new_engine() -> None:
     binds it (from the process's own set of cores)."""
     if _ALL is not None and _allowed() != _ALL:
         _set(psutil.Process(), _ALL)
+
+
+def bind_workers(workers: int) -> None:
+    """vLLM's CPU engine binds each of its workers (tensor x pipeline parallel ranks) to a NUMA node of
+    its own and stops when there are fewer ("Not enough allowed NUMA nodes to bind threads of 2 local
+    CPUWorkers"). Split this process's cores among the workers instead, as vLLM's own setting for it
+    (`VLLM_CPU_OMP_THREADS_BIND`, "0|1") does; a value the user set is kept."""
+    if workers <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cores = sorted(_ALL if _ALL is not None else _allowed())
+    if len(cores) < workers:
+        raise RuntimeError(f"{workers} CPU workers (tensor x pipeline parallel) need at least {workers} cores; "
+                           f"this engine has {len(cores)}: raise engine.cpus_per_actor")
+    size = len(cores) // workers
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        ",".join(str(c) for c in cores[i * size:(i + 1) * size]) for i in range(workers))
+    log.info("the engine's %d CPU workers bound to cores %s", workers, os.environ["VLLM_CPU_OMP_THREADS_BIND"])

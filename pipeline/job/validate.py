@@ -21,7 +21,7 @@ from pipeline.io.plan import plan_input
 from pipeline.io.read import python_rows, read_shard
 from pipeline.models.adapters import discover, unknown_model_message
 from pipeline.config import JobConfig
-from pipeline.engine import engine_args
+from pipeline.engine import engine_args, pool
 from pipeline.engine.serving import batch_request_class, naming_param, param_in_body, validation_error_body
 from pipeline.io.plan import INPUT_ERROR, ROW_KEY
 from pipeline.protocol import BodyError, error_body
@@ -37,6 +37,7 @@ class ValidationReport(BaseModel):
     examples: dict[str, list[str]] = Field(default_factory=dict, description="a few row keys per error")
     prompt_tokens: dict[str, float] = Field(default_factory=dict, description="min/mean/p50/p95/max")
     max_new_tokens: int = Field(0, description="The most tokens the job could generate (valid rows).")
+    engines: str = Field("", description="What each engine reserves from Ray and where it may go.")
     vllm_args: dict[str, Any] = Field(default_factory=dict, description=(
         "engine.vllm as vLLM's parser read it: what the engine is given besides the engine keys."))
     setup_s: float = Field(0.0, description="Loading vLLM, the model config and the tokenizer.")
@@ -55,11 +56,23 @@ class ValidationReport(BaseModel):
             lines.append("prompt tokens:    min {min:.0f}, mean {mean:.1f}, p50 {p50:.0f}, p95 {p95:.0f}, "
                          "max {max:.0f}".format(**stats))
         lines.append(f"max new tokens:   {self.max_new_tokens} (if every valid row ran to its max_tokens)")
+        lines.append(f"engines:          {self.engines}")
         if self.vllm_args:
             lines.append(f"vLLM arguments:   {self.vllm_args} (engine.vllm, as vLLM read them)")
         lines.append(f"checked in:       {self.seconds:.2f}s ({self.rows_per_s:.0f} rows/s), after "
                      f"{self.setup_s:.1f}s loading the tokenizer and vLLM's checks")
         return "\n".join(lines)
+
+
+# How an engine is laid out over processes and nodes: nothing a request's checks depend on.
+LAYOUT = {"pipeline_parallel_size", "distributed_executor_backend", "data_parallel_size", "enable_expert_parallel"}
+
+
+def _one_process(engine: Any) -> Any:
+    """The engine's settings laid out in one process: the request checks are the same, and `validate`
+    runs on a machine without the engine's GPUs or cluster (a laptop, the head node)."""
+    vllm = {k: v for k, v in engine.vllm.items() if k.replace("-", "_") not in LAYOUT}
+    return engine.model_copy(update={"tensor_parallel_size": 1, "vllm": vllm})
 
 
 class RequestChecker:
@@ -83,7 +96,7 @@ class RequestChecker:
         self.default_max_tokens = sampling.pop("max_tokens")
         self.served = config.model.resolved_served_name()
         self.adapters = sorted(discover(config.model).paths)  # AdapterError for a bad adapter
-        vllm_config = engine_args(config.engine, path, self.served, sampling).create_engine_config()
+        vllm_config = engine_args(_one_process(config.engine), path, self.served, sampling).create_engine_config()
         self.model_config = vllm_config.model_config
         self.context = self.model_config.max_model_len
         self.defaults = self.model_config.get_diff_sampling_param()
@@ -204,7 +217,7 @@ def validate(config: JobConfig, examples_per_error: int = 3) -> ValidationReport
     errors: Counter[str] = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
     prompt_lengths: list[int] = []
-    report = ValidationReport(input=config.input.path, vllm_args=vllm)
+    report = ValidationReport(input=config.input.path, vllm_args=vllm, engines=pool.describe(config.engine))
     for row in _checked(*prepared):
         report.rows += 1
         if row.error is None:

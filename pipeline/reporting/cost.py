@@ -53,3 +53,19 @@ def run_cost(engines: list[EngineUse], per_engine: float, accelerator: str, inpu
         per_million_input_tokens=total / (input_tokens / 1e6) if total is not None and input_tokens else None,
         per_million_output_tokens=total / (output_tokens / 1e6) if total is not None and output_tokens else None,
     )
+
+
+def split_cost(engines: list[EngineUse], busy_s: dict[str, float], tokens: dict[str, tuple[int, int]],
+               per_engine: float, accelerator: str, price: float | None = None,
+               currency: str = "USD") -> dict[str, Cost]:
+    """Per variant of one model (its variants share that model's engines): the engines' time split in
+    proportion to the time each variant's shards were being answered (`busy_s`, overlaps once), start-up
+    included, so the variants' costs add up to the engines'. `tokens`: variant -> (input, output)."""
+    engine_s = sum(e.startup_s + e.alive_s for e in engines)
+    whole = sum(busy_s.values())
+    costs = {}
+    for name, busy in busy_s.items():
+        share = busy / whole if whole else 1 / len(busy_s)
+        use = EngineUse(engine="share", startup_s=0.0, alive_s=engine_s * share)
+        costs[name] = run_cost([use], per_engine, accelerator, *tokens[name], price, currency)
+    return costs

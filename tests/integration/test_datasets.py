@@ -233,3 +233,4 @@ def test_validate_agrees_with_the_job_row_by_row(mapped):
     assert report.max_new_tokens == 5 + 7 + 6
     assert report.prompt_tokens["min"] > 0
     assert "q2" in report.examples["BadRequestError (400) param=prompt"]
+    assert "engines:          1 engine, each 1 actor of 1 CPU on any node (CPU engine)" in report.render()

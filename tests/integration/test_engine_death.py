@@ -205,3 +205,34 @@ def test_an_engine_that_stops_making_progress_is_replaced(run_job):
     assert not frozen[0].is_running() or frozen[0].status() == psutil.STATUS_ZOMBIE  # the frozen engine was stopped
     print(f"\nengine frozen mid-job: {table.num_rows} rows answered, 1 restart after the 10 s stall timeout, "
           f"wall {out.summary.wall_s:.1f}s")
+
+
+def test_a_tensor_parallel_engine_that_loses_one_worker_is_replaced_whole(run_job):
+    """A multi-process engine (tensor parallel 2 on the CPU build: two workers) whose second worker is
+    killed: vLLM's engine stops, the actor starts a whole new engine (both workers), and the rows that
+    were in it are answered by the new one (docs/gpu-clusters.md)."""
+    table = long_rows().slice(0, 160)
+    killed: list[int] = []
+
+    def second_worker() -> psutil.Process | None:
+        for proc in _ours():
+            try:
+                if "VLLM::Worker_TP1" in _cmdline(proc) and any("MapWorker" in _cmdline(p) for p in proc.parents()):
+                    return proc
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return None
+
+    def answering(worker: psutil.Process) -> bool:
+        if rows_answered() > 0:
+            killed.append(worker.pid)
+            return True
+        return False
+
+    out = run_and_kill(run_job, table, second_worker, answering, input={"id_column": "id"},
+                       engine={"tensor_parallel_size": 2, "cpus_per_actor": 2})
+    assert killed
+    assert_each_row_once_and_answered(out, table)
+    assert out.summary.engine_restarts == 1 and len(out.summary.engine_startup_s) == 2
+    assert out.summary.rows_retried > 0 and out.summary.rows_failed == 0
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE

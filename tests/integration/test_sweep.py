@@ -26,6 +26,7 @@ def sweep_config(tmp_path, output: str, models: list[str]) -> JobConfig:
         "engine": {"device": "cpu", "dtype": "float32", "max_model_len": CONTEXT, "gpu_memory_utilization": 0.5},
         "defaults": {"ignore_eos": True},
         "sweep": {"models": [{"path": m} for m in models], "grid": GRID, "variants": [{"seed": 11}]},
+        "cost": {"price_per_accelerator_hour": 3.6},
     })
 
 
@@ -73,6 +74,13 @@ def test_comparison_table_csv_json_and_plot(sweep):
         assert [row["variant"] for row in csv.DictReader(f)] == summary.variants
     assert (tmp_path / "out" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tiny-llama-b_seed11_temperature1.0_max_tokens12" in render(summary.comparison)
+    # each variant's share of its model's engine time: the shares add up to the job's cost
+    assert all(line["accelerator_s"] > 0 and line["cost"] > 0 for line in lines)
+    assert sum(line["accelerator_s"] for line in lines) == pytest.approx(summary.cost.accelerator_s, rel=1e-3)
+    assert sum(line["cost"] for line in lines) == pytest.approx(summary.cost.total, rel=1e-3)
+    for line in lines:
+        assert line["cost_per_million_output_tokens"] == pytest.approx(
+            line["cost"] / (line["completion_tokens"] / 1e6), rel=1e-6)
 
 
 def test_seeded_variants_reproduce_when_rerun(sweep):

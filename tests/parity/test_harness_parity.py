@@ -115,6 +115,7 @@ def test_a_sweep_evaluates_each_variant_and_compares_them_per_task_and_metric(ha
         "model": {"path": "builtin:tiny-llama", "served_name": SERVED, "adapters": {"tiny-lora-a": "builtin:tiny-lora-a"}},
         "engine": {"device": "cpu", "dtype": "float32", "max_model_len": CONTEXT, "gpu_memory_utilization": 0.5},
         "sweep": {"models": [SERVED, "tiny-lora-a"]},
+        "cost": {"price_per_accelerator_hour": 3.6},
     }))
     results = folder / "sweep-results"
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # the harness's command line reads sys.argv
@@ -126,6 +127,12 @@ def test_a_sweep_evaluates_each_variant_and_compares_them_per_task_and_metric(ha
         assert set(line["scores"]) == {"tiny_choice/acc", "tiny_choice/acc_norm"}
         assert all(s["scored"] == 8 and s["pairs"] == 8 for s in line["scores"].values())
     assert comparison[0]["scores"]["tiny_choice/acc"]["diff"] == 0.0  # the baseline against itself
+    for line in comparison:  # each variant's cost: its requests' job summaries, added up
+        summary = json.loads(next((folder / "sweep-records" / line["variant"]).glob("loglikelihood-*/records/summary.json"))
+                             .read_text())
+        assert line["cost"]["accelerator_s"] == pytest.approx(summary["cost"]["accelerator_s"])
+        assert line["cost"]["total"] == pytest.approx(summary["cost"]["total"])
+        assert line["cost"]["accelerator_s"] > 0 and line["cost"]["total"] > 0
     for variant in (SERVED, "tiny-lora-a"):  # the harness's own results, per variant
         assert list((results / variant).glob("results_*.json")) and list((results / variant).glob("samples_tiny_choice_*"))
     # the same requests, each variant's own answers: the adapter changes the log-likelihoods

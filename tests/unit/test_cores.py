@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from pipeline.engine import cores
+
 # A process standing for the engine actor, with children standing for vLLM's engine processes: a
 # "worker" bound to the first core (as vLLM binds its CPU worker), an "engine core" (vLLM's title) and
 # a "forkserver" (no title) left on all; and a second thread of the actor's own (its thread pools).
@@ -73,3 +75,20 @@ def test_nothing_moves_when_no_engine_process_is_bound():
                            "os.sched_getaffinity(0) == before)"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["None", "True"]
+
+
+def test_cpu_workers_of_one_engine_split_its_cores(monkeypatch):
+    """vLLM binds each CPU worker (TP x PP rank) to a NUMA node and stops with fewer nodes than workers;
+    the actor gives each worker a share of its cores instead (VLLM_CPU_OMP_THREADS_BIND)."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(cores, "_ALL", {0, 1, 2, 3, 4})
+    cores.bind_workers(1)
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # one worker: vLLM's own binding
+    cores.bind_workers(2)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "4|3")  # the user's is kept
+    cores.bind_workers(2)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "4|3"
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    with pytest.raises(RuntimeError, match="raise engine.cpus_per_actor"):
+        cores.bind_workers(8)

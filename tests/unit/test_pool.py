@@ -43,6 +43,25 @@ def test_actor_pool_fixed_and_elastic():
 def test_actor_resources_cpu_and_gpu():
     assert pool.actor_resources(EngineConfig(device="cpu", cpus_per_actor=2)) == {"num_cpus": 2}
     assert pool.actor_resources(EngineConfig(device="gpu", tensor_parallel_size=4)) == {"num_gpus": 4, "num_cpus": 1}
+    assert pool.executor(EngineConfig(device="gpu", tensor_parallel_size=8)) is None  # vLLM's choice: mp, one node
+    assert "1 actor of 8 GPU + 1 CPU on one node" in pool.describe(EngineConfig(device="gpu", tensor_parallel_size=8))
+    assert "1 CPU on any node (CPU engine)" in pool.describe(EngineConfig(device="cpu"))
+
+
+@pytest.mark.parametrize("vllm", [{"pipeline_parallel_size": 2}, {"pipeline-parallel-size": 2}])
+def test_an_engine_over_pipeline_stages_reserves_tp_x_pp_bundles_packed_on_vllms_ray_executor(vllm):
+    engine = EngineConfig(device="gpu", tensor_parallel_size=8, num_actors=[1, 4], vllm=vllm)
+    assert pool.parallel(engine) == (8, 2) and pool.executor(engine) == "ray"
+    assert pool.placement(engine) == {"bundles": [{"GPU": 1, "CPU": 1}] * 16, "strategy": "PACK"}
+    asked = pool.actor_resources(engine)
+    make = asked.pop("ray_remote_args_fn")
+    assert asked == {"num_gpus": 0, "num_cpus": 1}  # the actor: a CPU of its group; Ray Data counts engines
+    assert make.func is pool.engine_placement_group and make.args == (pool.placement(engine),)
+    assert pool.describe(engine).startswith("1 to 4 engines (elastic), each a placement group of 16 bundles")
+    # Ray's executor by choice, tensor parallel only: the group too; on CPU, never (vLLM's CPU build has no Ray executor)
+    chosen = EngineConfig(device="gpu", tensor_parallel_size=2, vllm={"distributed_executor_backend": "ray"})
+    assert pool.placement(chosen)["bundles"] == [{"GPU": 1, "CPU": 1}] * 2
+    assert pool.placement(EngineConfig(device="cpu", vllm={"pipeline_parallel_size": 2})) is None
 
 
 @pytest.mark.parametrize("value, message", [

@@ -5,7 +5,6 @@ import json
 import shutil
 import struct
 
-import pyarrow as pa
 import pytest
 
 from pipeline.config import JobConfig
@@ -13,7 +12,7 @@ from pipeline.io import outputs
 from pipeline.job import provenance
 from pipeline.models.fingerprint import fingerprint
 from pipeline.models.tiny_model import resolve_model
-from pipeline.reporting.cost import run_cost
+from pipeline.reporting.cost import run_cost, split_cost
 from pipeline.reporting.progress import EngineUse
 
 
@@ -110,3 +109,14 @@ def test_cost_is_engine_time_times_accelerators_and_the_price():
     assert "GPU-hours" in cost.render() and "USD" in cost.render()
     free = run_cost(engines, 1.0, "CPU core", 10, 10)
     assert free.total is None and free.per_million_output_tokens is None and "USD" not in free.render()
+
+
+def test_a_sweeps_variants_share_their_models_engine_time_by_busy_time():
+    engines = [EngineUse(engine="a-1", startup_s=30, alive_s=270), EngineUse(engine="b-1", startup_s=30, alive_s=270)]
+    costs = split_cost(engines, {"x": 30.0, "y": 90.0}, {"x": (1000, 100), "y": (1000, 300)}, 1.0, "GPU", price=3.6)
+    assert costs["x"].engine_s == pytest.approx(150) and costs["y"].engine_s == pytest.approx(450)
+    whole = run_cost(engines, 1.0, "GPU", 2000, 400, price=3.6)
+    assert costs["x"].total + costs["y"].total == pytest.approx(whole.total)
+    assert costs["y"].per_million_output_tokens == pytest.approx(costs["y"].total / 300e-6)
+    even = split_cost(engines, {"x": 0.0, "y": 0.0}, {"x": (0, 0), "y": (0, 0)}, 2.0, "GPU")
+    assert even["x"].accelerator_s == even["y"].accelerator_s == pytest.approx(600)

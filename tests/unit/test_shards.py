@@ -8,7 +8,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io import storage
 from pipeline.io.plan import INPUT_ERROR, InputError, cut_shards, list_files, plan_input
 from pipeline.io.read import read_shard
 from pipeline.io import outputs, storage

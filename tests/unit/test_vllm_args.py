@@ -11,8 +11,12 @@ def cfg(**vllm) -> EngineConfig:
     return EngineConfig(device="cpu", vllm=vllm)
 
 
+def gpu(**vllm) -> EngineConfig:
+    return EngineConfig(device="gpu", vllm=vllm)
+
+
 def test_names_and_values_as_vllm_serve_takes_them():
-    parsed = vllm_args(cfg(**{"kv-cache-dtype": "fp8", "quantization": "fp8", "pipeline_parallel_size": 2,
+    parsed = vllm_args(gpu(**{"kv-cache-dtype": "fp8", "quantization": "fp8", "pipeline_parallel_size": 2,
                               "enable_expert_parallel": True, "load_format": "safetensors", "revision": "main",
                               "hf_overrides": {"num_hidden_layers": 2}, "tokenizer": "/models/tok",
                               "speculative_config": {"method": "ngram", "num_speculative_tokens": 3},
@@ -25,6 +29,24 @@ def test_names_and_values_as_vllm_serve_takes_them():
     assert vllm_args(cfg(enable_expert_parallel=False))["enable_expert_parallel"] is False
     assert vllm_args(cfg(revision=None)) == {}  # null: vLLM's default
     assert vllm_args(EngineConfig()) == {}
+
+
+def test_what_the_cpu_build_takes_but_cannot_run_stops_before_any_work():
+    with pytest.raises(VllmArgsError, match="pipeline_parallel_size: vLLM's CPU build cannot run pipeline stages"):
+        vllm_args(cfg(pipeline_parallel_size=2))
+    with pytest.raises(VllmArgsError, match="CPU build has no Ray executor"):
+        vllm_args(cfg(distributed_executor_backend="ray"))
+    assert vllm_args(cfg(pipeline_parallel_size=1)) == {"pipeline_parallel_size": 1}
+
+
+def test_a_gpu_engine_over_pipeline_stages_runs_on_vllms_ray_executor():
+    staged = EngineConfig(device="gpu", tensor_parallel_size=8, vllm={"pipeline_parallel_size": 2})
+    args = engine_args(staged, "/models/m", "m", {})
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (8, 2)
+    assert args.distributed_executor_backend == "ray"
+    assert engine_args(EngineConfig(device="gpu", tensor_parallel_size=8), "/m", "m", {}).distributed_executor_backend is None
+    mine = EngineConfig(device="gpu", vllm={"pipeline_parallel_size": 2, "distributed_executor_backend": "mp"})
+    assert engine_args(mine, "/m", "m", {}).distributed_executor_backend == "mp"  # the user's choice wins
 
 
 def test_they_reach_the_engine_arguments_and_the_jobs_own_stay():
@@ -48,3 +70,13 @@ def test_a_wrong_name_or_value_says_which_key_and_what_vllm_says(key, value, mes
     with pytest.raises(VllmArgsError) as caught:
         vllm_args(cfg(**{key: value}))
     assert message in str(caught.value)
+
+
+def test_batch_invariant_mode_is_a_gpu_setting_and_part_of_the_outputs_identity():
+    from pipeline.config import ConfigError, JobConfig, load_config
+
+    with pytest.raises(ConfigError, match="batch_invariant needs a GPU engine"):
+        load_config(None, ["engine.device=cpu", "engine.batch_invariant=true"], input="in.parquet", output="out")
+    gpu_job = JobConfig.model_validate({"input": "in", "output": "out", "engine": {"device": "gpu", "batch_invariant": True}})
+    assert gpu_job.identity()["engine"]["batch_invariant"] is True
+    assert "batch_invariant" not in JobConfig.model_validate({"input": "in", "output": "out"}).identity()["engine"]
