@@ -114,7 +114,7 @@ class JobConfig(Strict):
         paths and the resources (actors, batching, retries) may change between runs, and a sweep may
         gain variants."""
         identity = {
-            "input": self.input.model_dump(exclude={"path"}),
+            "input": self.input.model_dump(exclude={"path", "when_changed"}),  # when_changed: what a rerun does
             "output": self.output.model_dump(include={"format", "columns", "rows_per_file"}),
             "engine": self.engine.model_dump(include={"max_model_len", "dtype", "seed", "max_logprobs"}),
             "defaults": self.defaults.model_dump(),

@@ -94,6 +94,8 @@ def _comparable(recorded: dict[str, Any], identity: dict[str, Any]) -> dict[str,
     missing on either side (an output written before fingerprints, a model the driver cannot read) is
     taken as equal."""
     recorded = {k: v for k, v in recorded.items() if k != PROVENANCE}
+    if isinstance(recorded.get("input"), dict):  # outputs of 0.1 recorded it: what a rerun does, not how rows were answered
+        recorded["input"] = {k: v for k, v in recorded["input"].items() if k != "when_changed"}
     if "fingerprints" not in identity:
         return recorded
     if "fingerprints" not in recorded:

@@ -211,7 +211,7 @@ def test_a_tensor_parallel_engine_that_loses_one_worker_is_replaced_whole(run_jo
     """A multi-process engine (tensor parallel 2 on the CPU build: two workers) whose second worker is
     killed: vLLM's engine stops, the actor starts a whole new engine (both workers), and the rows that
     were in it are answered by the new one (docs/gpu-clusters.md)."""
-    table = long_rows().slice(0, 160)
+    table = long_rows().slice(0, 192)  # in waves of 64 rows: the first answered, the next in the engine
     killed: list[int] = []
 
     def second_worker() -> psutil.Process | None:
@@ -230,7 +230,7 @@ def test_a_tensor_parallel_engine_that_loses_one_worker_is_replaced_whole(run_jo
         return False
 
     out = run_and_kill(run_job, table, second_worker, answering, input={"id_column": "id"},
-                       engine={"tensor_parallel_size": 2, "cpus_per_actor": 2})
+                       engine={"tensor_parallel_size": 2, "cpus_per_actor": 2, "max_num_seqs": 64})
     assert killed
     assert_each_row_once_and_answered(out, table)
     assert out.summary.engine_restarts == 1 and len(out.summary.engine_startup_s) == 2

@@ -120,3 +120,16 @@ def test_a_sweeps_variants_share_their_models_engine_time_by_busy_time():
     assert costs["y"].per_million_output_tokens == pytest.approx(costs["y"].total / 300e-6)
     even = split_cost(engines, {"x": 0.0, "y": 0.0}, {"x": (0, 0), "y": (0, 0)}, 2.0, "GPU")
     assert even["x"].accelerator_s == even["y"].accelerator_s == pytest.approx(600)
+
+
+def test_input_when_changed_is_what_a_rerun_does_not_part_of_the_outputs_identity(tmp_path):
+    def job(when):
+        return JobConfig.model_validate({"input": {"path": str(tmp_path / "in"), "when_changed": when},
+                                         "output": str(tmp_path / "out")})
+
+    redo, stop = job("redo"), job("stop")
+    assert redo.identity() == stop.identity()
+    old = redo.identity()
+    old["input"] = {**old["input"], "when_changed": "redo"}  # as an output of the previous version recorded it
+    outputs.prepare(redo.output, old)
+    assert outputs.prepare(stop.output, stop.identity()) == set()
