@@ -148,8 +148,9 @@ def engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: 
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     extra: dict[str, Any] = lora_args(cfg, adapters)
-    if executor(cfg) is not None:  # a GPU engine over pipeline stages: vLLM's Ray executor (pool.py)
-        extra["distributed_executor_backend"] = executor(cfg)
+    chosen = executor(cfg)
+    if chosen is not None:  # a GPU engine over pipeline stages: vLLM's Ray executor (pool.py)
+        extra["distributed_executor_backend"] = chosen
     if cfg.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = cfg.max_num_batched_tokens
     extra.update(vllm_args(cfg))  # engine.vllm: the user's other engine arguments

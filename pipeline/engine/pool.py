@@ -54,10 +54,14 @@ def actor_pool(engine: EngineConfig, work_items: int, mean_shard_rows: float) ->
                              max_concurrent_calls_per_actor=at_once)
 
 
+def vllm_value(engine: EngineConfig, name: str) -> Any:
+    """An `engine.vllm` argument by its underscore name, however it was spelled (dashes or underscores)."""
+    return next((v for k, v in engine.vllm.items() if k.replace("-", "_") == name), None)
+
+
 def parallel(engine: EngineConfig) -> tuple[int, int]:
     """(tensor parallel, pipeline parallel): the GPU processes of one engine are their product."""
-    pp = next((engine.vllm[k] for k in ("pipeline_parallel_size", "pipeline-parallel-size") if k in engine.vllm), 1)
-    return engine.tensor_parallel_size, int(pp or 1)
+    return engine.tensor_parallel_size, int(vllm_value(engine, "pipeline_parallel_size") or 1)
 
 
 def executor(engine: EngineConfig) -> str | None:
@@ -65,8 +69,7 @@ def executor(engine: EngineConfig) -> str | None:
     spans pipeline stages (its stages may sit on other nodes) or that the user put on Ray's executor;
     None (vLLM's choice: one process, or its multiprocessing executor for tensor parallel within the
     actor's node, which costs no Ray round trips) otherwise."""
-    chosen = next((engine.vllm[k] for k in ("distributed_executor_backend", "distributed-executor-backend")
-                   if k in engine.vllm), None)
+    chosen = vllm_value(engine, "distributed_executor_backend")
     if engine.resolved_device() != "gpu":
         return chosen
     return chosen or ("ray" if parallel(engine)[1] > 1 else None)

