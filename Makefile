@@ -1,11 +1,11 @@
 # make demo: set up .venv (CPU stack) and run the main job on the embedded default.
-# make test: set up .venv and run the test suite (what CI runs).
+# make test: set up .venv and run the test suite; make test-slow: its long runs (CI runs both).
 # make bench: the throughput benchmark (see docs/performance.md).
 PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test bench bench-harness dashboard clean
+.PHONY: setup demo test test-slow bench bench-harness dashboard clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/python jobs/complete.py --config configs/local-cpu.yaml --set output.mode=overwrite
 
+# make test: the suite (about 20 min on 2 cores); make test-slow: the long runs (faults, two-node
+# clusters, lm-evaluation-harness and adapter parity, S3, ray job submit); CI (.ci/run) runs both.
 test: setup
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+test-slow: setup
+	$(VENV)/bin/python -m pytest -m slow
 
 # make bench: plain vLLM vs ray.data.llm vs this pipeline, long and short workloads
 # (bench/results/throughput.json, throughput-short.json); see docs/performance.md.

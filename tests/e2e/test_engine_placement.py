@@ -13,9 +13,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.config import EngineConfig
 from pipeline.engine import pool
 from tests.ray_cluster import RayCluster
+
+pytestmark = pytest.mark.slow  # two `ray start` nodes
 
 PROBE = r"""
 import json, sys

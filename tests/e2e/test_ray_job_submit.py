@@ -12,7 +12,7 @@ import pytest
 
 from tests.ray_cluster import RayCluster
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
 def test_ray_job_submit_to_a_local_head(tmp_path):

@@ -33,7 +33,7 @@ import pytest
 
 from tests.ray_cluster import RayCluster, cmdline
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 ROWS, MAX_TOKENS = 1280, 200
 ACTOR, CORE = "MapWorker(MapBatches(EngineActor))", "VLLM::EngineCore"
 

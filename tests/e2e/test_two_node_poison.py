@@ -31,7 +31,7 @@ from tests import prometheus
 from tests.poison import POISON_ENGINE, plain_bodies, with_poison
 from tests.ray_cluster import RayCluster
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 SHARD_ROWS = 4  # 3 plain rows and a poison row per shard: 2 engine deaths per poison row
 VLLM_METRICS = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries_total",
                 "time_to_first_token_seconds_count", "inter_token_latency_seconds_count", "generation_tokens_total")

@@ -17,7 +17,7 @@ import psutil
 import pyarrow as pa
 import pytest
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 ROWS = 600
 MAX_TOKENS = 200  # 120k tokens: ~40 s of generation on 2 cores, so the kill lands in it
 

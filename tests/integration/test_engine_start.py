@@ -11,7 +11,7 @@ import pytest
 
 from tests.integration.test_engine_death import _cmdline, _ours, run_while
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
 def engine_core_parent_while(run_job, table: pa.Table, **config) -> tuple[str | None, object]:

@@ -12,7 +12,7 @@ from pipeline.config import JobConfig
 from pipeline.job.run import run
 from tests.integration.conftest import CONTEXT
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
 def day(n: int, rows: int) -> pa.Table:

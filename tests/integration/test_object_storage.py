@@ -31,7 +31,7 @@ import yaml
 
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, admin_filesystem, environment, s3_server
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 FILES, ROWS_PER_FILE, PER_SHARD = 2, 30, 10  # 60 rows, 6 shards
 DELETED = 2  # shards whose data files the "interruption" removes

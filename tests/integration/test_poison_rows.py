@@ -12,7 +12,7 @@ import pytest
 from tests.integration.test_engine_death import engine_core_of_a_ray_actor, rows_answered, run_and_kill
 from tests.poison import POISON_ENGINE, plain_bodies, with_poison
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 BODY_INPUT = {"body_column": "body", "id_column": "id"}
 
 

@@ -17,7 +17,7 @@ from pipeline.models.adapters import unknown_model_message
 from tests.parity.conftest import ADAPTERS, SERVED
 from tests.parity.test_reference_parity import IGNORED, close, strip
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 P1 = "The quick brown fox jumps over the lazy dog"
 P2 = "Question: What is the largest planet? Answer:"

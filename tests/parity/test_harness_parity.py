@@ -20,7 +20,7 @@ from pipeline.models.tiny_model import resolve_model
 from tests.integration.conftest import CONTEXT
 from tests.parity.conftest import SERVED
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 lm_eval = pytest.importorskip("lm_eval")
 
 TASKS = ["tiny_choice", "tiny_qa", "tiny_text"]
