@@ -13,7 +13,7 @@ from pipeline.job.run import run
 from pipeline.io.tally import Tally
 from tests.integration.conftest import CONTEXT
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
 def most_at_once(intervals: list[list[float]]) -> int:

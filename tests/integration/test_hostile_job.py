@@ -104,6 +104,7 @@ def test_a_job_over_generated_string_bodies(run_job, tmp_path_factory):
     assert result.summary.rows_out == len(raw)
 
 
+@pytest.mark.slow  # the suite keeps the string bodies' job; the same rules, another input form
 def test_a_job_over_generated_struct_bodies(run_job, tmp_path_factory):
     import pyarrow.parquet as pq
 
@@ -116,6 +117,7 @@ def test_a_job_over_generated_struct_bodies(run_job, tmp_path_factory):
                table.column("id").to_pylist())
 
 
+@pytest.mark.slow  # the suite keeps the string bodies' job; the same rules, another input form
 def test_a_job_over_generated_batch_lines(run_job, tmp_path_factory):
     import pyarrow.parquet as pq
 

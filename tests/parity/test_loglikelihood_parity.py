@@ -16,7 +16,7 @@ import pytest
 from pipeline.config import JobConfig
 from pipeline.job.run import request_builder
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 ROWS = [  # (context, choices): spaces on either side of the boundary, digits, punctuation, no space
     ("Question: What is the capital of France?\nAnswer:", [" Paris", " Rome", " Berlin", " Madrid"]),
