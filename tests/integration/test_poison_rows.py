@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_engine_death import engine_core_of_a_ray_actor, rows_answered, run_and_kill
+from tests.integration.test_engine_death import _cmdline, engine_core_of_a_ray_actor, rows_answered, run_and_kill
 from tests.poison import POISON_ENGINE, plain_bodies, with_poison
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -44,8 +44,14 @@ def test_three_poison_rows_in_different_shards_are_the_only_500s(run_job):
 def test_a_poison_row_and_an_engine_killed_from_outside_in_one_job(run_job):
     table = plain_bodies(300, max_tokens=64)
     table = with_poison(table, [290])  # in the last shard: it reaches the engine after the kill
-    out = run_and_kill(run_job, table, engine_core_of_a_ray_actor, lambda core: rows_answered() > 0,
-                       input=BODY_INPUT, engine=POISON_ENGINE)
+    parents = []
+
+    def answering(core) -> bool:
+        parents.append(_cmdline(core.parent()))
+        return rows_answered() > 0
+
+    out = run_and_kill(run_job, table, engine_core_of_a_ray_actor, answering, input=BODY_INPUT, engine=POISON_ENGINE)
+    assert "multiprocessing.forkserver" in parents[-1]  # forked, imported already (pipeline/engine/core_process.py)
     failed = {key for key, code in codes(out).items() if code != 200}
     assert failed == {"poison-0"}
     assert out.summary.rows_out == 301
