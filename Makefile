@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/python jobs/complete.py --config configs/local-cpu.yaml --set output.mode=overwrite
 
-# make test: the suite (22 min on the 2-core machine, 2026-12-02); make test-slow: the long runs (faults, two-node
-# clusters, lm-evaluation-harness and adapter parity, S3, ray job submit); CI (.ci/run) runs both.
+# make test: the suite; make test-slow: its long runs; CI (.ci/run) runs both. Which tests are long
+# runs, and how long each part takes: docs/development.md#tests.
 test: setup
 	$(VENV)/bin/python -m pytest -m "not slow"
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_engine_death import _cmdline, engine_core_of_a_ray_actor, rows_answered, run_and_kill
+from tests.integration.test_engine_death import engine_core_of_a_ray_actor, rows_answered, run_and_kill
 from tests.poison import POISON_ENGINE, plain_bodies, with_poison
+from tests.ray_cluster import cmdline
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 BODY_INPUT = {"body_column": "body", "id_column": "id"}
@@ -47,7 +48,7 @@ def test_a_poison_row_and_an_engine_killed_from_outside_in_one_job(run_job):
     parents = []
 
     def answering(core) -> bool:
-        parents.append(_cmdline(core.parent()))
+        parents.append(cmdline(core.parent()))
         return rows_answered() > 0
 
     out = run_and_kill(run_job, table, engine_core_of_a_ray_actor, answering, input=BODY_INPUT, engine=POISON_ENGINE)
