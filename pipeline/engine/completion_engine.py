@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from pipeline.config import EngineConfig
-from pipeline.engine import core_process, cores
+from pipeline.engine import core_process, cores, token_text
 from pipeline.engine.engine_args import engine_args
 from pipeline.engine.pool import executor, parallel
 from pipeline.engine.prompt_tokens import Key, PromptTokens
@@ -139,6 +139,7 @@ class CompletionEngine:
                                   chat_template_content_format="auto")
         serving = batch_serving_class()(engine, models, online_renderer=renderer, request_logger=None)
         serving.create_error_response = naming_param(serving.create_error_response)
+        token_text.install()  # each token's text in logprobs decoded once per process, not per position
         settle_for_serving()
         return cls(engine, serving, served_name, sampling_defaults["max_tokens"], time.monotonic() - t0)
 
