@@ -79,23 +79,51 @@ class EngineActor:
             core_process.start()  # first: it imports vLLM for the engine core while this process does
         import ray
 
-        self._config = config
-        self._plan = plan
+        self._take_job(config, plan, builder, schema, variants, score)
+        self._job_key: str | None = None  # the job it answers for, if it outlives its jobs (answer_for)
         self._model_path = resolve_model(config.model.path)
         self._adapters = adapters.localize(adapters.discover(config.model))  # remote ones copied here
-        self._schema = schema
-        self._builder = builder
-        self._variants = variants  # by name: its request fields (a sweep), which beat the row's
         context = ray.get_runtime_context()
         # an actor restarted by Ray keeps its id but not its process: the pid tells its engines apart
         self._node = context.get_node_id()
-        self._meter = meter(f"{context.get_actor_id()[:8]}.{os.getpid()}", self._node)
+        self._meter_id = f"{context.get_actor_id()[:8]}.{os.getpid()}"
+        self._meter = meter(self._meter_id, self._node)
         self._hardware = pool.hardware(config.engine)  # what its engines run on, for the summary
-        self._score = score
         engine = config.engine
         self._supervisor = EngineSupervisor(self._start_engine(), self._start_engine, row_retries=engine.row_retries,
                                             retry_backoff_s=engine.retry_backoff_s,
                                             stall_timeout_s=engine.stall_timeout_s, meter=self._meter)
+
+    def _take_job(self, config: JobConfig, plan: InputPlan, builder: RequestBuilder, schema: pa.Schema,
+                  variants: dict[str, Variant], score: Callable[[pa.Table], pa.Table]) -> None:
+        self._config = config
+        self._plan = plan
+        self._builder = builder
+        self._schema = schema
+        self._variants = variants  # by name: its request fields (a sweep), which beat the row's
+        self._score = score
+
+    async def answer_for(self, job: tuple[str, tuple], batch: pa.Table) -> pa.Table:
+        """A call of an actor that outlives its jobs (job/engines.py): as Ray Data's call, for the job
+        `job` = (its key, the constructor's arguments). The first call of a job takes the job's
+        arguments (same model and engine, its own input, output and meter); the engine stays.
+        An actor Ray restarted is constructed with its first arguments again, and takes the job the
+        same way."""
+        key, (config, plan, builder, schema, variants, score, meter) = job
+        if key != self._job_key:
+            self._take_job(config, plan, builder, schema, variants, score)
+            previous, self._meter = self._meter, meter(self._meter_id, self._node)
+            previous.stop()
+            # the job's figures count this engine from now: its stats (and cost) are the job's own
+            self._meter.engine_started(self._supervisor.engine.startup_s, self._hardware, counted=False)
+            self._supervisor.use_meter(self._meter)
+            self._job_key = key
+        return await self(batch)
+
+    def stop(self) -> None:
+        """Stop the engine (an actor that outlives its jobs, before it is killed)."""
+        self._meter.stop()
+        self._supervisor.shutdown()
 
     def _start_engine(self) -> Any:
         """Start an engine; one that dies while starting (killed, out of memory) is started again,

@@ -324,6 +324,10 @@ class EngineSupervisor:
     def shutdown(self) -> None:
         _quietly_shut_down(self.engine)
 
+    def use_meter(self, meter: Any) -> None:
+        """Count the engine work from now with `meter` (an actor that took another job)."""
+        self._meter = meter
+
 
 class _SharedEntry:
     """`async with supervisor._shared()`: a row enters the engine with others, once no isolation run is

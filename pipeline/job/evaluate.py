@@ -28,6 +28,7 @@ from pipeline.config import ConfigError
 from pipeline.evaluation.compare import render_scores
 from pipeline.evaluation.stats import paired_difference, summarize
 from pipeline.io import storage
+from pipeline.job import harness
 from pipeline.job.harness import MODEL_NAME, job_config, register
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,22 @@ def main(argv: list[str]) -> int:
         args.append("--log_samples")
     if harness_config:
         args += ["--config", harness_config]
-    register()
-    from lm_eval.__main__ import cli_evaluate
+    harness.start(job)  # first: the engines start while the harness imports itself and builds its requests
+    try:
+        register()
+        from lm_eval.__main__ import cli_evaluate
 
-    for variant in variants:
-        model_args = {**given, "config": config, "model": variant.name or variant.served_name}
-        if variant.name:
-            model_args["variant"] = variant.name
-            print(f"\n== variant {variant.name}: {variant.served_name} {json.dumps(variant.params)} ==", flush=True)
-        sys.argv = ["lm_eval", "run", "--model", MODEL_NAME,
-                    "--model_args", ",".join(f"{k}={v}" for k, v in model_args.items()), *args]
-        cli_evaluate()
+        for variant in variants:
+            model_args = {**given, "config": config, "model": variant.name or variant.served_name}
+            if variant.name:
+                model_args["variant"] = variant.name
+                print(f"\n== variant {variant.name}: {variant.served_name} {json.dumps(variant.params)} ==",
+                      flush=True)
+            sys.argv = ["lm_eval", "run", "--model", MODEL_NAME,
+                        "--model_args", ",".join(f"{k}={v}" for k, v in model_args.items()), *args]
+            cli_evaluate()
+    finally:
+        harness.stop()
     log.info("request records under %s", storage.redact(job.output.path))
     if sweep:
         lines = compare_variants(Path(output_path), [v.name for v in variants])

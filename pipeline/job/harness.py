@@ -18,8 +18,9 @@ against vLLM's server, while the requests and answers are records like any job's
 The digest is of the requests themselves, so a stopped evaluation run again with the same arguments
 finds its records and resumes (only the shards not yet written run), and a finished one re-reads them.
 
-`python -m pipeline eval` (evaluate.py) registers this model with the harness and runs the harness's
-own command line.
+`python -m pipeline eval` (evaluate.py) starts the engine actors (`start`: they start their engines
+while the harness builds its requests, and answer all its jobs), registers this model with the
+harness and runs the harness's own command line.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from pipeline.config import ConfigError, InputConfig, JobConfig, Variant, load_c
 from pipeline.io import storage
 from pipeline.io.plan import ROW_KEY
 from pipeline.io.records import response_body
-from pipeline.job.run import run
+from pipeline.job.engines import EngineActors
+from pipeline.job.run import run, start_engines
 from pipeline.models.tiny_model import resolve_model
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,24 @@ MODEL_NAME = "pipeline"  # the name the harness knows this model by (`--model pi
 PLACEHOLDER_INPUT = "(the harness's requests)"  # each kind's requests file replaces it
 REQUESTS = pa.schema([("id", pa.string()), ("task", pa.string()), ("doc_id", pa.int64()),
                       ("kind", pa.string()), ("body", pa.string())])
+
+
+# Engine actors started before the harness (`start`), which every job of their model uses.
+_ENGINES: list[EngineActors] = []
+
+
+def start(job: JobConfig) -> None:
+    """Start the engine actors of the evaluation's first variant now: they start their engines while
+    the harness imports itself and builds its requests, and answer every request kind (and every
+    variant of the same model). Starts Ray: call it from the main thread."""
+    first = variant_of(job, job.variants()[0].name)
+    _ENGINES.append(start_engines(job.model_copy(update={"model": first.model, "sweep": None})))
+
+
+def stop() -> None:
+    """Stop the engine actors `start` started."""
+    while _ENGINES:
+        _ENGINES.pop().stop()
 
 
 class HarnessError(RuntimeError):
@@ -212,7 +232,7 @@ def _harness_model() -> type:
                 "output": self._job.output.model_copy(update={"path": out, "format": "parquet", "columns": None}),
             })
             log.info("%s: %d requests -> %s", kind, table.num_rows, storage.redact(out))
-            summary = run(job)
+            summary = run(job, engines=next((e for e in _ENGINES if e.serve(job)), None))
             print(f"{kind}: {summary.rows_out} records in {storage.redact(out)} ({summary.rows_run} answered now, "
                   f"{summary.shards_kept} of {summary.shards} shards kept, {summary.errors} errors, "
                   f"{summary.wall_s:.1f}s)", flush=True)

@@ -27,6 +27,7 @@ import pyarrow as pa
 from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.engine import engine_args, pool
 from pipeline.job import provenance
+from pipeline.job.engines import RUNTIME_ENV, EngineActors
 from pipeline.engine.actor import EngineActor
 from pipeline.evaluation import score
 from pipeline.evaluation.compare import write_comparison
@@ -114,8 +115,26 @@ class Ran:
     first_ready_at: float | None
 
 
-def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema) -> Ran:
-    """Answer one model's pending work items on its engine actors."""
+def _actor_args(config: JobConfig, plan: InputPlan | None, schema: pa.Schema | None,
+                variants: dict[str, Variant], stats: Any) -> tuple:
+    """EngineActor's constructor arguments for a job (`stats`: its stats actor, or None)."""
+    return (config, plan, request_builder(config, plan.format if plan else "parquet"), schema, variants,
+            functools.partial(score.with_scores, config.scoring),
+            functools.partial(EngineMeter, stats, labels=_metric_labels(config)))
+
+
+def start_engines(config: JobConfig) -> EngineActors:
+    """Engine actors for `config`'s model that outlive one job (engines.py): started now, while the
+    caller prepares its jobs, and given to `run(..., engines=)`. Starts Ray (call it from the main
+    thread). Stop them with their `stop()`."""
+    _init_ray(config)
+    return EngineActors.start(config, _actor_args(config, None, None, {v.name: v for v in config.variants()}, None))
+
+
+def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema,
+               engines: EngineActors | None = None) -> Ran:
+    """Answer one model's pending work items on its engine actors: Ray Data's, or `engines` (started
+    before the job) if they serve this model."""
     import ray
 
     _init_ray(config)
@@ -125,29 +144,30 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     actor_plan = plan.for_readers()  # each actor gets its shards from Ray Data, not the whole list
     variants = {item.variant.name: item.variant for item in items}
     rows = sum(i.shard.rows for i in items)
-    work = ray.data.from_items([{**asdict(i.shard), "variant": i.variant.name, "out": i.out} for i in items],
-                               override_num_blocks=len(items))
-    done = work.map_batches(
-        EngineActor,
-        fn_constructor_args=(config, actor_plan, request_builder(config, plan.format), schema, variants,
-                             functools.partial(score.with_scores, config.scoring),
-                             functools.partial(EngineMeter, stats, labels=_metric_labels(config))),
-        batch_format="pyarrow",
-        batch_size=1,
-        compute=pool.actor_pool(config.engine, len(items), rows / len(items)),
-        # A retiring actor stops its engine itself (EngineActor.__del__). Ray's default kills an exiting
-        # actor's child processes first, under vLLM's running output reader: an ERROR and tracebacks
-        # after a job that succeeded. (The raylet still cleans up the process group of a dead actor.)
-        runtime_env={"env_vars": {"RAY_kill_child_processes_on_worker_exit": "false"}},
-        **pool.actor_resources(config.engine),
-    )
+    work = [{**asdict(i.shard), "variant": i.variant.name, "out": i.out} for i in items]
+    args = _actor_args(config, actor_plan, schema, variants, stats)
+    if engines is not None and engines.serve(config):
+        batches = engines.answer(work, args, pool.shards_at_once(config.engine, rows / len(items)))
+    else:
+        batches = ray.data.from_items(work, override_num_blocks=len(items)).map_batches(
+            EngineActor,
+            fn_constructor_args=args,
+            batch_format="pyarrow",
+            batch_size=1,
+            compute=pool.actor_pool(config.engine, len(items), rows / len(items)),
+            # A retiring actor stops its engine itself (EngineActor.__del__). Ray's default kills an exiting
+            # actor's child processes first, under vLLM's running output reader: an ERROR and tracebacks
+            # after a job that succeeded. (The raylet still cleans up the process group of a dead actor.)
+            runtime_env=RUNTIME_ENV,
+            **pool.actor_resources(config.engine),
+        ).iter_batches(batch_size=None, batch_format="pyarrow")
     failed: dict[str, str] = {}
     variant_of = {item.out: item.variant.name for item in items}
     job_labels = _metric_labels(config)
     metrics.planned(metrics.labels(**job_labels), rows)
     progress = ProgressLine(stats, rows) if show else contextlib.nullcontext()
     with progress:
-        for batch in done.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in batches:
             for row in batch.to_pylist():
                 tags = metrics.labels(**job_labels, variant=variant_of.get(row["shard"]) or "",
                                       engine=row["engine"] or "", node=row["node"] or "")
@@ -219,8 +239,9 @@ def _shard_size(config: JobConfig, rows: int) -> JobConfig:
     return config.model_copy(update={"output": config.output.model_copy(update={"rows_per_file": size})})
 
 
-def run(config: JobConfig) -> JobSummary:
-    """Run the job (or the part earlier runs left) and return the summary of the whole output."""
+def run(config: JobConfig, engines: EngineActors | None = None) -> JobSummary:
+    """Run the job (or the part earlier runs left) and return the summary of the whole output.
+    `engines`: engine actors started before the job (start_engines), used for their model's shards."""
     started = time.time()
     plan = plan_input(config.input)  # the files and their rows; InputError before Ray starts
     config = _shard_size(config, plan.rows)
@@ -252,7 +273,8 @@ def run(config: JobConfig) -> JobSummary:
         for item in pending:
             by_model.setdefault(item.variant.model.model_dump_json(), []).append(item)
         for group in by_model.values():
-            ran.append(_run_items(config.model_copy(update={"model": group[0].variant.model}), plan, group, schema))
+            ran.append(_run_items(config.model_copy(update={"model": group[0].variant.model}), plan, group, schema,
+                                  engines))
 
     written = outputs.done_shards(config.output) if pending else done
     total, run_tally, by_variant = Tally(), Tally(), {v.name: Tally() for v in variants}

@@ -60,6 +60,7 @@ class EngineMeter:
         self._in_engine = 0
         self._busy_since: float | None = None
         self._exported = self._fresh()  # this engine's figures the metrics have counted (at each beat)
+        self._stopped = False
         if stats is not None:
             threading.Thread(target=self._beat_forever, daemon=True, name="engine-meter").start()
 
@@ -88,8 +89,9 @@ class EngineMeter:
         if (tags := self.next_engine_tags()) is not None:
             metrics.engine_starting(tags)
 
-    def engine_started(self, startup_s: float, hardware: dict[str, Any] | None = None) -> None:
-        """A new engine is ready: its figures start from zero."""
+    def engine_started(self, startup_s: float, hardware: dict[str, Any] | None = None, counted: bool = True) -> None:
+        """A new engine is ready: its figures start from zero. `counted=False`: an engine started
+        before this job (an actor that outlives its jobs), which the live metrics counted then."""
         now = time.time()
         with self._lock:
             if self._generation:
@@ -100,7 +102,7 @@ class EngineMeter:
             self._exported = self._fresh()
         self._send("engine", self.engine_id, {"node": self._node, "startup_s": startup_s, "ready_at": now,
                                               "hardware": hardware or {}})
-        if (tags := self._tags()) is not None:
+        if counted and (tags := self._tags()) is not None:
             metrics.engine_started(tags, restart=self._generation > 1)
 
     def enter(self) -> None:
@@ -137,10 +139,14 @@ class EngineMeter:
         if (tags := self._tags()) is not None:  # the live metrics, from the figures kept for the beat
             metrics.engine_work(tags, new["rows"], new["completion_tokens"], new["busy_s"], in_engine)
 
+    def stop(self) -> None:
+        """No more beats (the actor took another job's meter, or stops)."""
+        self._stopped = True
+
     def _beat_forever(self) -> None:
-        while True:
+        while not self._stopped:
             time.sleep(BEAT_S)
-            if self._generation:
+            if self._generation and not self._stopped:
                 self.beat()
 
     def _send(self, method: str, *args: Any) -> None:

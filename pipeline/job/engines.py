@@ -1,0 +1,91 @@
+"""Engine actors that outlive one job: started ahead of their jobs, and kept across them.
+
+A job's engine actors are Ray Data's (run.py): they start when the job starts, and the job waits for
+them (Ray starting the actor's process, the actor importing vLLM, vLLM starting its engine: 45-60 s
+on the 2-core development machine). An evaluation knows its model and engine long before its first
+job: the harness first imports itself and builds every request (prompts, few-shot examples,
+tokenizing), which takes about as long. `python -m pipeline eval` therefore starts the engine actors
+first (`EngineActors.start`), and its jobs (one per request kind, run(..., engines=...)) hand their
+shards to those actors instead of starting Ray Data's: the engine starts while the harness works, and
+once for all request kinds and the variants of one model.
+
+They are the same `EngineActor`s, called the same way (one shard per call, `shards_at_once` calls in
+flight per actor) and keeping the same guarantees: a row that kills its engine is isolated by the
+actor's supervisor, and an actor whose process dies is restarted by Ray, which calls it again with
+the shards it had (`max_task_retries`); a shard already written is not written twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import uuid
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from pipeline.config import JobConfig
+from pipeline.engine import pool
+from pipeline.engine.actor import EngineActor
+
+log = logging.getLogger(__name__)
+# Ray Data's engine actors have it too (run.py): the actor stops its engine itself.
+RUNTIME_ENV = {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "false"}}
+
+
+class EngineActors:
+    """`engine.num_actors` engine actors of one model (the lower bound of an elastic range)."""
+
+    def __init__(self, config: JobConfig, actors: list[Any]) -> None:
+        self.model = config.model
+        self._engine = config.engine
+        self._actors = actors
+
+    @classmethod
+    def start(cls, config: JobConfig, args: tuple) -> "EngineActors":
+        """Create the actors (Ray must be up); returns at once, while they start their engines.
+        `args` are EngineActor's constructor arguments for `config` (run.py's `start_engines`)."""
+        import ray
+
+        resources = pool.actor_resources(config.engine)
+        placement = resources.pop("ray_remote_args_fn", None)  # a placement group per actor (GPU layouts)
+        actor = ray.remote(EngineActor)
+        actors = [actor.options(**resources, **(placement() if placement else {}), runtime_env=RUNTIME_ENV,
+                                max_restarts=-1, max_task_retries=-1).remote(*args)
+                  for _ in range(config.engine.actor_range()[0])]
+        return cls(config, actors)
+
+    def serve(self, config: JobConfig) -> bool:
+        """Whether these actors can answer `config`'s job: the same model and engine."""
+        return config.model == self.model and config.engine == self._engine
+
+    def answer(self, items: list[dict[str, Any]], args: tuple, at_once: int) -> Iterator[pa.Table]:
+        """Each work item answered (actor.SHARD_DONE rows, as Ray Data's calls return them), in the order
+        they finish; `args` are the job's EngineActor arguments; `at_once` shards in flight per actor."""
+        import ray
+
+        job = ray.put((uuid.uuid4().hex, args))
+        waiting = collections.deque(items)
+        running: dict[Any, Any] = {}
+        load = {actor: 0 for actor in self._actors}
+        while waiting or running:
+            for actor in self._actors:
+                while waiting and load[actor] < at_once:
+                    item = waiting.popleft()
+                    running[actor.answer_for.remote(job, pa.Table.from_pylist([item]))] = actor
+                    load[actor] += 1
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                load[running.pop(ref)] -= 1
+                yield ray.get(ref)
+
+    def stop(self) -> None:
+        """Stop the engines, then the actors."""
+        import ray
+
+        try:
+            ray.get([actor.stop.remote() for actor in self._actors], timeout=120)
+        except Exception:  # noqa: BLE001 - an actor that cannot stop its engine is killed all the same
+            log.warning("an engine actor did not stop its engine", exc_info=True)
+        for actor in self._actors:
+            ray.kill(actor)
