@@ -40,6 +40,7 @@ class EngineActors:
         self.model = config.model
         self._engine = config.engine
         self._actors = actors
+        self._used = False
 
     @classmethod
     def start(cls, config: JobConfig, args: tuple) -> "EngineActors":
@@ -64,6 +65,7 @@ class EngineActors:
         they finish; `args` are the job's EngineActor arguments; `at_once` shards in flight per actor."""
         import ray
 
+        self._used = True
         job = ray.put((uuid.uuid4().hex, args))
         waiting = collections.deque(items)
         running: dict[Any, Any] = {}
@@ -80,11 +82,14 @@ class EngineActors:
                 yield ray.get(ref)
 
     def stop(self) -> None:
-        """Stop the engines, then the actors."""
+        """Stop the engines, then the actors. Actors no job used (an evaluation whose answers were all
+        recorded before) are killed at once, whether or not their engines are up yet: a killed actor's
+        engine process stops with it (engine/core_process.py)."""
         import ray
 
         try:
-            ray.get([actor.stop.remote() for actor in self._actors], timeout=120)
+            if self._used:
+                ray.get([actor.stop.remote() for actor in self._actors], timeout=120)
         except Exception:  # noqa: BLE001 - an actor that cannot stop its engine is killed all the same
             log.warning("an engine actor did not stop its engine", exc_info=True)
         for actor in self._actors:

@@ -28,6 +28,7 @@ from pipeline.config import ConfigError
 from pipeline.evaluation.compare import render_scores
 from pipeline.evaluation.stats import paired_difference, summarize
 from pipeline.io import storage
+from pipeline.io.plan import InputError
 from pipeline.job import harness
 from pipeline.job.harness import MODEL_NAME, job_config, register
 
@@ -87,7 +88,11 @@ def main(argv: list[str]) -> int:
         args.append("--log_samples")
     if harness_config:
         args += ["--config", harness_config]
-    harness.start(job)  # first: the engines start while the harness imports itself and builds its requests
+    try:  # first: the engines start while the harness imports itself and builds its requests
+        harness.start(job)
+    except (ConfigError, InputError) as exc:  # the model's adapters, engine.vllm: before Ray starts
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         register()
         from lm_eval.__main__ import cli_evaluate

@@ -127,6 +127,8 @@ def start_engines(config: JobConfig) -> EngineActors:
     """Engine actors for `config`'s model that outlive one job (engines.py): started now, while the
     caller prepares its jobs, and given to `run(..., engines=)`. Starts Ray (call it from the main
     thread). Stop them with their `stop()`."""
+    adapters.check_job(config)  # AdapterError before Ray starts, as run() checks
+    engine_args.vllm_args(config.engine)  # VllmArgsError (engine.vllm)
     _init_ray(config)
     return EngineActors.start(config, _actor_args(config, None, None, {v.name: v for v in config.variants()}, None))
 

@@ -109,3 +109,14 @@ def test_a_python_without_the_dependencies_says_how_to_start_ray():
                             capture_output=True, text=True, timeout=120)
     assert_clean_failure(result, "cannot import", ". .venv/bin/activate && ray start --head",
                          "/path/to/.venv/bin/python jobs/complete.py")
+
+
+def test_an_evaluation_with_a_bad_engine_argument_stops_before_ray(tmp_path):
+    """`pipeline eval` starts its engines first thing (job/engines.py): what a job checks before Ray
+    starts is checked before those engines start."""
+    config = tmp_path / "eval.yaml"
+    config.write_text("output: out\nmodel:\n  path: builtin:tiny-llama\nengine:\n  device: cpu\n"
+                      "  vllm:\n    no_such_argument: 1\n")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--config", str(config), "--tasks", "x"],
+                            capture_output=True, text=True, timeout=300)
+    assert_clean_failure(result, "no_such_argument")
