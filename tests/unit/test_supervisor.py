@@ -171,11 +171,14 @@ def test_an_engine_that_gives_no_output_is_replaced_and_its_rows_answered():
 
 
 def test_rows_waiting_for_an_engine_that_cannot_start_are_not_answered():
-    fleet = Fleet(start_failures=10)
+    # the other rows are still in the engine when the poison row kills it (they wait there), so
+    # they need another engine: were they all answered first, the poison row would be alone in the
+    # engine it killed and a 500 at once, with no engine to wait for (1 time in 11 with random timing)
+    fleet = Fleet(start_failures=10, hang_on="waiting")
     supervisor = EngineSupervisor(FakeEngine(fleet), fleet.start, row_retries=0, retry_backoff_s=0,
                                   stall_timeout_s=60, meter=Meter())
     with pytest.raises(EngineUnavailable, match="no memory for the KV cache"):
-        asyncio.run(answer_all(supervisor, ["poison"] + [f"row {i}" for i in range(10)]))
+        asyncio.run(answer_all(supervisor, ["poison"] + ["waiting"] * 10))
 
     fleet.start_failures = 0  # the next shard tries again, and gets an engine
 
