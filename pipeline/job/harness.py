@@ -51,22 +51,26 @@ REQUESTS = pa.schema([("id", pa.string()), ("task", pa.string()), ("doc_id", pa.
                       ("kind", pa.string()), ("body", pa.string())])
 
 
-# Engine actors started before the harness (`start`), which every job of their model uses.
-_ENGINES: list[EngineActors] = []
+# Engine actors started before the harness (`start`); every job passes them on to run(), which uses
+# them for the shards of their model.
+_engines: EngineActors | None = None
 
 
 def start(job: JobConfig) -> None:
     """Start the engine actors of the evaluation's first variant now: they start their engines while
     the harness imports itself and builds its requests, and answer every request kind (and every
     variant of the same model). Starts Ray: call it from the main thread."""
-    first = variant_of(job, job.variants()[0].name)
-    _ENGINES.append(start_engines(job.model_copy(update={"model": first.model, "sweep": None})))
+    global _engines
+    first = job.variants()[0]
+    _engines = start_engines(job.model_copy(update={"model": first.model, "sweep": None}))
 
 
 def stop() -> None:
     """Stop the engine actors `start` started."""
-    while _ENGINES:
-        _ENGINES.pop().stop()
+    global _engines
+    if _engines is not None:
+        _engines.stop()
+        _engines = None
 
 
 class HarnessError(RuntimeError):
@@ -232,7 +236,7 @@ def _harness_model() -> type:
                 "output": self._job.output.model_copy(update={"path": out, "format": "parquet", "columns": None}),
             })
             log.info("%s: %d requests -> %s", kind, table.num_rows, storage.redact(out))
-            summary = run(job, engines=next((e for e in _ENGINES if e.serve(job)), None))
+            summary = run(job, engines=_engines)
             print(f"{kind}: {summary.rows_out} records in {storage.redact(out)} ({summary.rows_run} answered now, "
                   f"{summary.shards_kept} of {summary.shards} shards kept, {summary.errors} errors, "
                   f"{summary.wall_s:.1f}s)", flush=True)

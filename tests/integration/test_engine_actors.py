@@ -36,9 +36,13 @@ def _records(folder: Path) -> dict[str, dict]:
             for r in rows}
 
 
+def _pid_of(engine) -> int:
+    return int(engine.engine.split(".")[1].split("-")[0])  # `<actor>.<pid>-<engine of this job>`
+
+
 def _pid(summary) -> int:
     (engine,) = summary.engines
-    return int(engine.engine.split(".")[1].split("-")[0])  # `<actor>.<pid>-<engine of this job>`
+    return _pid_of(engine)
 
 
 def _processes(pid: int) -> list[psutil.Process]:
@@ -108,5 +112,5 @@ def test_an_engine_actor_killed_mid_job_is_restarted_and_its_shards_answered_onc
     rows = pq.read_table(tmp_path / "job" / "out" / "data").column("id").to_pylist()
     assert sorted(rows) == sorted(table.column("id").to_pylist())  # every row once
     assert (summary.rows_out, summary.errors, summary.shards_failed) == (120, 0, {})
-    pids = {int(e.engine.split(".")[1].split("-")[0]) for e in summary.engines}
+    pids = {_pid_of(e) for e in summary.engines}
     assert pid in pids and len(pids) == 2, summary.engines  # Ray started the actor again, in a new process
