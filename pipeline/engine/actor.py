@@ -43,6 +43,7 @@ class _Retries:
 
 
 SHARD_TRIES = 3  # reading or writing a shard: tries before the shard is reported failed
+STATS_WAIT_S = 10.0  # a shard's last figures: how long to wait for the job's stats actor to take them
 
 
 class EngineActor:
@@ -200,7 +201,12 @@ class EngineActor:
         tally = Tally.of_records(records, **asdict(retries), intervals=[[started, time.time()]])
         tally.source = shard.source  # the input file as it was: a rerun compares it
         await self._tried(f"writing shard {out}", outputs.write_shard, self._config.output, out, records, tally)
-        self._meter.beat()
+        sent = self._meter.beat()
+        if sent is not None:  # the job's stats hold this shard's rows before its result reaches the driver
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(sent.future()), STATS_WAIT_S)
+            except Exception:  # noqa: BLE001 - figures are best effort; the records are what matters
+                log.debug("the job's stats actor did not take shard %s's figures", out, exc_info=True)
         return shard.rows, tally
 
     async def _answers(self, rows: list[tuple[str, Any]], retries: _Retries) -> list[tuple[dict | None, dict | None]]:

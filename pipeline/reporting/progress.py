@@ -126,7 +126,9 @@ class EngineMeter:
     def shard_started(self, name: str) -> None:
         self._send("shard_started", name)
 
-    def beat(self) -> None:
+    def beat(self) -> Any:
+        """Send the engine's figures to the job's stats actor; returns the call's ObjectRef (None
+        without a stats actor), which a caller may await to know the figures arrived."""
         now = time.time()
         with self._lock:
             figures = dict(self._figures)
@@ -135,9 +137,10 @@ class EngineMeter:
             engine = self.engine_id
             new = {name: figures[name] - self._exported[name] for name in figures}
             self._exported, in_engine = figures, self._in_engine
-        self._send("beat", engine, figures, now)
+        sent = self._send("beat", engine, figures, now)
         if (tags := self._tags()) is not None:  # the live metrics, from the figures kept for the beat
             metrics.engine_work(tags, new["rows"], new["completion_tokens"], new["busy_s"], in_engine)
+        return sent
 
     def stop(self) -> None:
         """No more beats (the actor took another job's meter, or stops)."""
@@ -149,11 +152,11 @@ class EngineMeter:
             if self._generation and not self._stopped:
                 self.beat()
 
-    def _send(self, method: str, *args: Any) -> None:
+    def _send(self, method: str, *args: Any) -> Any:
         if self._stats is None:
-            return
+            return None
         try:
-            getattr(self._stats, method).remote(*args)
+            return getattr(self._stats, method).remote(*args)
         except Exception:  # noqa: BLE001 - figures are best effort; the records are what matters
             log.debug("could not report %s to the job's stats actor", method, exc_info=True)
 
