@@ -21,12 +21,12 @@ pytestmark = pytest.mark.engine
 ENGINE = {"device": "cpu", "dtype": "float32", "max_model_len": 256, "gpu_memory_utilization": 0.5}
 
 
-def _job(folder: Path, table: pa.Table, output: str, rows_per_file: int) -> JobConfig:
+def _job(folder: Path, table: pa.Table, output: str, rows_per_file: int, **engine: object) -> JobConfig:
     folder.mkdir(exist_ok=True)
     pq.write_table(table, folder / "input.parquet")
     return JobConfig.model_validate({"input": {"path": str(folder / "input.parquet")},
                                      "output": {"path": str(folder / output), "rows_per_file": rows_per_file},
-                                     "engine": ENGINE})
+                                     "engine": {**ENGINE, **engine}})
 
 
 def _records(folder: Path) -> dict[str, dict]:
@@ -87,11 +87,13 @@ def test_engines_started_before_their_jobs_answer_each_job_once_started(run_job,
 def test_an_engine_actor_killed_mid_job_is_restarted_and_its_shards_answered_once(run_job, tmp_path):
     sample = pq.read_table("data/sample_prompts.parquet").slice(0, 120).drop_columns(["max_tokens"])
     table = sample.append_column("max_tokens", pa.array([48] * 120))
-    job = _job(tmp_path / "job", table, "out", rows_per_file=10)
+    # one shard at a time: when the first is written, the others are still to come (the kill lands mid-job)
+    job = _job(tmp_path / "job", table, "out", rows_per_file=10, shards_in_flight=1)
     engines = start_engines(job)
     killed: list[int] = []
     try:
-        warm = run(_job(tmp_path / "warm", table.slice(0, 2), "out", rows_per_file=2), engines=engines)
+        warm = run(_job(tmp_path / "warm", table.slice(0, 2), "out", rows_per_file=2, shards_in_flight=1),
+                   engines=engines)
         pid = _pid(warm)
 
         def kill_when_a_shard_is_written() -> None:
