@@ -93,6 +93,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, InputError) as exc:  # the model's adapters, engine.vllm: before Ray starts
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    harness.yield_to_engines()
     try:
         register()
         from lm_eval.__main__ import cli_evaluate

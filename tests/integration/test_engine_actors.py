@@ -63,6 +63,7 @@ def test_engines_started_before_their_jobs_answer_each_job_once_started(run_job,
         two = run(second, engines=engines)
         pid = _pid(one)
         processes = _processes(pid)
+        niceness = {p.name(): p.nice() for p in processes}
     finally:
         engines.stop()
 
@@ -76,6 +77,8 @@ def test_engines_started_before_their_jobs_answer_each_job_once_started(run_job,
     # the same answers (every row greedy or seeded; echo and logprobs included), whoever's job it was
     assert _records(tmp_path / "first" / "out") == _records(tmp_path / "second" / "out")
     assert len(processes) >= 3, [p.name() for p in processes]
+    # the actor and its engine's processes run at the driver's priority, not Ray's nice 15 for workers
+    assert set(niceness.values()) == {os.getpriority(os.PRIO_PROCESS, 0)}, niceness
     deadline = time.monotonic() + 60  # `stop` stops the engine and its processes, then the actor
     while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes) \
             and time.monotonic() < deadline:
