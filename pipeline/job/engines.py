@@ -31,11 +31,9 @@ from pipeline.engine.actor import EngineActor
 log = logging.getLogger(__name__)
 # Every engine actor's, Ray Data's too (run.py):
 # - the actor stops its engine itself (Ray's default kills its child processes first);
-# - it runs at the driver's CPU priority. Ray starts worker processes at nice 15, below the driver, and
-#   vLLM's engine processes inherit it: on a machine the driver shares (a laptop, CI, the head node),
-#   the driver's own work took the engines' CPU while the job waited for them (an evaluation's engine
-#   came up 15 s after the harness had built its requests). Ray's job supervisor is started at 0 the
-#   same way.
+# - it runs at the driver's CPU priority, not Ray's nice 15 for workers (which vLLM's processes
+#   inherit), as Ray starts its own job supervisor: on a machine it shares with the driver, the
+#   driver's work took the CPU the engine was starting with (docs/performance.md, item 7).
 RUNTIME_ENV = {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "false", "RAY_worker_niceness": "0"}}
 
 
