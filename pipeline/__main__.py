@@ -1,5 +1,3 @@
-import sys
+from pipeline.job.cli import exit_now, main
 
-from pipeline.job.cli import main
-
-sys.exit(main())
+exit_now(main())

@@ -29,7 +29,7 @@ from pipeline.evaluation.compare import render_scores
 from pipeline.evaluation.stats import paired_difference, summarize
 from pipeline.io import storage
 from pipeline.io.plan import InputError
-from pipeline.job import harness
+from pipeline.job import harness, task_index
 from pipeline.job.harness import MODEL_NAME, job_config, register
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def main(argv: list[str]) -> int:
     harness.yield_to_engines()
     try:
         register()
+        task_index.install()  # the harness's built-in tasks indexed once, not at every evaluation
         from lm_eval.__main__ import cli_evaluate
 
         for variant in variants:

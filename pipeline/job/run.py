@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -134,7 +134,7 @@ def start_engines(config: JobConfig) -> EngineActors:
 
 
 def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema,
-               engines: EngineActors | None = None) -> Ran:
+               engines: EngineActors | None = None, on_written: Callable[[str], None] | None = None) -> Ran:
     """Answer one model's pending work items on its engine actors: Ray Data's, or `engines` (started
     before the job) if they serve this model."""
     import ray
@@ -179,6 +179,8 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
                     metrics.shards(tags, "failed", 1)
                 else:
                     log.info("shard %s done: %d rows in %.1fs", row["shard"], row["rows"], row["seconds"])
+                    if on_written is not None:
+                        on_written(row["shard"])
                     if row["tally"] is not None:  # None: an earlier attempt had written it (and was counted)
                         metrics.shard_recorded(tags, Tally.model_validate_json(row["tally"]))
     end = time.time()
@@ -241,9 +243,12 @@ def _shard_size(config: JobConfig, rows: int) -> JobConfig:
     return config.model_copy(update={"output": config.output.model_copy(update={"rows_per_file": size})})
 
 
-def run(config: JobConfig, engines: EngineActors | None = None) -> JobSummary:
+def run(config: JobConfig, engines: EngineActors | None = None,
+        on_written: Callable[[str], None] | None = None) -> JobSummary:
     """Run the job (or the part earlier runs left) and return the summary of the whole output.
-    `engines`: engine actors started before the job (start_engines), used for their model's shards."""
+    `engines`: engine actors started before the job (start_engines), used for their model's shards.
+    `on_written(shard)`: called in this process as each shard of this run is written (its name below
+    data/, without the extension), while the others are answered."""
     started = time.time()
     plan = plan_input(config.input)  # the files and their rows; InputError before Ray starts
     config = _shard_size(config, plan.rows)
@@ -276,7 +281,7 @@ def run(config: JobConfig, engines: EngineActors | None = None) -> JobSummary:
             by_model.setdefault(item.variant.model.model_dump_json(), []).append(item)
         for group in by_model.values():
             ran.append(_run_items(config.model_copy(update={"model": group[0].variant.model}), plan, group, schema,
-                                  engines))
+                                  engines, on_written))
 
     written = outputs.done_shards(config.output) if pending else done
     total, run_tally, by_variant = Tally(), Tally(), {v.name: Tally() for v in variants}

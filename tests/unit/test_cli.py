@@ -120,3 +120,29 @@ def test_an_evaluation_with_a_bad_engine_argument_stops_before_ray(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--config", str(config), "--tasks", "x"],
                             capture_output=True, text=True, timeout=300)
     assert_clean_failure(result, "no_such_argument")
+
+
+def test_the_command_line_exits_with_its_code_after_its_threads_exit_handlers_and_output(tmp_path):
+    """`python -m pipeline` ends without the interpreter's teardown (cli.exit_now), and nothing is lost:
+    a thread still running is waited for, exit handlers run, buffered output is written."""
+    script = tmp_path / "exits.py"
+    script.write_text(f"""
+import atexit, sys, threading, time
+from pathlib import Path
+from pipeline.job.cli import exit_now
+
+def late():
+    time.sleep(0.5)
+    Path({str(tmp_path / "thread")!r}).write_text("done")
+
+threading.Thread(target=late).start()
+atexit.register(lambda: Path({str(tmp_path / "atexit")!r}).write_text("ran"))
+sys.stdout.write("buffered, no newline")
+sys.stderr.write("to stderr")
+exit_now(3)
+print("never")
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stdout == "buffered, no newline" and result.stderr == "to stderr"
+    assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"
