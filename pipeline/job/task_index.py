@@ -76,10 +76,14 @@ def install() -> None:
     if _installed:
         return
     import lm_eval.tasks
-    from lm_eval.tasks._index import TaskIndex
 
+    try:
+        from lm_eval.tasks._index import TaskIndex  # lm-eval 0.4.13's; another harness indexes as it does
+        build = TaskIndex.build
+    except (ImportError, AttributeError):
+        log.info("this lm-eval has no TaskIndex.build; its tasks are indexed at every evaluation")
+        return
     builtin = Path(lm_eval.tasks.__file__).parent
-    build = TaskIndex.build
 
     def build_with_cache(paths: Any, *, resolve_includes: bool = True) -> dict[str, Any]:
         paths = [Path(p) for p in paths]

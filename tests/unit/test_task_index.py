@@ -78,3 +78,12 @@ def test_the_harness_sees_the_same_tasks_with_the_cache_and_include_paths_still_
     assert read._index["hellaswag"].yaml_path == included / "hellaswag.yaml"  # noqa: SLF001
     builtin = Path(lm_eval.tasks.__file__).parent
     assert read._index["arc_easy"].yaml_path.is_relative_to(builtin)  # noqa: SLF001
+
+
+def test_a_harness_without_that_index_indexes_its_tasks_itself(monkeypatch):
+    import lm_eval.tasks._index as index_module
+
+    monkeypatch.setattr(task_index, "_installed", False)
+    monkeypatch.delattr(index_module, "TaskIndex")
+    task_index.install()  # no error: the evaluation goes on, the harness indexes as it does
+    assert task_index._installed is False  # noqa: SLF001
