@@ -147,9 +147,14 @@ def recorded_identity(config: OutputConfig) -> dict[str, Any] | None:
     return read_json(join(config.path, JOB_FILE))
 
 
+def data_path(config: OutputConfig, name: str) -> str:
+    """A shard's data file (`data/<shard>.parquet`, or `.jsonl` for OpenAI Batch output)."""
+    return join(data_dir(config.path), name + EXTENSIONS[config.format])
+
+
 def shard_written(config: OutputConfig, name: str) -> bool:
     """Whether a shard's data file is in place (its records are done)."""
-    return exists(join(data_dir(config.path), name + EXTENSIONS[config.format]))
+    return exists(data_path(config, name))
 
 
 def done_shards(config: OutputConfig) -> set[str]:
@@ -202,7 +207,7 @@ def _file_of(name: str) -> str:
 def forget(config: OutputConfig, names: set[str]) -> None:
     """Remove shards' records and tallies (the data file first: a shard without it is not done)."""
     for name in sorted(names):
-        delete(join(data_dir(config.path), name + EXTENSIONS[config.format]))
+        delete(data_path(config, name))
         delete(tally_path(config.path, name))
 
 
@@ -229,7 +234,7 @@ def write_shard(config: OutputConfig, name: str, records: pa.Table, tally: Tally
                                 if c in records.column_names])
         data = "".join(json.dumps(batch_output_line(row), ensure_ascii=False) + "\n"
                        for row in lines.to_pylist()).encode()
-    write_bytes(join(data_dir(config.path), name + EXTENSIONS[config.format]), data)
+    write_bytes(data_path(config, name), data)
 
 
 def batch_output_line(row: dict[str, Any]) -> dict[str, Any]:

@@ -288,7 +288,7 @@ class _Records:
         self._shards[shard] = self._reader.submit(self._read, shard)
 
     def _read(self, shard: str) -> dict[str, dict[str, Any]]:
-        fs, path = storage.filesystem(storage.join(outputs.data_dir(self._output.path), f"{shard}.parquet"))
+        fs, path = storage.filesystem(outputs.data_path(self._output, shard))
         table = pq.read_table(path, filesystem=fs, columns=[ROW_KEY, "response", "error"])
         return {row[ROW_KEY]: row for row in table.to_pylist()}
 

@@ -89,7 +89,7 @@ def install() -> None:
         paths = [Path(p) for p in paths]
         if not resolve_includes or not paths or paths[0] != builtin:
             return build(paths, resolve_includes=resolve_includes)
-        index = dict(cached(builtin, build))
+        index = cached(builtin, build)  # this call's own: read from the file, or built and stored
         for name, entry in (build(paths[1:]) if paths[1:] else {}).items():
             if name in index:  # as the harness says it when the later folder's task wins
                 log.warning("Task '%s' from %s overrides existing task from %s", name, entry.yaml_path,
