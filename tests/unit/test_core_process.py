@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -117,3 +119,66 @@ def test_vllm_starts_its_engine_core_from_the_forkserver_only_inside_the_block_a
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["started"] == "forkserver" and seen["ours"]
     assert seen["unstarted"] == seen["after"] != "forkserver"  # vLLM's own (fork or spawn), untouched
+
+
+def _config(workers: int = 1) -> SimpleNamespace:
+    """What vLLM's thread binding reads of a VllmConfig."""
+    return SimpleNamespace(kv_transfer_config=None, parallel_config=SimpleNamespace(
+        local_world_size=workers, data_parallel_rank_local=None, _api_process_count=1))
+
+
+@pytest.mark.parametrize("bind, forked", [("0", True), ("nobind", True), ("0,1", False)])
+def test_the_worker_is_forked_only_when_vllm_binds_it_to_one_core_or_none(monkeypatch, bind, forked):
+    # vLLM's own binding (OMPProcessManager) from its own setting: one thread on one core can be set
+    # after OpenMP has loaded, each of several threads on a core of its own cannot
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    why_not = core_process.fork_worker_or_why_not(_config())
+    assert (why_not is None) == forked, why_not
+    if not forked:
+        assert "[[0, 1]]" in why_not
+
+
+def test_the_worker_is_forked_only_when_its_preloaded_libraries_are_loaded_here(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    gomp = next(Path(torch.__file__).parent.glob("lib/libgomp*.so*"))  # what vLLM preloads; torch loaded it
+    monkeypatch.setenv("LD_PRELOAD", str(gomp))
+    assert core_process.fork_worker_or_why_not(_config()) is None
+    monkeypatch.setenv("LD_PRELOAD", f"{gomp}:/nowhere/libtcmalloc.so.4")
+    assert "/nowhere/libtcmalloc.so.4 is not loaded" in core_process.fork_worker_or_why_not(_config())
+
+
+@pytest.mark.parametrize("environ, cores", [
+    ({"GOMP_CPU_AFFINITY": "3"}, {3}),  # what vLLM sets with torch's OpenMP (libgomp) preloaded
+    ({"OMP_PLACES": "{5}", "OMP_PROC_BIND": "true"}, {5}),  # with no OpenMP preloaded
+    ({"KMP_AFFINITY": "granularity=fine,explicit,proclist=[7]", "KMP_BLOCKTIME": "5"}, {7}),  # Intel's
+    ({"OMP_NUM_THREADS": "1"}, None),  # not bound
+])
+def test_a_forked_worker_finds_its_core_where_vllm_put_it_for_openmp(environ, cores):
+    assert core_process._bound_cores(environ) == cores
+
+
+FORKED_WORKER = """
+import json, os, sys
+import torch
+from pipeline.engine import core_process
+
+os.environ.update(GOMP_CPU_AFFINITY=sys.argv[1], OMP_NUM_THREADS="1")  # as vLLM's executor sets them
+worker = core_process._FORK.Process(target=lambda: print(json.dumps(
+    {"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}), flush=True))
+worker.start()
+worker.join()
+print(json.dumps({"exitcode": worker.exitcode, "mine": sorted(os.sched_getaffinity(0))}))
+"""
+
+
+def test_a_forked_worker_binds_itself_to_its_core_and_thread_count_before_it_runs():
+    core = max(os.sched_getaffinity(0))
+    done = subprocess.run([sys.executable, "-c", FORKED_WORKER, str(core)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    worker, parent = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert worker == {"cores": [core], "threads": 1}
+    assert parent["exitcode"] == 0 and parent["mine"] == sorted(os.sched_getaffinity(0))  # the parent unbound
