@@ -222,7 +222,7 @@ def _fork_workers_on_cpu() -> None:
     what spawn would; else it spawns them, as vLLM's CPU platform has it."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu() or os.environ.get("EXP_SPAWN"):
+    if not current_platform.is_cpu():
         return
     from vllm.v1.executor import multiproc_executor
 
