@@ -182,3 +182,44 @@ def test_a_forked_worker_binds_itself_to_its_core_and_thread_count_before_it_run
     worker, parent = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
     assert worker == {"cores": [core], "threads": 1}
     assert parent["exitcode"] == 0 and parent["mine"] == sorted(os.sched_getaffinity(0))  # the parent unbound
+
+
+EXECUTOR = """
+import json, sys
+from types import SimpleNamespace
+import vllm.platforms
+from vllm.v1.executor import multiproc_executor as executor
+from pipeline.engine import core_process
+from tests.unit.test_core_process import _config
+
+seen = {}
+# vLLM's executor start, reduced to what it asks first: the context it starts its workers with
+executor.MultiprocExecutor._init_executor = lambda self: seen.update(
+    context=executor.get_mp_context().get_start_method(), ours=executor.get_mp_context() is core_process._FORK)
+before = executor.get_mp_context
+if sys.argv[1] == "gpu":
+    vllm.platforms.current_platform = SimpleNamespace(is_cpu=lambda: False)
+core_process._fork_workers_on_cpu()
+seen["patched"] = executor.get_mp_context is not before
+executor.MultiprocExecutor._init_executor(SimpleNamespace(vllm_config=_config()))
+seen["after"] = executor.get_mp_context().get_start_method()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("device, bind, context", [
+    ("cpu", "0", "fork"),  # one core: the engine core forks its worker
+    ("cpu", "0,1", "spawn"),  # two cores for one worker: vLLM's spawn
+    ("gpu", "0", "spawn"),  # not CPU: vLLM's executor is left as it is (here the CPU platform's spawn)
+])
+def test_what_the_engine_core_asks_of_vllms_executor_by_device_and_binding(device, bind, context):
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": bind,
+           "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}  # what vLLM's CPU platform sets in the engine core
+    env.pop("LD_PRELOAD", None)
+    done = subprocess.run([sys.executable, "-c", EXECUTOR, device], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["context"] == context and seen["ours"] == (context == "fork")
+    assert seen["patched"] == (device == "cpu")
+    assert seen["after"] == "spawn"  # outside an executor's start, vLLM's own context
