@@ -40,11 +40,12 @@ import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
 import os
+import re
 import select
 import signal
 import sys
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +169,10 @@ def _loaded_libraries() -> set[str]:
     """The shared libraries mapped into this process (their real paths)."""
     try:
         with open("/proc/self/maps") as maps:
-            return {os.path.realpath(line.split(None, 5)[5].strip()) for line in maps
-                    if len(line.split(None, 5)) == 6 and ".so" in line}
+            fields = [line.split(None, 5) for line in maps]
     except OSError:
         return set()
+    return {os.path.realpath(f[5].strip()) for f in fields if len(f) == 6 and ".so" in f[5]}
 
 
 class _ForkedWorker(multiprocessing.context.ForkProcess):
@@ -195,10 +196,9 @@ class _ForkedWorker(multiprocessing.context.ForkProcess):
         super().run()
 
 
-def _bound_cores(environ: dict[str, str] | os._Environ) -> set[int] | None:
-    """The one core vLLM's executor binds a worker to, from the variables it sets for it."""
-    import re
-
+def _bound_cores(environ: Mapping[str, str]) -> set[int] | None:
+    """The cores vLLM's executor binds a worker to (one, when it is forked), from the variables it sets
+    for it; None when it binds none."""
     for key in ("GOMP_CPU_AFFINITY", "OMP_PLACES", "KMP_AFFINITY"):
         value = environ.get(key, "")
         if key == "KMP_AFFINITY":
@@ -227,6 +227,8 @@ def _fork_workers_on_cpu() -> None:
     from vllm.v1.executor import multiproc_executor
 
     executor = multiproc_executor.MultiprocExecutor
+    if not (hasattr(multiproc_executor, "get_mp_context") and hasattr(executor, "_init_executor")):
+        return  # another vLLM than the one this was written for (0.32): its own spawn
     vllm_context = multiproc_executor.get_mp_context
     vllm_init = executor._init_executor
     forking = False  # while an executor that forks its workers starts them
