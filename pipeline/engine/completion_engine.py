@@ -238,28 +238,52 @@ class CompletionEngine:
             log.info("loaded %d adapters in %.2fs", len(models.static_lora_modules), time.monotonic() - t0)
 
     def shutdown(self) -> None:
-        """Stop the engine; safe from any thread. A request still in it fails with vLLM's
-        EngineDeadError rather than waiting forever: vLLM fails the requests in flight only when its
-        output handler sees the engine die, and a handler cancelled first never does."""
-        from vllm.utils.async_utils import cancel_task_threadsafe
-        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+        """Stop the engine; safe from any thread, and more than once. A request still in it fails with
+        vLLM's EngineDeadError rather than waiting forever: vLLM fails the requests in flight only
+        when its output handler sees the engine die, and a handler cancelled first never does.
 
+        The handler is cancelled, and done, before the engine process goes: a handler still reading
+        when the engine exits logs the exit as an EngineDeadError (ERROR and a traceback in the actor's
+        log) although nothing failed. vLLM's own shutdown (AsyncLLM.shutdown, and its clean-up at
+        process exit) stops the engine first and cancels the handler after."""
         handler = getattr(self._engine, "output_handler", None)
-        if handler is not None:
-            fail = functools.partial(self._engine.output_processor.propagate_error, VllmEngineDead())
-            loop = handler.get_loop()
-            try:
-                in_loop = asyncio.get_running_loop() is loop
-            except RuntimeError:
-                in_loop = False
-            if in_loop:
-                fail()
-            elif not loop.is_closed():
-                loop.call_soon_threadsafe(fail)
-            # Stop reading outputs before the engine process goes, or the reader logs the engine's exit
-            # as an EngineDeadError although nothing failed.
-            cancel_task_threadsafe(handler)
+        if handler is not None and not handler.done():
+            _stop_output_handler(handler, self._engine.output_processor)
         self._engine.shutdown()
+
+
+HANDLER_STOP_S = 5.0  # how long shutdown waits for the output handler's event loop to cancel it
+
+
+def _stop_output_handler(handler: asyncio.Task, output_processor: Any) -> None:
+    """Fail the requests in flight (EngineDeadError) and cancel vLLM's output handler, in its event
+    loop; from another thread, wait until that is done. A loop that is not running (closed, or at
+    process exit) runs neither the handler nor anything else: there is nothing to wait for."""
+    from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+
+    def stop() -> None:
+        output_processor.propagate_error(VllmEngineDead())
+        handler.cancel()
+
+    loop = handler.get_loop()
+    try:
+        in_loop = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        in_loop = False
+    if in_loop:
+        stop()
+        return
+    if loop.is_closed() or not loop.is_running():
+        return
+
+    async def stopped() -> None:
+        stop()
+        await asyncio.wait([handler])
+
+    try:
+        asyncio.run_coroutine_threadsafe(stopped(), loop).result(timeout=HANDLER_STOP_S)
+    except Exception:  # noqa: BLE001 - a loop that stopped meanwhile or is stuck: shut down all the same
+        log.debug("the output handler did not stop within %.0f s", HANDLER_STOP_S, exc_info=True)
 
 
 # Allocations between two youngest-generation collections while serving (Python's default is 700).
