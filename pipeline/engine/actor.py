@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -46,12 +45,6 @@ class _Retries:
 
 SHARD_TRIES = 3  # reading or writing a shard: tries before the shard is reported failed
 STATS_WAIT_S = 10.0  # a shard's last figures: how long to wait for the job's stats actor to take them
-
-
-def _shut_down_at_exit(supervisor: weakref.ref[EngineSupervisor]) -> None:
-    alive = supervisor()
-    if alive is not None:
-        alive.shutdown()
 
 
 class EngineActor:
@@ -102,12 +95,13 @@ class EngineActor:
         self._supervisor = EngineSupervisor(self._start_engine(), self._start_engine, row_retries=engine.row_retries,
                                             retry_backoff_s=engine.retry_backoff_s,
                                             stall_timeout_s=engine.stall_timeout_s, meter=self._meter)
-        # Ray Data retires the actor by letting its process exit; the actor is never collected (the
-        # start-up heap is frozen out of the collector: completion_engine.settle_for_serving), so
-        # `__del__` does not run. At the exit, vLLM's own clean-up would stop the engine with its
-        # output handler still reading, which logs the engine's exit as an error. This goes first
-        # (atexit runs the latest registered first; vLLM's clean-up registered as the engine started).
-        atexit.register(_shut_down_at_exit, weakref.ref(self._supervisor))
+        # Ray Data retires the actor by letting its process exit, and the actor is never collected
+        # first (the start-up heap is frozen out of the collector: completion_engine.settle_for_serving).
+        # At the exit, vLLM's own clean-up would stop the engine with its output handler still reading,
+        # which logs the engine's exit as an error. This goes first (atexit runs the latest registered
+        # first; vLLM's clean-up registered as the engine started). The one place the actor's engine is
+        # stopped at its end, besides `stop` (an actor that outlives its jobs).
+        atexit.register(self._supervisor.shutdown)
 
     def _take_job(self, config: JobConfig, plan: InputPlan, builder: RequestBuilder, schema: pa.Schema,
                   variants: dict[str, Variant], score: Callable[[pa.Table], pa.Table]) -> None:
@@ -163,12 +157,6 @@ class EngineActor:
         """vLLM's Ray metrics logger for the next engine, with the job's labels (engine.engine_metrics)."""
         tags = self._meter.next_engine_tags() if self._config.engine.resolved_engine_metrics() else None
         return (vllm_metrics.stat_logger(tags),) if tags else ()
-
-    def __del__(self) -> None:
-        # an actor collected before its process exits: stop the engine first
-        supervisor = getattr(self, "_supervisor", None)
-        if supervisor is not None:
-            supervisor.shutdown()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         done = []

@@ -259,6 +259,7 @@ def _stop_output_handler(handler: asyncio.Task, output_processor: Any) -> None:
     """Fail the requests in flight (EngineDeadError) and cancel vLLM's output handler, in its event
     loop; from another thread, wait until that is done. A loop that is not running (closed, or at
     process exit) runs neither the handler nor anything else: there is nothing to wait for."""
+    from vllm.utils.async_utils import in_loop
     from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
     def stop() -> None:
@@ -266,11 +267,7 @@ def _stop_output_handler(handler: asyncio.Task, output_processor: Any) -> None:
         handler.cancel()
 
     loop = handler.get_loop()
-    try:
-        in_loop = asyncio.get_running_loop() is loop
-    except RuntimeError:
-        in_loop = False
-    if in_loop:
+    if in_loop(loop):
         stop()
         return
     if loop.is_closed() or not loop.is_running():
@@ -334,7 +331,8 @@ def import_vllm_apart() -> None:
     traceback whose frames reach every caller up the stack. Imported from an engine actor's
     constructor, that pinned the actor object for good: when Ray Data retired the actor, deleting it
     did not run its `__del__`, so the engine was never stopped in order. From a thread of its own,
-    the frames stop at the thread.
+    the frames stop at the thread. (The actor now stops its engine at its process's exit instead of
+    in `__del__`, which the frozen start-up heap kept from running all the same.)
     """
     with ThreadPoolExecutor(1, thread_name_prefix="import-vllm") as pool:
         pool.submit(lambda: [importlib.import_module(name) for name in VLLM_MODULES]).result()

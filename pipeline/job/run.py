@@ -157,7 +157,7 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
             batch_format="pyarrow",
             batch_size=1,
             compute=pool.actor_pool(config.engine, len(items), rows / len(items)),
-            # A retiring actor stops its engine itself (EngineActor.__del__). Ray's default kills an exiting
+            # A retiring actor stops its engine itself (at its exit: EngineActor). Ray's default kills an exiting
             # actor's child processes first, under vLLM's running output reader: an ERROR and tracebacks
             # after a job that succeeded. (The raylet still cleans up the process group of a dead actor.)
             runtime_env=RUNTIME_ENV,
