@@ -1,8 +1,11 @@
-"""Regenerate data/sample_prompts.parquet, the demo dataset (deterministic: same file every run).
+"""Regenerate data/sample_prompts.parquet, the demo dataset (deterministic: same file every run), or
+write another day's prompts for the scheduled-enrichment recipe: new rows with new ids.
 
-    .venv/bin/python data/make_sample.py
+    .venv/bin/python data/make_sample.py                                  # data/sample_prompts.parquet
+    .venv/bin/python data/make_sample.py --day 2 output/incoming/day-2.parquet   # ids day2-0000, ...
 """
 
+import argparse
 import random
 from pathlib import Path
 
@@ -31,13 +34,15 @@ SUBJECTS = [
 ]
 
 
-def rows(n: int = 320) -> list[dict]:
-    rng = random.Random(20261125)
+def rows(n: int = 320, day: int = 1) -> list[dict]:
+    """Day 1 is the demo dataset (ids sample-0000, ...); day N > 1 other prompts, ids dayN-0000, ..."""
+    rng = random.Random(20261125 if day == 1 else 20261125 + day)
+    prefix = "sample" if day == 1 else f"day{day}"
     out = []
     for i in range(n):
         prompt = rng.choice(TASKS).format(x=rng.choice(SUBJECTS))
         out.append({
-            "id": f"sample-{i:04d}",
+            "id": f"{prefix}-{i:04d}",
             "prompt": prompt,
             # Mostly short budgets so the demo is quick; some rows leave max_tokens to the default.
             "max_tokens": None if i % 40 == 0 else rng.choice([16, 32, 64, 128]),
@@ -54,6 +59,11 @@ SCHEMA = pa.schema([
 ])
 
 if __name__ == "__main__":
-    path = Path(__file__).parent / "sample_prompts.parquet"
-    pq.write_table(pa.Table.from_pylist(rows(), schema=SCHEMA), path)
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--day", type=int, default=1, help="1: the demo dataset; N > 1: day N's new rows")
+    args.add_argument("path", nargs="?", help="where to write (default: data/sample_prompts.parquet)")
+    given = args.parse_args()
+    path = Path(given.path) if given.path else Path(__file__).parent / "sample_prompts.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows(day=given.day), schema=SCHEMA), path)
     print(f"wrote {path}")

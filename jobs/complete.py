@@ -1,7 +1,7 @@
 """Entrypoint for `ray job submit --working-dir . -- python jobs/complete.py --config configs/....yaml`.
 
 Runs the same way locally (`python jobs/complete.py --config configs/local-cpu.yaml`): with no Ray
-cluster around, the job starts Ray in-process. Exit codes: 0 done, 1 failed, 2 bad config or input
+cluster around, the job starts Ray in-process. Exit codes: 0 done, 1 failed, 2 bad config or input, 3 too many error records
 (or a Python without the project's dependencies).
 """
 

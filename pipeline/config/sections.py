@@ -229,6 +229,12 @@ class InputConfig(_HasPath):
         "column names only; nothing in a template runs."))
     id_column: str | None = Field(None, description=(
         "A column whose value is each row's key. Default: `<file>:<row>` (OpenAI batch: custom_id)."))
+    repeated_keys: Literal["stop", "keep_first"] = Field("stop", description=(
+        "A row key (input.id_column's value, or an OpenAI batch line's custom_id) that an earlier row has, "
+        "in the same file, another file, or a file an earlier run answered: `stop` stops the run before "
+        "any engine starts and names the files and keys (as OpenAI's Batch API refuses a file with "
+        "repeated custom_ids); `keep_first` answers the first row with the key and records every later "
+        "one as a 400 error naming the key (those rows never count toward output.max_error_share)."))
     when_changed: Literal["redo", "stop"] = Field("redo", description=(
         "A rerun that finds an input file changed since its shards were answered (its size or modification "
         "time differ): `redo` answers those shards again (and drops the records of rows the file no longer "
@@ -259,6 +265,15 @@ class OutputConfig(_HasPath):
     mode: Literal["resume", "overwrite"] = Field("resume", description=(
         "`resume`: keep the shards a previous run of the same job finished and run only the rest "
         "(new input files included); `overwrite`: remove the previous output first."))
+    max_error_share: float = Field(0.9, ge=0, le=1, description=(
+        "A run whose error records are more than this share of the rows it answered fails: every record "
+        "is written, but no _SUCCESS, the summary says why, and the command exits 3. The default catches "
+        "a run where (nearly) every row failed, and lets a run with some bad rows succeed; 1 never fails "
+        "a run for its error records, 0 fails it for any. Rows recorded as errors for a repeated key "
+        "(input.repeated_keys: keep_first) are not counted."))
+    redo_errors: bool = Field(False, description=(
+        "Answer again the shards of this output that hold error records (shards are the unit of resume: "
+        "their other rows are answered again too). The command line's `--redo-errors` sets it for one run."))
     rows_per_file: int | None = Field(None, ge=1, description=(
         "Rows per shard: the unit of work, of retry and of resume, and one output file each. Default: "
         "chosen from the input's rows and the engine actors so each actor gets several shards (16 to "

@@ -211,6 +211,17 @@ def forget(config: OutputConfig, names: set[str]) -> None:
         delete(tally_path(config.path, name))
 
 
+def shards_with_errors(output: str, names: set[str]) -> set[str]:
+    """The shards among `names` whose tally counts error records (output.redo_errors)."""
+    ordered = sorted(names)
+    return {n for n, tally in zip(ordered, read_tallies(output, ordered)) if tally.completions < tally.rows}
+
+
+def last_failure(output: str) -> str | None:
+    """Why the last run that answered rows failed (summary.json's `failure`), or None."""
+    return (read_json(summary_path(output)) or {}).get("failure")
+
+
 def is_complete(output: str) -> bool:
     return exists(marker_path(output))
 

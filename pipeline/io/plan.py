@@ -167,9 +167,11 @@ def plan_input(config: InputConfig, rows_per_shard: int | None = None) -> InputP
         file.fingerprint = file_fingerprint(info)
     if plan.rows == 0:
         raise InputError(f"input {redact(config.path)} holds no rows; nothing to do")
-    _check_columns(plan)
+    _check_columns(config, plan.format, plan.schema, f"input {redact(config.path)}")
     if plan.format == "parquet" and config.id_column:
         _find_repeated_ids(plan)
+    if config.repeated_keys == "stop" and any(f.duplicates for f in plan.files):
+        raise InputError(_repeated_keys_message(plan))
     if rows_per_shard is not None:
         plan.shards = cut_shards(plan, rows_per_shard)
     return plan
@@ -216,6 +218,10 @@ def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, root: str, infos: li
         footers = list(pool.map(footer, infos))  # in file order: the first bad file is the one reported
     finally:
         pool.shutdown(cancel_futures=True)
+    if len(infos) > 1:  # each file on its own: the unified schema has a column if any file has it
+        for path, (file_schema, _) in zip(paths, footers):
+            _check_columns(config, "parquet", file_schema, f"input file {path}", " Fix the file or move it "
+                           "out of the input (nothing was processed); the next run answers it.")
     try:
         schema = pa.unify_schemas(list({s: None for s, _ in footers}), promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -305,29 +311,30 @@ class _CustomIds:
 
 
 
-def _check_columns(plan: InputPlan) -> None:
-    config, names = plan.config, plan.schema.names
+def _check_columns(config: InputConfig, fmt: str, schema: pa.Schema, where: str, advice: str = "") -> None:
+    """The columns the job reads, there and of a usable type (the unified schema, or one file's)."""
+    names = schema.names
     listing = ", ".join(n for n in names if n != ROW_KEY)
 
     def need(column: str, what: str) -> None:
         if column not in names:
-            raise InputError(f"input {redact(config.path)} has no `{column}` column ({what}); its columns: {listing}")
+            raise InputError(f"{where} has no `{column}` column ({what}); its columns: {listing}.{advice}")
 
-    if plan.format == "openai_batch":
+    if fmt == "openai_batch":
         return
     if config.body_column:
         need(config.body_column, "input.body_column")
     elif not config.template:
         need(config.prompt_column, "the prompt: set input.prompt_column, input.template or "
                                    "input.body_column")
-        prompt_type = plan.schema.field(config.prompt_column).type
+        prompt_type = schema.field(config.prompt_column).type
         ok = (pa.types.is_string(prompt_type) or pa.types.is_large_string(prompt_type)
               or pa.types.is_null(prompt_type)
               or (pa.types.is_list(prompt_type) and (pa.types.is_string(prompt_type.value_type)
                                                      or pa.types.is_integer(prompt_type.value_type))))
         if not ok:
-            raise InputError(f"input column `{config.prompt_column}` is {prompt_type}; the prompt must be "
-                             "a string or a list of strings")
+            raise InputError(f"{where}: column `{config.prompt_column}` is {prompt_type}; the prompt must be "
+                             f"a string or a list of strings.{advice}")
     if config.template:
         from pipeline.templates import placeholders
 
@@ -337,3 +344,50 @@ def _check_columns(plan: InputPlan) -> None:
         need(column, f"input.columns.{request_field}")
     if config.id_column:
         need(config.id_column, "input.id_column")
+
+
+def _row_keys_of(plan: InputPlan, file: InputFile) -> list[str | None]:
+    """Every row's key as the input gives it (input.id_column's value, or the line's custom_id)."""
+    if plan.format == "parquet":
+        import pyarrow.parquet as pq
+
+        with plan.filesystem.open_input_file(file.path) as handle:
+            values = pq.ParquetFile(handle).read(columns=[plan.config.id_column]).column(0).to_pylist()
+        return [None if v is None else str(v) for v in values]
+    keys: list[str | None] = []
+    with open_lines(plan.filesystem, file.path) as stream:
+        for line in iter_lines(stream):
+            try:
+                key = json.loads(line).get("custom_id")
+            except (ValueError, AttributeError, RecursionError):
+                key = None
+            keys.append(key if isinstance(key, str) else None)
+    return keys
+
+
+def _repeated_keys_message(plan: InputPlan, shown: int = 5) -> str:
+    """What input.repeated_keys: stop says: how many rows repeat a key, in which files, a few keys and
+    where each first appeared. Reads the keys again, only on this path."""
+    what = "custom_id" if plan.format == "openai_batch" else f"input.id_column `{plan.config.id_column}` value"
+    repeats = sum(len(f.duplicates) for f in plan.files)
+    examples: dict[str, str] = {}  # key -> the file it repeats in
+    for file in plan.files:
+        if file.duplicates and len(examples) < shown:
+            keys = _row_keys_of(plan, file)
+            for row in file.duplicates[: shown - len(examples)]:
+                examples.setdefault(keys[row], file.path)
+    first: dict[str, str] = {}
+    for file in plan.files:
+        if len(first) == len(examples):
+            break
+        for key in _row_keys_of(plan, file):
+            if key in examples and key not in first:
+                first[key] = file.path
+    files = [f.path for f in plan.files if f.duplicates]
+    lines = [f"{repeats} rows of {redact(plan.config.path)} repeat an earlier row's {what} (row keys must be "
+             f"unique across the input, and files earlier runs answered are part of it); in "
+             f"{', '.join(files[:5])}{' ...' if len(files) > 5 else ''}:"]
+    lines += [f"  {key!r} in {path}, first in {first.get(key, '?')}" for key, path in examples.items()]
+    lines.append("Give the new rows keys of their own, remove the repeats, or set input.repeated_keys: keep_first "
+                 "to answer the first row with each key and record the others as errors; nothing was processed")
+    return "\n".join(lines)

@@ -41,7 +41,7 @@ from pipeline.reporting import console, metrics
 from pipeline.reporting.cost import run_cost, split_cost
 from pipeline.reporting.progress import EngineMeter, EngineUse, ProgressLine, engine_use, start_stats, utilisation
 from pipeline.reporting.progress import snapshot as progress_snapshot
-from pipeline.reporting.summary import JobSummary
+from pipeline.reporting.summary import JobSummary, error_share_failure
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,11 @@ def start_engines(config: JobConfig) -> EngineActors:
 
 
 def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema,
-               engines: EngineActors | None = None, on_written: Callable[[str], None] | None = None) -> Ran:
+               engines: EngineActors | None = None, on_written: Callable[[str], None] | None = None,
+               job_rows: tuple[int, int] | None = None) -> Ran:
     """Answer one model's pending work items on its engine actors: Ray Data's, or `engines` (started
-    before the job) if they serve this model."""
+    before the job) if they serve this model. `job_rows`: (rows the job's earlier models answered, the
+    job's rows), for the progress line of a sweep over several models."""
     import ray
 
     _init_ray(config)
@@ -167,7 +169,8 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     variant_of = {item.out: item.variant.name for item in items}
     job_labels = _metric_labels(config)
     metrics.planned(metrics.labels(**job_labels), rows)
-    progress = ProgressLine(stats, rows) if show else contextlib.nullcontext()
+    before, total = job_rows or (0, rows)
+    progress = ProgressLine(stats, total, before) if show else contextlib.nullcontext()
     with progress:
         for batch in batches:
             for row in batch.to_pylist():
@@ -267,8 +270,15 @@ def run(config: JobConfig, engines: EngineActors | None = None,
     items = [WorkItem(v, s) for v in variants for s in plan.shards]
     changed = _changed_inputs(config, plan, items, done)
     done -= changed
+    if config.output.redo_errors:
+        redo = outputs.shards_with_errors(config.output.path, done)
+        log.info("answering %d shards with error records again (output.redo_errors)", len(redo))
+        outputs.forget(config.output, redo)
+        done -= redo
     pending = [i for i in items if i.out not in done]
-    finished = not pending and outputs.is_complete(config.output.path)
+    last_failure = None if pending else outputs.last_failure(config.output.path)
+    # nothing to do: a complete output, or one whose last run failed for its error records (kept failed)
+    finished = not pending and (outputs.is_complete(config.output.path) or last_failure is not None)
     ran: list[Ran] = []
     by_model: dict[str, list[WorkItem]] = {}
     if pending:
@@ -279,9 +289,11 @@ def run(config: JobConfig, engines: EngineActors | None = None,
         # one model after another, each engine loaded once (a base model and its adapters: one model)
         for item in pending:
             by_model.setdefault(item.variant.model.model_dump_json(), []).append(item)
+        answered, job_rows = 0, sum(i.shard.rows for i in pending)
         for group in by_model.values():
             ran.append(_run_items(config.model_copy(update={"model": group[0].variant.model}), plan, group, schema,
-                                  engines, on_written))
+                                  engines, on_written, (answered, job_rows)))
+            answered += sum(i.shard.rows for i in group)
 
     written = outputs.done_shards(config.output) if pending else done
     total, run_tally, by_variant = Tally(), Tally(), {v.name: Tally() for v in variants}
@@ -319,10 +331,13 @@ def run(config: JobConfig, engines: EngineActors | None = None,
     if (config.sweep is not None or config.scoring is not None) and not finished:
         costs = _variant_costs(config, ran, [[i.variant.name for i in g] for g in by_model.values()], ran_by_variant)
         summary.comparison = write_comparison(config, variants, by_variant, costs)
+    repeated = sum(len(i.shard.duplicates) for i in pending if i.out in written)  # keep_first's error records
+    summary.failure = last_failure if finished else error_share_failure(run_tally, repeated,
+                                                                          config.output.max_error_share)
     if not finished:
         text = json.dumps(summary.model_dump(), indent=2)
         storage.write_text(outputs.run_log_path(config.output.path, started), text)
         storage.write_text(outputs.summary_path(config.output.path), text)
-        if not missing:
+        if not missing and summary.failure is None:
             storage.write_text(outputs.marker_path(config.output.path), "")
     return summary

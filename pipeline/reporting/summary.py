@@ -65,6 +65,10 @@ class JobSummary(BaseModel):
     cost: Cost | None = Field(None, description="What this run's engines cost (reporting/cost.py).")
     provenance: dict[str, Any] = Field(default_factory=dict, description=(
         "How the output was made: versions, fingerprints, engine arguments, defaults, seeds (job/provenance.py)."))
+    failure: str | None = Field(None, description=(
+        "Why this run failed though its rows have records: its error records are more than "
+        "output.max_error_share of the rows it answered (no _SUCCESS; exit 3). A rerun with nothing to "
+        "do repeats the last run's failure; `--redo-errors` answers those rows again."))
     comparison: list[dict[str, Any]] = Field(default_factory=list, description=(
         "A sweep's (or a scored job's) comparison, one line per variant (also comparison.csv/.json/.png)."))
 
@@ -86,7 +90,8 @@ class JobSummary(BaseModel):
     def render(self) -> str:
         if self.nothing_to_do:
             return (f"nothing to do: all {self.shards} shards ({self.rows_out} records for {self.rows_in} "
-                    f"input rows) are already in {self.output}")
+                    f"input rows) are already in {self.output}"
+                    + (f"\n\nFAILED (the last run that answered rows): {self.failure}" if self.failure else ""))
         lines = [
             f"input -> output:     {self.input} -> {self.output}",
             f"rows in / out:       {self.rows_in} / {self.rows_out}"
@@ -115,7 +120,21 @@ class JobSummary(BaseModel):
             lines += ["", f"FAILED: {len(self.shards_failed)} shards have no records; fix the cause and run the "
                       "same command again to run only these:"]
             lines += [f"  {name}: {why or 'not written'}" for name, why in sorted(self.shards_failed.items())]
+        if self.failure:
+            lines += ["", f"FAILED: {self.failure}"]
         if self.comparison:
             what = f"sweep: {len(self.variants)} variants" if self.variants else "scores"
             lines += ["", f"{what} (comparison.csv, .json, .png in {self.output})"]
         return "\n".join(lines)
+
+
+def error_share_failure(run: Tally, repeated: int, max_share: float) -> str | None:
+    """Why a run whose rows all have records failed, or None: its error records (less the `repeated`
+    rows input.repeated_keys: keep_first recorded as errors) are more than `max_share` of its rows."""
+    rows, errors = run.rows - repeated, run.rows - run.completions - repeated
+    if rows <= 0 or errors / rows <= max_share:
+        return None
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(run.errors_by_type.items(), key=lambda kv: -kv[1])[:3])
+    return (f"{errors} of the {rows} rows this run answered are error records ({errors / rows:.0%}, more than "
+            f"output.max_error_share {max_share:.0%}): {kinds}. The records are written; read their `error` "
+            "column, fix the cause, then rerun with --redo-errors to answer those shards again")

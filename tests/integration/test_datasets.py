@@ -132,7 +132,7 @@ LINES = [
 def batch(tmp_path_factory):
     folder: Path = tmp_path_factory.mktemp("batch")
     (folder / "requests.jsonl").write_text("\n".join(LINES) + "\n")
-    summary = run(job({"path": str(folder / "requests.jsonl")},
+    summary = run(job({"path": str(folder / "requests.jsonl"), "repeated_keys": "keep_first"},
                       {"path": str(folder / "out"), "format": "openai_batch"}))
     files = sorted((folder / "out" / "data").glob("*.jsonl"))
     lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]

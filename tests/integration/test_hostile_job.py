@@ -49,7 +49,8 @@ string_bodies = st.one_of(bodies().map(_bounded).map(dumps), raw_bodies.filter(_
 
 def _config(tmp_path, path: str, **input_config) -> JobConfig:
     return JobConfig.model_validate({
-        "input": {"path": path, **input_config}, "output": {"path": str(tmp_path / "unused")},
+        "input": {"path": path, "repeated_keys": "keep_first", **input_config},
+        "output": {"path": str(tmp_path / "unused")},
         "engine": {"device": "cpu", "dtype": "float32", "max_model_len": CONTEXT, "gpu_memory_utilization": 0.5},
         "defaults": {"max_tokens": 4}})
 

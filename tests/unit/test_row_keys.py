@@ -1,5 +1,6 @@
-"""Row keys from `input.id_column` are unique: a null, empty or repeated value is that row's 400 error
-record (keyed `<file>:<row>`), as repeated custom_ids are, and the job and `validate` go on."""
+"""Row keys from `input.id_column` are unique: a null or empty value is that row's 400 error record
+(keyed `<file>:<row>`); so is a repeated one under input.repeated_keys: keep_first, as repeated
+custom_ids are, and the job and `validate` go on. (The default, stop, is in test_input_checks.py.)"""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +11,7 @@ from pipeline.io.read import read_shard
 
 
 def _rows(folder, rows_per_shard):
-    plan = plan_input(InputConfig(path=str(folder), id_column="id"))
+    plan = plan_input(InputConfig(path=str(folder), id_column="id", repeated_keys="keep_first"))
     out = []
     for shard in cut_shards(plan, rows_per_shard):
         table = read_shard(plan, shard)

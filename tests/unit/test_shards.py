@@ -17,7 +17,8 @@ from pipeline.io.tally import Tally
 
 
 def plan(path, rows_per_shard, **input_config):
-    return plan_input(InputConfig(path=str(path), **input_config), rows_per_shard)
+    # repeated custom_ids are error records here (keep_first): the default stops the run (test_input_checks.py)
+    return plan_input(InputConfig(path=str(path), **{"repeated_keys": "keep_first", **input_config}), rows_per_shard)
 
 
 def test_parquet_shards_cover_every_row_once_reading_only_their_row_groups(tmp_path):
@@ -63,7 +64,7 @@ def test_counting_is_apart_from_cutting_and_streams_lines_across_chunks(tmp_path
                          "body": {"prompt": "é" * i}}) for i in range(8)]
     (tmp_path / "a.jsonl").write_text("\n".join(lines[:6]) + "\n\n")  # an empty line is a row too
     (tmp_path / "b.jsonl").write_text("\n".join(lines[6:]))  # no final newline
-    counted = plan_input(InputConfig(path=str(tmp_path)))
+    counted = plan_input(InputConfig(path=str(tmp_path), repeated_keys="keep_first"))
     assert [(f.rows, f.duplicates.tolist()) for f in counted.files] == [(7, [5]), (2, [0, 1])]  # c0, c1 (a.jsonl)
     assert counted.rows == 9 and counted.shards == []
     for size in (1, 3, 4, 100):
