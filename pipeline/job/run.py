@@ -135,10 +135,10 @@ def start_engines(config: JobConfig) -> EngineActors:
 
 def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema,
                engines: EngineActors | None = None, on_written: Callable[[str], None] | None = None,
-               job_rows: tuple[int, int] | None = None) -> Ran:
+               job_rows: tuple[int, int, float] | None = None) -> Ran:
     """Answer one model's pending work items on its engine actors: Ray Data's, or `engines` (started
     before the job) if they serve this model. `job_rows`: (rows the job's earlier models answered, the
-    job's rows), for the progress line of a sweep over several models."""
+    job's rows, its start), for the progress line of a sweep over several models."""
     import ray
 
     _init_ray(config)
@@ -169,8 +169,8 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     variant_of = {item.out: item.variant.name for item in items}
     job_labels = _metric_labels(config)
     metrics.planned(metrics.labels(**job_labels), rows)
-    before, total = job_rows or (0, rows)
-    progress = ProgressLine(stats, total, before) if show else contextlib.nullcontext()
+    before, total, started = job_rows or (0, rows, time.time())
+    progress = ProgressLine(stats, total, before, started=started) if show else contextlib.nullcontext()
     with progress:
         for batch in batches:
             for row in batch.to_pylist():
@@ -292,7 +292,7 @@ def run(config: JobConfig, engines: EngineActors | None = None,
         answered, job_rows = 0, sum(i.shard.rows for i in pending)
         for group in by_model.values():
             ran.append(_run_items(config.model_copy(update={"model": group[0].variant.model}), plan, group, schema,
-                                  engines, on_written, (answered, job_rows)))
+                                  engines, on_written, (answered, job_rows, started)))
             answered += sum(i.shard.rows for i in group)
 
     written = outputs.done_shards(config.output) if pending else done

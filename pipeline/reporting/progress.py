@@ -241,15 +241,18 @@ def utilisation(used: list[EngineUse]) -> float:
 class ProgressLine:
     """Prints `rows done/total, output tokens/s, engines busy, ETA` every few seconds (driver side)."""
 
-    def __init__(self, stats: Any, total_rows: int, done_rows: int = 0, interval_s: float = PROGRESS_S) -> None:
+    def __init__(self, stats: Any, total_rows: int, done_rows: int = 0, interval_s: float = PROGRESS_S,
+                 started: float | None = None) -> None:
+        """`done_rows` of `total_rows` were answered before this line started (a sweep's earlier models),
+        at `started` (the job's start: the clock the line shows; default now)."""
         self._stats = stats
         self._total = total_rows
         self._done_before = done_rows
         self._interval = interval_s
         self._stop = threading.Event()
-        self._started = time.time()
+        self._started = started if started is not None else time.time()
         self._history: list[tuple[float, int, int]] = []  # (time, rows, tokens)
-        self._moved_at = (self._started, done_rows)  # when the rows done last changed, and to what
+        self._moved_at = (time.time(), done_rows)  # when the rows done last changed, and to what
         self.last: dict[str, Any] | None = None
         self._key: tuple = ()  # what the last line rendered says, without its clock and rates
         self._printed: tuple[float, tuple] = (float("-inf"), ())

@@ -114,3 +114,12 @@ def test_rows_by_status_code_from_a_tally():
                                                           "InternalServerError (500)": 1})
     assert status_codes(tally) == {"200": 6, "400": 2, "404": 1, "500": 1}
     assert sum(status_codes(tally).values()) == tally.rows
+
+
+def test_a_later_model_of_a_sweep_counts_on_from_the_job_rows_and_clock():
+    # a sweep over two models: the second model's line starts at the first model's 1,280 rows of 2,560
+    line = ProgressLine(stats=None, total_rows=2560, done_rows=1280, started=100.0)
+    snap = {"engines": {"b.1-1": {"ready_at": 150.0, "last_at": 160.0, "rows": 320, "completion_tokens": 100,
+                                  "busy_s": 9.0}}, "shard_starts": []}
+    text = line.render(snap, 160.0)
+    assert text.startswith("progress: 1,600/2,560 rows (62%)") and text.endswith("| 60s")
