@@ -3,14 +3,16 @@ rejected and every bad key is named."""
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import os
+import types
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config.scoring import CHOICE_REQUEST_FIELDS, ScoringConfig
 from pipeline.config.sections import (ConfigError, CostConfig, EngineConfig, InputConfig, ModelConfig,
@@ -114,7 +116,8 @@ class JobConfig(Strict):
         paths and the resources (actors, batching, retries) may change between runs, and a sweep may
         gain variants."""
         identity = {
-            "input": self.input.model_dump(exclude={"path", "when_changed"}),  # when_changed: what a rerun does
+            # what a rerun does, not how rows are answered: when_changed, repeated_keys
+            "input": self.input.model_dump(exclude={"path", "when_changed", "repeated_keys"}),
             "output": self.output.model_dump(include={"format", "columns", "rows_per_file"}),
             "engine": self.engine.model_dump(include={"max_model_len", "dtype", "seed", "max_logprobs"}),
             "defaults": self.defaults.model_dump(),
@@ -157,7 +160,8 @@ def load_config(path: str | None, overrides: list[str] = (), *, input: str | Non
                 output: str | None = None) -> JobConfig:
     """Read YAML, apply `key.sub=value` overrides and the --input/--output flags, validate.
 
-    Raises ConfigError naming every bad key.
+    Raises ConfigError naming every bad key, where it was set (the file, a `--set`, `--input` or
+    `--output`), and for an unknown key the valid keys it may have meant.
     """
     data: dict[str, Any] = {}
     if path:
@@ -172,25 +176,154 @@ def load_config(path: str | None, overrides: list[str] = (), *, input: str | Non
     for section in ("input", "output"):  # the path shorthand, so that --set input.x=... works
         if isinstance(data.get(section), str):
             data[section] = {"path": data[section]}
+    given: dict[tuple[str, ...], str] = {}  # the keys the command line set (replacing the file's), and by what
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: write it as key.subkey=value")
         _set_key(data, key.strip(), value)
+        _given(given, tuple(key.strip().split(".")), f"--set {item}")
     for section, value in (("input", input), ("output", output)):
         if value is not None:
-            data[section] = {**data.get(section, {}), "path": value}
+            current = data.get(section)
+            data[section] = {**(current if isinstance(current, dict) else {}), "path": value}
+            _given(given, (section, "path"), f"--{section}")
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        lines = []
+        by_source: dict[str, list[str]] = {}
         for err in exc.errors(include_url=False):
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = "unknown key (check its spelling and section)" if err["type"] == "extra_forbidden" else err["msg"]
+            loc = tuple(err["loc"])
+            key = _dotted(loc) or "(top level)"
+            msg = _unknown_key(loc) if err["type"] == "extra_forbidden" else err["msg"]
             got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
-            lines.append(f"  {key}: {msg}{got}")
-        where = path or "the command line"
-        raise ConfigError(f"invalid config in {where}:\n" + "\n".join(lines)) from None
+            by_source.setdefault(_source(loc, given, path), []).append(f"{key}: {msg}{got}")
+        if len(by_source) == 1:
+            (where, lines), = by_source.items()
+            raise ConfigError(f"invalid config {where}:\n" + "\n".join(f"  {line}" for line in lines)) from None
+        raise ConfigError("invalid config:\n" + "\n".join(
+            f"  {where}:\n" + "\n".join(f"    {line}" for line in lines) for where, lines in by_source.items())) from None
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """A validation error's `loc` as the config's dotted key, without the validator labels pydantic puts
+    in a union member's (`function-after[_adapters_not_named_as_base(), ModelConfig]`)."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+
+
+def _given(given: dict[tuple[str, ...], str], key: tuple[str, ...], source: str) -> None:
+    """Record that `source` set `key`, replacing whatever the file or an earlier flag had below it."""
+    for known in [k for k in given if k[:len(key)] == key]:
+        del given[known]
+    given[key] = source
+
+
+def _source(loc: tuple[Any, ...], given: dict[tuple[str, ...], str], path: str | None) -> str:
+    """Where the key at `loc` came from, as the error message says it: `in FILE`, `from --set K=V`,
+    `from --input`; an error about a whole section names the file and the flags that set keys in it."""
+    for n in range(len(loc), 0, -1):  # the flag that set the key, or a section holding it
+        if loc[:n] in given:
+            return f"from {given[loc[:n]]}"
+    inside = [source for key, source in given.items() if key[:len(loc)] == loc]
+    if inside:
+        flags = ", ".join(dict.fromkeys(inside))
+        return f"in {path} with {flags}" if path else f"from {flags}"
+    return f"in {path}" if path else "from the command line"
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    """The message for the unknown key at `loc`: the section's keys it may have meant
+    (`did you mean engine.num_actors?`), and the sections that have a key of that very name."""
+    *section, name = loc
+    models = _models_at(tuple(section))
+    hints = []
+    elsewhere = list(dict.fromkeys(where for where, model in [("the top level", JobConfig), *_sections()]
+                                   if name in model.model_fields and model not in models))
+    if elsewhere:
+        hints.append(f"{name} is a key of {_joined(elsewhere, 'and')}")
+    fields = sorted({f for m in models for f in m.model_fields})
+    prefix = f"{_dotted(tuple(section))}." if section else ""
+    close = difflib.get_close_matches(str(name), fields, n=3, cutoff=0.6)
+    if close:
+        hints.append(f"{'or ' if hints else ''}did you mean {_joined([prefix + c for c in close], 'or')}?")
+    return "unknown key; " + ", ".join(hints) if hints else "unknown key (check its spelling and section)"
+
+
+def _joined(items: list[str], word: str) -> str:
+    """`a`, `a and b`, `a, b and c`."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {word} {items[-1]}"
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types an annotation allows: Annotated and unions unwrapped, None left out."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [t for arg in get_args(annotation) for t in _members(arg)]
+    return [] if annotation is type(None) else [annotation]
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _models_at(loc: tuple[Any, ...]) -> list[type[BaseModel]]:
+    """The pydantic models a validation error's `loc` points into, walked down from JobConfig: field
+    names, list indices, dict keys, and the union members pydantic names (a discriminator's tag,
+    `function-after[..., ModelConfig]`)."""
+    kinds: list[Any] = [JobConfig]
+    for part in loc:
+        models = [t for t in kinds if _is_model(t)]
+        if isinstance(part, int):
+            found = [get_args(t)[0] for t in kinds if get_origin(t) in (list, tuple) and get_args(t)]
+        elif any(part in m.model_fields for m in models):
+            found = [m.model_fields[part].annotation for m in models if part in m.model_fields]
+        elif any(_names(m, part) for m in models):  # a union member: stay at this level, narrowed to it
+            found = [m for m in models if _names(m, part)]
+        else:
+            found = [get_args(t)[1] for t in kinds if get_origin(t) is dict and len(get_args(t)) == 2]
+        kinds = [t for f in found for t in _members(f)]
+    return [t for t in kinds if _is_model(t)]
+
+
+def _names(model: type[BaseModel], part: str) -> bool:
+    """Whether pydantic's `loc` names this union member by `part`: its class, or its discriminator's tag."""
+    if part == model.__name__ or part.endswith(f" {model.__name__}]"):
+        return True
+    return any(get_origin(f.annotation) is Literal and part in get_args(f.annotation)
+               for f in model.model_fields.values())
+
+
+def _sections() -> list[tuple[str, type[BaseModel]]]:
+    """Every section of the config (a model nested in JobConfig) by its dotted path, shallowest first
+    (`scoring.scorers[i]` for the models of a list's entries); a model found at several places
+    (ModelConfig: `model` and `sweep.models[i]`) only at the first."""
+    found: list[tuple[str, type[BaseModel]]] = []
+    queue: list[tuple[str, type[BaseModel]]] = [("", JobConfig)]
+    while queue:
+        where, model = queue.pop(0)
+        for name, field in model.model_fields.items():
+            for suffix, t in _nested(field.annotation):
+                if _is_model(t) and all(t is not m for _, m in found):
+                    path = f"{where}.{name}{suffix}" if where else f"{name}{suffix}"
+                    found.append((path, t))
+                    queue.append((path, t))
+    return found
+
+
+def _nested(annotation: Any, suffix: str = "") -> list[tuple[str, Any]]:
+    """The types an annotation holds, each with the suffix that reaches it: `[i]` for a list's entries,
+    `[key]` for a dict's values."""
+    held = []
+    for t in _members(annotation):
+        args = get_args(t)
+        if get_origin(t) in (list, tuple) and args:
+            held += _nested(args[0], suffix + "[i]")
+        elif get_origin(t) is dict and len(args) == 2:
+            held += _nested(args[1], suffix + "[key]")
+        else:
+            held.append((suffix, t))
+    return held
 
 
 def in_ray_job() -> bool:

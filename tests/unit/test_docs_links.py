@@ -94,3 +94,39 @@ def test_a_broken_link_is_found(tmp_path: Path):
     page.write_text("# Title\n\n[ok](#title) [gone](#nowhere) `[code](nope.md)`\n\n```\n[x](nope.md)\n```\n")
     assert relative_links(page) == ["#title", "#nowhere"]
     assert anchors(page) == {"title"}
+
+
+# A config's comments point at the docs as `docs/<page>.md#anchor` or `docs/<page>.md, "Heading"` (the
+# heading's text; a YAML comment may break the line before it).
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".py", ".json"))
+DOC_REFERENCE = re.compile(r"docs/([\w.-]+\.md)(?:#([\w-]+)|,\s*(?:#\s*)?\"([^\"\n]+)\")?")
+
+
+def doc_references(text: str) -> list[tuple[str, str | None]]:
+    """(page, anchor or None) of every docs/ page a text names; a quoted heading as its anchor."""
+    return [(page, anchor or (slug(heading.replace("`", "")) if heading else None))
+            for page, anchor, heading in DOC_REFERENCE.findall(text)]
+
+
+def test_the_configs_name_docs():
+    assert any(doc_references(p.read_text()) for p in CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_comments_name_existing_sections(config: Path):
+    broken = []
+    for page, anchor in doc_references(config.read_text()):
+        file = ROOT / "docs" / page
+        if not file.exists():
+            broken.append(f"docs/{page}: no such page")
+        elif anchor and anchor not in anchors(file):
+            broken.append(f"docs/{page}#{anchor}: {page} has no such heading")
+    assert not broken, f"{config.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_a_config_reference_to_a_missing_section_is_found():
+    text = ('# see docs/configuration.md#install-on-a-cluster and docs/evaluation.md, "Multiple choice"\n'
+            '# (docs/evaluation.md,\n#  "lm-evaluation-harness tasks") docs/nope.md\n')
+    assert doc_references(text) == [("configuration.md", "install-on-a-cluster"), ("evaluation.md", "multiple-choice"),
+                                    ("evaluation.md", "lm-evaluation-harness-tasks"), ("nope.md", None)]
+    assert "lm-evaluation-harness-tasks" not in anchors(ROOT / "docs" / "evaluation.md")
