@@ -10,16 +10,17 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import JobConfig, Variant
+from pipeline.config import Variant
 from pipeline.engine import core_process, pool, vllm_metrics
 from pipeline.engine.completion_engine import CompletionEngine
 from pipeline.engine.supervisor import EngineSupervisor, EngineUnavailable, Row
+from pipeline.engine.work import EngineJob, ShardWork
 from pipeline.io import outputs, storage
-from pipeline.io.plan import INPUT_ERROR, ROW_KEY, InputPlan, Shard
+from pipeline.io.plan import INPUT_ERROR, ROW_KEY, Shard
 from pipeline.io.read import python_rows, read_shard
 from pipeline.io.records import VARIANT_PARAMS, result_arrays
 from pipeline.io.tally import Tally
@@ -67,13 +68,11 @@ class EngineActor:
     shards; a shard's records are written once, when it is done.
     """
 
-    def __init__(self, config: JobConfig, plan: InputPlan, builder: RequestBuilder, schema: pa.Schema,
-                 variants: dict[str, Variant], score: Callable[[pa.Table], pa.Table],
-                 meter: Callable[[str, str], Any]) -> None:
-        """`score` adds a scored job's `score` column to a shard's records (or returns them as they
-        are); `meter(engine_id, node)` makes the meter that counts this actor's engine work (enter,
-        leave, answered, engine_starting, engine_started, shard_started, beat, next_engine_tags). Both come from the job, so that this
-        room imports neither evaluation nor reporting."""
+    def __init__(self, job: EngineJob) -> None:
+        """`job.score` and `job.meter` come from the job, so that this room imports neither evaluation
+        nor reporting: the meter counts this actor's engine work (enter, leave, answered,
+        engine_starting, engine_started, shard_started, beat, next_engine_tags)."""
+        config = job.config
         # vLLM's INFO lines (one per engine step phase) drown the job's own output; raise it with
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -81,7 +80,7 @@ class EngineActor:
             core_process.start()  # first: it imports vLLM for the engine core while this process does
         import ray
 
-        self._take_job(config, plan, builder, schema, variants, score)
+        self._take_job(job)
         self._job_key: str | None = None  # the job it answers for, if it outlives its jobs (answer_for)
         self._model_path = resolve_model(config.model.path)
         self._adapters = adapters.localize(adapters.discover(config.model))  # remote ones copied here
@@ -89,7 +88,7 @@ class EngineActor:
         # an actor restarted by Ray keeps its id but not its process: the pid tells its engines apart
         self._node = context.get_node_id()
         self._meter_id = f"{context.get_actor_id()[:8]}.{os.getpid()}"
-        self._meter = meter(self._meter_id, self._node)
+        self._meter = job.meter(self._meter_id, self._node)
         self._hardware = pool.hardware(config.engine)  # what its engines run on, for the summary
         engine = config.engine
         self._supervisor = EngineSupervisor(self._start_engine(), self._start_engine, row_retries=engine.row_retries,
@@ -103,25 +102,22 @@ class EngineActor:
         # stopped at its end, besides `stop` (an actor that outlives its jobs).
         atexit.register(self._supervisor.shutdown)
 
-    def _take_job(self, config: JobConfig, plan: InputPlan, builder: RequestBuilder, schema: pa.Schema,
-                  variants: dict[str, Variant], score: Callable[[pa.Table], pa.Table]) -> None:
-        self._config = config
-        self._plan = plan
-        self._builder = builder
-        self._schema = schema
-        self._variants = variants  # by name: its request fields (a sweep), which beat the row's
-        self._score = score
+    def _take_job(self, job: EngineJob) -> None:
+        self._config = job.config
+        self._plan = job.plan
+        self._builder = job.builder
+        self._schema = job.schema
+        self._variants = job.variants
+        self._score = job.score
 
-    async def answer_for(self, job: tuple[str, tuple], batch: pa.Table) -> pa.Table:
+    async def answer_for(self, key: str, job: EngineJob, batch: pa.Table) -> pa.Table:
         """A call of an actor that outlives its jobs (job/engines.py): as Ray Data's call, for the job
-        `job` = (its key, the constructor's arguments). The first call of a job takes the job's
-        arguments (same model and engine, its own input, output and meter); the engine stays.
-        An actor Ray restarted is constructed with its first arguments again, and takes the job the
-        same way."""
-        key, (config, plan, builder, schema, variants, score, meter) = job
+        `key`. The first call of a job takes the job (same model and engine, its own input, output and
+        meter); the engine stays. An actor Ray restarted is constructed with its first job again, and
+        takes the job the same way."""
         if key != self._job_key:
-            self._take_job(config, plan, builder, schema, variants, score)
-            previous, self._meter = self._meter, meter(self._meter_id, self._node)
+            self._take_job(job)
+            previous, self._meter = self._meter, job.meter(self._meter_id, self._node)
             previous.stop()
             # the job's figures count this engine from now: its stats (and cost) are the job's own
             self._meter.engine_started(self._supervisor.engine.startup_s, self._hardware, counted=False)
@@ -160,9 +156,9 @@ class EngineActor:
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
-        for item in batch.to_pylist():
-            variant, out = item.pop("variant"), item.pop("out")
-            shard = Shard(**{**item, "duplicates": tuple(item["duplicates"])})
+        for row in batch.to_pylist():
+            work = ShardWork.from_row(row)
+            shard, variant, out = work.shard, work.variant, work.out
             started = time.time()
             try:
                 rows, tally = await self._shard(shard, variant, out)

@@ -27,6 +27,7 @@ import pyarrow as pa
 from pipeline.config import JobConfig
 from pipeline.engine import pool
 from pipeline.engine.actor import EngineActor
+from pipeline.engine.work import EngineJob, ShardWork
 
 log = logging.getLogger(__name__)
 # Every engine actor's, Ray Data's too (run.py):
@@ -47,16 +48,17 @@ class EngineActors:
         self._used = False
 
     @classmethod
-    def start(cls, config: JobConfig, args: tuple) -> "EngineActors":
+    def start(cls, job: EngineJob) -> "EngineActors":
         """Create the actors (Ray must be up); returns at once, while they start their engines.
-        `args` are EngineActor's constructor arguments for `config` (run.py's `start_engines`)."""
+        `job`: what they answer until a job of their own comes (run.py's `start_engines`)."""
         import ray
 
+        config = job.config
         resources = pool.actor_resources(config.engine)
         placement = resources.pop("ray_remote_args_fn", None)  # a placement group per actor (GPU layouts)
         actor = ray.remote(EngineActor)
         actors = [actor.options(**resources, **(placement() if placement else {}), runtime_env=RUNTIME_ENV,
-                                max_restarts=-1, max_task_retries=-1).remote(*args)
+                                max_restarts=-1, max_task_retries=-1).remote(job)
                   for _ in range(config.engine.actor_range()[0])]
         return cls(config, actors)
 
@@ -64,21 +66,21 @@ class EngineActors:
         """Whether these actors can answer `config`'s job: the same model and engine."""
         return config.model == self.model and config.engine == self._engine
 
-    def answer(self, items: list[dict[str, Any]], args: tuple, at_once: int) -> Iterator[pa.Table]:
-        """Each work item answered (actor.SHARD_DONE rows, as Ray Data's calls return them), in the order
-        they finish; `args` are the job's EngineActor arguments; `at_once` shards in flight per actor."""
+    def answer(self, work: list[ShardWork], job: EngineJob, at_once: int) -> Iterator[pa.Table]:
+        """Each shard's work answered for `job` (actor.SHARD_DONE rows, as Ray Data's calls return
+        them), in the order they finish; `at_once` shards in flight per actor."""
         import ray
 
         self._used = True
-        job = ray.put((uuid.uuid4().hex, args))
-        waiting = collections.deque(items)
+        key, job_ref = uuid.uuid4().hex, ray.put(job)
+        waiting = collections.deque(work)
         running: dict[Any, Any] = {}
         load = {actor: 0 for actor in self._actors}
         while waiting or running:
             for actor in self._actors:
                 while waiting and load[actor] < at_once:
                     item = waiting.popleft()
-                    running[actor.answer_for.remote(job, pa.Table.from_pylist([item]))] = actor
+                    running[actor.answer_for.remote(key, job_ref, pa.Table.from_pylist([item.as_row()]))] = actor
                     load[actor] += 1
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:

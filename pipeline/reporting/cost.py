@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from pipeline.reporting.progress import EngineUse
+from pipeline.io.tally import Tally
+from pipeline.reporting.progress import EngineRun, EngineUse
 
 
 class Cost(BaseModel):
@@ -68,4 +69,17 @@ def split_cost(engines: list[EngineUse], busy_s: dict[str, float], tokens: dict[
         share = busy / whole if whole else 1 / len(busy_s)
         use = EngineUse(engine="share", startup_s=0.0, alive_s=engine_s * share)
         costs[name] = run_cost([use], per_engine, accelerator, *tokens[name], price, currency)
+    return costs
+
+
+def variant_costs(runs: list[EngineRun], groups: list[list[str]], tallies: dict[str, Tally], per_engine: float,
+                  accelerator: str, price: float | None, currency: str) -> dict[str, Cost]:
+    """Per variant answered in a run: its share of its model's engines' cost. `runs[i]` answered the
+    variants `groups[i]` (one model each); `tallies`: what each variant's shards of the run hold."""
+    costs: dict[str, Cost] = {}
+    for run, names in zip(runs, groups):
+        names = sorted(set(names))
+        costs.update(split_cost(run.engines, {n: tallies[n].busy_s() for n in names},
+                                {n: (tallies[n].prompt_tokens, tallies[n].completion_tokens) for n in names},
+                                per_engine, accelerator, price, currency))
     return costs

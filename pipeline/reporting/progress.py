@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -212,6 +213,22 @@ def snapshot(stats: Any, last: dict[str, Any] | None = None) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - the job does not depend on these figures
         log.warning("the job's engine statistics are incomplete (%s); the records are not affected", exc)
         return last or {"engines": {}, "shard_starts": []}
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """What one model's engine actors reported in a run, beyond the records and tallies they wrote."""
+
+    engines: list[EngineUse]
+    shard_starts: list[str]  # one per attempt: a shard started twice was redone after its actor died
+    failed: dict[str, str]  # shard -> why it has no records
+    first_ready_at: float | None
+
+    @classmethod
+    def of(cls, snap: dict[str, Any], end: float, failed: dict[str, str]) -> "EngineRun":
+        """From the stats actor's last figures (`snapshot`)."""
+        ready = [e["ready_at"] for e in snap["engines"].values() if "ready_at" in e]
+        return cls(engine_use(snap["engines"], end), snap["shard_starts"], failed, min(ready) if ready else None)
 
 
 def engine_use(engines: dict[str, dict[str, Any]], end: float) -> list[EngineUse]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from pipeline.config import JobConfig
+from pipeline.io import storage
+from pipeline.io.resume import OutputTallies, ResumeState
 from pipeline.io.tally import Tally
-from pipeline.reporting.cost import Cost
-from pipeline.reporting.progress import EngineUse
+from pipeline.reporting.cost import Cost, run_cost
+from pipeline.reporting.progress import EngineRun, EngineUse, utilisation
 
 
 class RequestCounts(BaseModel):
@@ -138,3 +142,33 @@ def error_share_failure(run: Tally, repeated: int, max_share: float) -> str | No
     return (f"{errors} of the {rows} rows this run answered are error records ({errors / rows:.0%}, more than "
             f"output.max_error_share {max_share:.0%}): {kinds}. The records are written; read their `error` "
             "column, fix the cause, then rerun with --redo-errors to answer those shards again")
+
+
+def summarize(config: JobConfig, rows_in: int, state: ResumeState, tallies: OutputTallies, runs: list[EngineRun],
+              accelerators: tuple[float, str], started: float, provenance: dict[str, Any]) -> JobSummary:
+    """The summary of the whole output after a run: its tallies, what this run's engines did and cost,
+    and whether the run failed (shards without records; too many error records)."""
+    variants = config.variants()
+    engines = [e for r in runs for e in r.engines]
+    attempts = [s for r in runs for s in r.shard_starts]
+    ready = [r.first_ready_at for r in runs if r.first_ready_at is not None]
+    missing = {i.out: "" for i in state.items if i.out not in tallies.written}
+    missing.update({name: why for r in runs for name, why in r.failed.items() if name not in tallies.written})
+    summary = JobSummary.of(
+        tallies.total, tallies.run,
+        input=storage.redact(config.input.path), output=storage.redact(config.output.path), rows_in=rows_in,
+        variants=[v.name for v in variants if v.name], records_expected=rows_in * len(variants),
+        nothing_to_do=state.nothing_to_do, shards=len(state.items), shards_kept=state.kept,
+        shards_run=len(state.pending) - len(missing), rows_per_shard=config.output.rows_per_file or 0,
+        shards_failed=missing, shards_redone=len(attempts) - len(set(attempts)), shards_changed=len(state.changed),
+        engine_restarts=sum(1 for e in engines if not e.engine.endswith("-1")),
+        engine_startup_s=[e.startup_s for e in engines], engines=engines, engine_utilisation=utilisation(engines),
+        first_engine_ready_s=round(min(ready) - started, 3) if ready else 0.0,
+        wall_s=round(time.time() - started, 3), provenance=provenance,
+        cost=run_cost(engines, *accelerators, tallies.run.prompt_tokens, tallies.run.completion_tokens,
+                      config.cost.price_per_accelerator_hour, config.cost.currency),
+    )
+    repeated = sum(len(i.shard.duplicates) for i in state.pending if i.out in tallies.written)  # keep_first's
+    summary.failure = state.last_failure if state.nothing_to_do else \
+        error_share_failure(tallies.run, repeated, config.output.max_error_share)
+    return summary

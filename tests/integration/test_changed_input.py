@@ -18,7 +18,7 @@ from pipeline.io import outputs
 from pipeline.io.plan import InputError, cut_shards, plan_input
 from pipeline.io.records import output_schema
 from pipeline.io.tally import Tally
-from pipeline.job.run import WorkItem, _changed_inputs
+from pipeline.io.resume import WorkItem, changed_inputs as _changed_inputs
 from tests.s3_server import admin_filesystem, environment, s3_server
 
 

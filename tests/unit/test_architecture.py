@@ -20,7 +20,7 @@ MAY_IMPORT = {
     "models": {"io", "config"},
     "engine": {"models", "io", "config", "protocol"},
     "evaluation": {"io", "config", "protocol"},
-    "reporting": {"io"},
+    "reporting": {"io", "config"},
     "job": {"engine", "evaluation", "reporting", "models", "io", "config", "protocol", "templates"},
 }
 VLLM_ROOMS = {"pipeline.engine", "pipeline.job.validate"}  # the only modules that import vLLM
