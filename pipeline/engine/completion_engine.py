@@ -328,11 +328,9 @@ def import_vllm_apart() -> None:
 
     vLLM keeps an exception it caught while importing (`_torchcodec_import_exc` in
     `vllm.multimodal.media.audio`, whenever torchcodec is absent, as on the CPU stack), and with it a
-    traceback whose frames reach every caller up the stack. Imported from an engine actor's
-    constructor, that pinned the actor object for good: when Ray Data retired the actor, deleting it
-    did not run its `__del__`, so the engine was never stopped in order. From a thread of its own,
-    the frames stop at the thread. (The actor now stops its engine at its process's exit instead of
-    in `__del__`, which the frozen start-up heap kept from running all the same.)
+    traceback whose frames reach every caller up the stack: imported from an engine actor's
+    constructor, the actor and everything its frames held (the job's config and plan) would live as
+    long as the process. From a thread of its own, the frames stop at the thread.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="import-vllm") as pool:
         pool.submit(lambda: [importlib.import_module(name) for name in VLLM_MODULES]).result()

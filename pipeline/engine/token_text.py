@@ -11,7 +11,7 @@ decoding the same few-shot prompt tokens again for every choice (docs/lm-evaluat
 Both are functions of their arguments and the tokenizer alone, so `install()` wraps them in caches
 keyed by the tokenizer: a token id's text is decoded once (bounded by the vocabulary), a corrected
 token once per (id, context) up to CORRECTED_MAX entries. Every answer is unchanged, character for
-character (tests/engine/test_token_text.py compares them with vLLM's own functions).
+character (tests/unit/test_token_text.py compares them with vLLM's own functions).
 """
 
 from __future__ import annotations

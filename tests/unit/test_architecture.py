@@ -99,3 +99,14 @@ def test_no_module_is_longer_than_a_sitting():
 def test_only_the_engine_room_and_validate_import_vllm():
     importers = {m for m, targets in GRAPH.items() if any(t.split(".")[0] == "vllm" for t in targets)}
     assert importers and all(m.startswith(tuple(VLLM_ROOMS)) for m in importers), sorted(importers)
+
+
+def test_every_test_path_the_package_names_exists():
+    """A docstring or comment that sends the reader to `tests/...` sends them to a file that is there."""
+    import re
+
+    named = {(module_name(p), m.group(0).rstrip(".,);:'\"`")) for p in PACKAGE.rglob("*.py")
+             for m in re.finditer(r"tests/[A-Za-z0-9_./-]+", p.read_text())}
+    assert named, "the package names no test path: the check would be empty"
+    missing = sorted(f"{module}: {path}" for module, path in named if not (PACKAGE.parent / path).exists())
+    assert missing == [], missing
