@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import Variant
-from pipeline.engine import core_process, pool, vllm_metrics
+from pipeline.engine import core_forkserver, pool, vllm_metrics
 from pipeline.engine.completion_engine import CompletionEngine
 from pipeline.engine.supervisor import EngineSupervisor, EngineUnavailable, Row
 from pipeline.engine.work import EngineJob, ShardWork
@@ -77,7 +77,7 @@ class EngineActor:
         # VLLM_LOGGING_LEVEL=INFO in the job's environment.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if config.engine.forkserver:
-            core_process.start()  # first: it imports vLLM for the engine core while this process does
+            core_forkserver.start()  # first: it imports vLLM for the engine core while this process does
         import ray
 
         self._take_job(job)
@@ -181,7 +181,7 @@ class EngineActor:
         await self._supervisor.load_adapters()  # an adapter that does not load fails its shards, not rows
         started = time.time()
         self._meter.shard_started(out)
-        table = await self._tried(f"reading shard {out} of {shard.file}", read_shard, self._plan, shard)
+        table = await self._with_retries(f"reading shard {out} of {shard.file}", read_shard, self._plan, shard)
         problems = table.column(INPUT_ERROR).to_pylist()
         keys = table.column(ROW_KEY).to_pylist()
         rows = python_rows(table.drop_columns([INPUT_ERROR]), problems)
@@ -198,7 +198,7 @@ class EngineActor:
         records = records.select(self._schema.names).cast(self._schema)
         tally = Tally.of_records(records, **asdict(retries), intervals=[[started, time.time()]])
         tally.source = shard.source  # the input file as it was: a rerun compares it
-        await self._tried(f"writing shard {out}", outputs.write_shard, self._config.output, out, records, tally)
+        await self._with_retries(f"writing shard {out}", outputs.write_shard, self._config.output, out, records, tally)
         sent = self._meter.beat()
         if sent is not None:  # the job's stats hold this shard's rows before its result reaches the driver
             try:
@@ -231,7 +231,7 @@ class EngineActor:
         try:
             return await asyncio.gather(*(
                 self._answer(key, Row(body, next(requests), engine), retries) if isinstance(body, dict)
-                else _done(body)
+                else _answered_already(body)
                 for key, body in chunk))
         finally:
             engine.release(prepared)
@@ -246,7 +246,7 @@ class EngineActor:
         except BodyError as exc:
             return None, exc.error
         except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not fail the shard
-            return None, _bug(key, exc)
+            return None, _pipeline_bug_record(key, exc)
 
     async def _answer(self, key: str, row: Row, retries: _Retries) -> tuple[dict | None, dict | None]:
         """The row's (response, error); whatever goes wrong with this row stays this row's."""
@@ -265,9 +265,9 @@ class EngineActor:
         except EngineUnavailable:
             raise  # no engine: the shard fails, and a rerun answers its rows
         except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not fail the shard
-            return None, _bug(key, exc)
+            return None, _pipeline_bug_record(key, exc)
 
-    async def _tried(self, what: str, fn: Any, *args: Any) -> Any:
+    async def _with_retries(self, what: str, fn: Any, *args: Any) -> Any:
         """Run a shard-wide step in a thread, `SHARD_TRIES` times with backoff; raise ShardFailed."""
         for attempt in range(SHARD_TRIES):
             try:
@@ -282,11 +282,11 @@ class EngineActor:
                 await asyncio.sleep(2 ** attempt)
 
 
-async def _done(answer: tuple[dict | None, dict | None]) -> tuple[dict | None, dict | None]:
+async def _answered_already(answer: tuple[dict | None, dict | None]) -> tuple[dict | None, dict | None]:
     return answer
 
 
-def _bug(key: str, exc: Exception) -> dict[str, Any]:
+def _pipeline_bug_record(key: str, exc: Exception) -> dict[str, Any]:
     """The 500 error record of a row the pipeline failed on (logged: it is a bug)."""
     log.error("row %s: answering it failed; recorded as a 500 error and the job goes on", key, exc_info=exc)
     return error_body(f"the pipeline failed while answering this row ({type(exc).__name__}: {exc}); the other "

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from pipeline.config import EngineConfig
-from pipeline.engine import core_process, cores, token_text
+from pipeline.engine import core_forkserver, cpu_binding, token_text
 from pipeline.engine.engine_args import engine_args
 from pipeline.engine.pool import executor, parallel
 from pipeline.engine.prompt_tokens import Key, PromptTokens
@@ -123,13 +123,13 @@ class CompletionEngine:
 
         t0 = time.monotonic()
         defaults = {k: v for k, v in sampling_defaults.items() if k != "max_tokens"}
-        cores.for_a_new_engine()
+        cpu_binding.for_a_new_engine()
         if cfg.resolved_device() == "cpu":
-            cores.bind_workers(cfg.tensor_parallel_size * parallel(cfg)[1])
-        with core_process.forked_engine_core():
+            cpu_binding.bind_workers(cfg.tensor_parallel_size * parallel(cfg)[1])
+        with core_forkserver.forked_engine_core():
             engine = AsyncLLM.from_engine_args(engine_args(cfg, model_path, served_name, defaults, adapters),
                                                stat_loggers=list(stat_loggers) or None)
-        cores.share_out_cores()
+        cpu_binding.share_out_cores()
         lora_modules = [LoRAModulePath(name=name, path=path) for name, path in adapters.paths.items()]
         models = OpenAIServingModels(engine_client=engine,
                                      base_model_paths=[BaseModelPath(name=served_name, model_path=model_path)],

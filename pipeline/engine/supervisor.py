@@ -102,7 +102,7 @@ class EngineSupervisor:
         self._in_engine: dict[asyncio.Future, tuple[Row | None, asyncio.Future]] = {}
         self._busy_since = time.monotonic()  # when the engine last went from empty to busy
         self._isolated = -1  # the generation an isolation run is on
-        self._suspects: collections.deque[_Group] = collections.deque()
+        self._suspects: collections.deque[_SuspectGroup] = collections.deque()
         self._isolating: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self._replacing: asyncio.Task | None = None
@@ -221,7 +221,7 @@ class EngineSupervisor:
     def _suspect(self, group: list[Row]) -> None:
         for row in group:
             row.verdict = asyncio.get_running_loop().create_future()
-        self._suspects.append(_Group(group))
+        self._suspects.append(_SuspectGroup(group))
         self._start_isolating()
 
     def _convict(self, row: Row) -> None:
@@ -351,7 +351,7 @@ PARTS = 4  # a group of suspects that killed an engine is tried again in this ma
 
 
 @dataclass
-class _Family:
+class _SuspectSplit:
     """The parts one group of suspects was split into. When all but the last ran without a death, the
     death that split them is the last part's, so it is split at once rather than run whole (one death
     fewer). If the death was not a row's (a kill from outside), that only costs runs: a row is
@@ -367,9 +367,9 @@ class _Family:
 
 
 @dataclass(eq=False)
-class _Group:
+class _SuspectGroup:
     rows: list[Row]
-    family: _Family | None = None
+    family: _SuspectSplit | None = None
     last: bool = False
 
     def implicated(self) -> bool:
@@ -377,17 +377,17 @@ class _Group:
         return self.last and f is not None and not f.died and f.clean == f.parts - 1
 
 
-def _split(rows: list[Row]) -> list[_Group]:
+def _split(rows: list[Row]) -> list[_SuspectGroup]:
     """`rows` in up to PARTS groups of near-equal size (each row alone once they are few)."""
     count = min(PARTS, len(rows))
     if count == 0:
         return []
     size, extra = divmod(len(rows), count)
-    family = _Family(count) if count > 1 else None
+    family = _SuspectSplit(count) if count > 1 else None
     groups, start = [], 0
     for i in range(count):
         end = start + size + (i < extra)
-        groups.append(_Group(rows[start:end], family, last=i == count - 1))
+        groups.append(_SuspectGroup(rows[start:end], family, last=i == count - 1))
         start = end
     return groups
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from pipeline.config import OutputConfig
 from pipeline.io.plan import LINE_ERROR, ROW_KEY
 from pipeline.io.records import response_body
-from pipeline.io.storage import delete, exists, filesystem, join, plainly, read_json, redact, write_bytes, write_text
+from pipeline.io.storage import delete, exists, filesystem, join, explained_store_errors, read_json, redact, write_bytes, write_text
 from pipeline.io.tally import Tally
 
 MARKER = "_SUCCESS"
@@ -85,7 +85,7 @@ def prepare(config: OutputConfig, identity: dict[str, Any], provenance: dict[str
     model or adapter fingerprints, answer-changing engine arguments, columns, shard size...) is refused:
     mixing them would give one dataset two meanings.
     """
-    with plainly(config.path, "use the output"):
+    with explained_store_errors(config.path, "use the output"):
         return _prepare(config, identity, provenance)
 
 

@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import InputConfig
 from pipeline.io.storage import (NO_BUCKET, StorageError, bucket_missing, explain, filesystem, is_store_failure, iter_lines, open_lines,
-                                 plainly, redact)
+                                 explained_store_errors, redact)
 
 ROW_KEY = "row_key"
 LINE_ERROR = "InvalidBatchLine"  # error type of an OpenAI batch line that never became a request
@@ -118,7 +118,7 @@ def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
     their sizes as the listing gave them, and their root: the folder, the glob's fixed part, or the
     file's folder."""
     try:
-        with plainly(uri, "read the input"):
+        with explained_store_errors(uri, "read the input"):
             return _list_files(uri)
     except StorageError as exc:
         raise InputError(str(exc)) from None

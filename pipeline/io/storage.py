@@ -79,7 +79,7 @@ def explain(exc: OSError, uri: str, doing: str) -> StorageError:
 
 
 @contextlib.contextmanager
-def plainly(uri: str, doing: str) -> Iterator[None]:
+def explained_store_errors(uri: str, doing: str) -> Iterator[None]:
     """A block whose OSErrors become StorageErrors that say what failed (see `explain`)."""
     try:
         yield

@@ -90,7 +90,7 @@ class EngineActors:
     def stop(self) -> None:
         """Stop the engines, then the actors. Actors no job used (an evaluation whose answers were all
         recorded before) are killed at once, whether or not their engines are up yet: a killed actor's
-        engine process stops with it (engine/core_process.py)."""
+        engine process stops with it (engine/core_forkserver.py)."""
         import ray
 
         try:

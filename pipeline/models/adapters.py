@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import check_adapter_name
 from pipeline.io.plan import InputError
-from pipeline.io.storage import NO_BUCKET, bucket_missing, explain, filesystem, plainly, redact
+from pipeline.io.storage import NO_BUCKET, bucket_missing, explain, filesystem, explained_store_errors, redact
 from pipeline.models.tiny_adapter import ADAPTERS, ensure_built, is_builtin_adapter
 from pipeline.models.tiny_model import BUILTIN_PREFIX, cached_build
 
@@ -89,7 +89,7 @@ def read_adapter(path: str) -> tuple[int, tuple[str, ...] | None]:
                                f"{[BUILTIN_PREFIX + n for n in sorted(ADAPTERS)]}")
         path = str(ensure_built(path[len(BUILTIN_PREFIX):]))
     fs, folder = filesystem(path)
-    with plainly(path, "read the adapter"):
+    with explained_store_errors(path, "read the adapter"):
         info = fs.get_file_info(folder)
     if info.type != pafs.FileType.Directory:
         if info.type == pafs.FileType.NotFound and bucket_missing(fs, path, folder):
@@ -101,7 +101,7 @@ def read_adapter(path: str) -> tuple[int, tuple[str, ...] | None]:
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise AdapterError(f"{shown}/{CONFIG_FILE} has no LoRA rank `r` (a positive integer); got {rank!r}")
-    with plainly(path, "read the adapter"):
+    with explained_store_errors(path, "read the adapter"):
         files = {i.base_name for i in fs.get_file_info([f"{folder}/{w}" for w in WEIGHT_FILES])
                  if i.type == pafs.FileType.File}
     if not files:
@@ -119,7 +119,7 @@ def _child(folder: str, name: str) -> str:
 def _folder_adapters(folder: str) -> dict[str, str]:
     """The subfolders of an adapter folder, by name; hidden ones (`.x`, `_x`) are skipped."""
     fs, path = filesystem(folder)
-    with plainly(folder, "read model.adapter_folder"):
+    with explained_store_errors(folder, "read model.adapter_folder"):
         infos = fs.get_file_info(path), fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     if infos[0].type != pafs.FileType.Directory:
         if infos[0].type == pafs.FileType.NotFound and bucket_missing(fs, folder, path):

@@ -1,5 +1,5 @@
 """How the engine actor starts vLLM's processes: by default the engine core forked from the actor's
-forkserver and, on CPU, the model worker forked from the engine core (pipeline/engine/core_process.py);
+forkserver and, on CPU, the model worker forked from the engine core (pipeline/engine/core_forkserver.py);
 both spawned by vLLM itself with `engine.forkserver: false`."""
 
 from __future__ import annotations

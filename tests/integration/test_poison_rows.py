@@ -52,7 +52,7 @@ def test_a_poison_row_and_an_engine_killed_from_outside_in_one_job(run_job):
         return rows_answered() > 0
 
     out = run_and_kill(run_job, table, engine_core_of_a_ray_actor, answering, input=BODY_INPUT, engine=POISON_ENGINE)
-    assert "multiprocessing.forkserver" in parents[-1]  # forked, imported already (pipeline/engine/core_process.py)
+    assert "multiprocessing.forkserver" in parents[-1]  # forked, imported already (pipeline/engine/core_forkserver.py)
     failed = {key for key, code in codes(out).items() if code != 200}
     assert failed == {"poison-0"}
     assert out.summary.rows_out == 301

@@ -1,4 +1,4 @@
-"""Storage errors speak plainly: an object store that cannot be reached, a bucket that does not exist,
+"""Storage errors speak explained_store_errors: an object store that cannot be reached, a bucket that does not exist,
 credentials it refuses, for the input, the output and adapters, end in one message naming the URI
 (without credentials), what failed and what to check, before Ray starts (exit 2), never a traceback.
 Against moto's S3 server on 127.0.0.1 (tests/s3_server.py) and a port nothing listens on."""

@@ -1,4 +1,4 @@
-"""The engine actor keeps its own work off the cores vLLM bound its CPU worker to (pipeline/engine/cores.py)."""
+"""The engine actor keeps its own work off the cores vLLM bound its CPU worker to (pipeline/engine/cpu_binding.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from pipeline.engine import cores
+from pipeline.engine import cpu_binding
 
 # A process standing for the engine actor, with children standing for vLLM's engine processes: a
 # "worker" bound to the first core (as vLLM binds its CPU worker), an "engine core" (vLLM's title) and
 # a "forkserver" (no title) left on all; and a second thread of the actor's own (its thread pools).
 ACTOR = """
 import json, multiprocessing as mp, os, time
-from pipeline.engine import cores
+from pipeline.engine import cpu_binding
 
 def child(bind, title, ready):
     if bind:
@@ -38,11 +38,11 @@ if __name__ == "__main__":
     stop = threading.Event()
     helper = threading.Thread(target=stop.wait, daemon=True)
     helper.start()
-    moved = cores.share_out_cores()
+    moved = cpu_binding.share_out_cores()
     after = {"actor": sorted(os.sched_getaffinity(0)), "thread": sorted(os.sched_getaffinity(helper.native_id)), "worker": sorted(os.sched_getaffinity(procs[0].pid)),
              "core": sorted(os.sched_getaffinity(procs[1].pid)), "moved": sorted(moved or []),
              "forkserver": sorted(os.sched_getaffinity(procs[2].pid))}
-    cores.for_a_new_engine()
+    cpu_binding.for_a_new_engine()
     after["actor_for_a_new_engine"] = sorted(os.sched_getaffinity(0))
     after["everything"] = everything
     for p in procs:
@@ -70,8 +70,8 @@ def test_the_actor_moves_off_the_workers_core_the_engine_core_onto_it_and_back_f
 
 def test_nothing_moves_when_no_engine_process_is_bound():
     # A GPU engine (or vLLM's binding turned off): no child is bound to fewer cores, nothing changes.
-    done = subprocess.run([sys.executable, "-c", "import os; from pipeline.engine import cores; before = "
-                           "os.sched_getaffinity(0); print(cores.share_out_cores(), "
+    done = subprocess.run([sys.executable, "-c", "import os; from pipeline.engine import cpu_binding; before = "
+                           "os.sched_getaffinity(0); print(cpu_binding.share_out_cores(), "
                            "os.sched_getaffinity(0) == before)"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["None", "True"]
@@ -82,13 +82,13 @@ def test_cpu_workers_of_one_engine_split_its_cores(monkeypatch):
     the actor gives each worker a share of its cores instead (VLLM_CPU_OMP_THREADS_BIND)."""
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.setattr(cores, "_ALL", {0, 1, 2, 3, 4})
-    cores.bind_workers(1)
+    cpu_binding.bind_workers(1)
     assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # one worker: vLLM's own binding
-    cores.bind_workers(2)
+    cpu_binding.bind_workers(2)
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "4|3")  # the user's is kept
-    cores.bind_workers(2)
+    cpu_binding.bind_workers(2)
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "4|3"
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
     with pytest.raises(RuntimeError, match="raise engine.cpus_per_actor"):
-        cores.bind_workers(8)
+        cpu_binding.bind_workers(8)

@@ -1,4 +1,4 @@
-"""The engine-core process forked from the forkserver (pipeline.core_process) starts as a spawned one
+"""The engine-core process forked from the forkserver (pipeline.core_forkserver) starts as a spawned one
 would: with the starting process's environment of the moment, and ending when that process ends.
 
 Each case runs in an interpreter of its own (a forkserver is a process-wide thing), with a real
@@ -19,21 +19,21 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from pipeline.engine import core_process
+from pipeline.engine import core_forkserver
 
-pytestmark = pytest.mark.skipif(not core_process.supported(), reason="forkserver and pidfd: Linux")
+pytestmark = pytest.mark.skipif(not core_forkserver.supported(), reason="forkserver and pidfd: Linux")
 
 STARTER = """
 import json, multiprocessing.forkserver, os, sys, time
-from pipeline.engine import core_process
-from tests.unit.test_core_process import probe
+from pipeline.engine import core_forkserver
+from tests.unit.test_core_forkserver import probe
 
-core_process.PRELOAD = ["json"]  # vLLM's modules are the engine core's; the probe needs none
-assert core_process.start()
+core_forkserver.PRELOAD = ["json"]  # vLLM's modules are the engine core's; the probe needs none
+assert core_forkserver.start()
 os.environ["PROBE"] = "set after the forkserver started"  # as vLLM sets RAY_ADDRESS just before
 os.environ.pop("DROPPED")
 
-process = core_process._CONTEXT.Process(target=probe, args=(sys.argv[1], float(sys.argv[2])))
+process = core_forkserver._CONTEXT.Process(target=probe, args=(sys.argv[1], float(sys.argv[2])))
 process.start()
 print(json.dumps({"child": process.pid, "me": os.getpid()}), flush=True)
 process.join()
@@ -95,18 +95,18 @@ def test_the_forked_process_ends_when_its_starter_is_killed(tmp_path):
 
 SWAP = """
 import json
-from pipeline.engine import core_process
+from pipeline.engine import core_forkserver
 from vllm.v1.engine import utils
 
 seen = {}
-with core_process.forked_engine_core():  # before start(): vLLM's own context
+with core_forkserver.forked_engine_core():  # before start(): vLLM's own context
     seen["unstarted"] = utils.get_mp_context().get_start_method()
-core_process.PRELOAD = ["json"]
-core_process.start()
-with core_process.forked_engine_core():
+core_forkserver.PRELOAD = ["json"]
+core_forkserver.start()
+with core_forkserver.forked_engine_core():
     context = utils.get_mp_context()
     seen["started"] = context.get_start_method()
-    seen["ours"] = context is core_process._CONTEXT
+    seen["ours"] = context is core_forkserver._CONTEXT
 seen["after"] = utils.get_mp_context().get_start_method()
 print(json.dumps(seen))
 """
@@ -133,7 +133,7 @@ def test_the_worker_is_forked_only_when_vllm_binds_it_to_one_core_or_none(monkey
     # after OpenMP has loaded, each of several threads on a core of its own cannot
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    why_not = core_process.fork_worker_or_why_not(_config())
+    why_not = core_forkserver.fork_worker_or_why_not(_config())
     assert (why_not is None) == forked, why_not
     if not forked:
         assert "[[0, 1]]" in why_not
@@ -145,9 +145,9 @@ def test_the_worker_is_forked_only_when_its_preloaded_libraries_are_loaded_here(
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
     gomp = next(Path(torch.__file__).parent.glob("lib/libgomp*.so*"))  # what vLLM preloads; torch loaded it
     monkeypatch.setenv("LD_PRELOAD", str(gomp))
-    assert core_process.fork_worker_or_why_not(_config()) is None
+    assert core_forkserver.fork_worker_or_why_not(_config()) is None
     monkeypatch.setenv("LD_PRELOAD", f"{gomp}:/nowhere/libtcmalloc.so.4")
-    assert "/nowhere/libtcmalloc.so.4 is not loaded" in core_process.fork_worker_or_why_not(_config())
+    assert "/nowhere/libtcmalloc.so.4 is not loaded" in core_forkserver.fork_worker_or_why_not(_config())
 
 
 @pytest.mark.parametrize("environ, cores", [
@@ -157,16 +157,16 @@ def test_the_worker_is_forked_only_when_its_preloaded_libraries_are_loaded_here(
     ({"OMP_NUM_THREADS": "1"}, None),  # not bound
 ])
 def test_a_forked_worker_finds_its_core_where_vllm_put_it_for_openmp(environ, cores):
-    assert core_process._bound_cores(environ) == cores
+    assert core_forkserver._bound_cores(environ) == cores
 
 
 FORKED_WORKER = """
 import json, os, sys
 import torch
-from pipeline.engine import core_process
+from pipeline.engine import core_forkserver
 
 os.environ.update(GOMP_CPU_AFFINITY=sys.argv[1], OMP_NUM_THREADS="1")  # as vLLM's executor sets them
-worker = core_process._FORK.Process(target=lambda: print(json.dumps(
+worker = core_forkserver._FORK.Process(target=lambda: print(json.dumps(
     {"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}), flush=True))
 worker.start()
 worker.join()
@@ -189,17 +189,17 @@ import json, sys
 from types import SimpleNamespace
 import vllm.platforms
 from vllm.v1.executor import multiproc_executor as executor
-from pipeline.engine import core_process
-from tests.unit.test_core_process import _config
+from pipeline.engine import core_forkserver
+from tests.unit.test_core_forkserver import _config
 
 seen = {}
 # vLLM's executor start, reduced to what it asks first: the context it starts its workers with
 executor.MultiprocExecutor._init_executor = lambda self: seen.update(
-    context=executor.get_mp_context().get_start_method(), ours=executor.get_mp_context() is core_process._FORK)
+    context=executor.get_mp_context().get_start_method(), ours=executor.get_mp_context() is core_forkserver._FORK)
 before = executor.get_mp_context
 if sys.argv[1] == "gpu":
     vllm.platforms.current_platform = SimpleNamespace(is_cpu=lambda: False)
-core_process._fork_workers_on_cpu()
+core_forkserver._fork_workers_on_cpu()
 seen["patched"] = executor.get_mp_context is not before
 executor.MultiprocExecutor._init_executor(SimpleNamespace(vllm_config=_config()))
 seen["after"] = executor.get_mp_context().get_start_method()
