@@ -77,7 +77,7 @@ def vllm_args(cfg: EngineConfig) -> dict[str, Any]:
 
     parser = FlexibleArgumentParser(prog="engine.vllm", add_help=False)
     AsyncEngineArgs.add_cli_args(parser)
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    actions = cli_actions(parser)
     parsed: dict[str, Any] = {}
     for key, value in cfg.vllm.items():
         name = key.replace("-", "_")
@@ -102,6 +102,17 @@ def vllm_args(cfg: EngineConfig) -> dict[str, Any]:
     if cfg.resolved_device() == "cpu":
         _cpu_can_run(parsed)
     return parsed
+
+
+def cli_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Each option of `parser` by its destination: what vLLM's engine arguments are, and how each is
+    written on `vllm serve`'s command line.
+
+    PRIVATE INTERNAL: argparse has no public list of a parser's actions (`_actions`), and vLLM adds its
+    engine arguments through argument groups, so they cannot be collected as they are added. The one
+    place this project reads it; tests/unit/test_vllm_args.py fails if the pinned Python or vLLM
+    changes what it holds."""
+    return {a.dest: a for a in parser._actions if a.option_strings}  # private-internal: argparse _actions
 
 
 def _cpu_can_run(parsed: dict[str, Any]) -> None:

@@ -188,22 +188,22 @@ def batch_serving_class() -> type:
 
 
 def validation_error_body(exc: ValidationError) -> dict[str, Any]:
-    """The 400 body vLLM's server answers when FastAPI rejects a request body (same helpers, same text)."""
-    from vllm.entrypoints.serve.exception_handling.handlers import validation as v
-    from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
-    from vllm.exceptions import VLLMValidationError
+    """The 400 body vLLM's server answers when FastAPI rejects a request body: vLLM's own handler
+    (`validation_exception_handler`) builds it, from the errors as FastAPI reports them (under a
+    leading "body" location). The handler awaits nothing, so it runs to its end in one step here, in
+    or out of an event loop; the request it is given holds only what it reads (whether to log)."""
+    import json
+    from types import SimpleNamespace
 
-    # FastAPI reports body errors under a leading "body" location.
+    from fastapi.exceptions import RequestValidationError
+    from vllm.entrypoints.serve.exception_handling.handlers.validation import validation_exception_handler
+
     errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-    param = next((e["ctx"]["error"].parameter for e in errors
-                  if isinstance(e.get("ctx", {}).get("error"), VLLMValidationError)), None)
-    if param is None and errors:
-        param = v.clean_loc_for_param(errors[0]["loc"])
-    count = len(errors)
-    label = "error" if count == 1 else "errors"
-    reported = errors[: v._MAX_REPORTED_ERRORS]
-    message = f"{count} validation {label}:\n" + "".join(f"  {v._format_error(e)}\n" for e in reported)
-    if count > len(reported):
-        message += f"  ...and {count - len(reported)} more {label}\n"
-    return error_body(sanitize_message(message.rstrip()), HTTPStatus.BAD_REQUEST.phrase,
-                      HTTPStatus.BAD_REQUEST.value, param)
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(args=SimpleNamespace(log_error_stack=False))))
+    step = validation_exception_handler(request, RequestValidationError(errors))
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return json.loads(done.value.body)["error"]
+    step.close()
+    raise RuntimeError("vLLM's validation_exception_handler awaited something; answer it in an event loop")

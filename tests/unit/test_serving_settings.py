@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 SETTLE = """
 import gc, json
 from pipeline.engine.completion_engine import GC_YOUNG_THRESHOLD, import_vllm_apart, settle_for_serving
@@ -28,3 +30,19 @@ def test_settling_freezes_the_start_up_heap_collects_less_often_and_caches_vllm_
     assert after["threshold"] == [state["young"], *before["threshold"][1:]]  # only the youngest changes
     assert after["frozen"] > 100_000 > before["frozen"]  # torch's and vLLM's objects, out of the collector's way
     assert after["cached"]
+
+
+def test_a_body_fastapi_would_reject_gets_vllms_own_400_from_its_public_handler():
+    """serving.validation_error_body runs vLLM's `validation_exception_handler` itself (no copy of its
+    private helpers): the message counts and lists the errors, `param` names the first field."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from pipeline.engine.serving import validation_error_body
+
+    with pytest.raises(ValidationError) as caught:
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "max_tokens": "ten", "temperature": "hot"})
+    error = validation_error_body(caught.value)
+    assert (error["type"], error["code"]) == ("Bad Request", 400)
+    assert error["message"].startswith("2 validation errors:\n  {") and "'ten'" in error["message"]
+    assert error["param"] == "body.max_tokens"

@@ -80,3 +80,24 @@ def test_batch_invariant_mode_is_a_gpu_setting_and_part_of_the_outputs_identity(
     gpu_job = JobConfig.model_validate({"input": "in", "output": "out", "engine": {"device": "gpu", "batch_invariant": True}})
     assert gpu_job.identity()["engine"]["batch_invariant"] is True
     assert "batch_invariant" not in JobConfig.model_validate({"input": "in", "output": "out"}).identity()["engine"]
+
+
+def test_the_private_argparse_list_still_holds_every_engine_argument_of_the_pinned_vllm():
+    """engine_args.cli_actions reads argparse's private `_actions` (no public list exists): it must
+    still hold an option for every field of vLLM's engine arguments, each with the dataclass's name."""
+    import argparse
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from pipeline.engine.engine_args import cli_actions
+
+    parser = FlexibleArgumentParser(prog="engine.vllm", add_help=False)
+    AsyncEngineArgs.add_cli_args(parser)
+    actions = cli_actions(parser)
+    assert all(isinstance(a, argparse.Action) and a.option_strings for a in actions.values())
+    fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    assert {"kv_cache_dtype", "quantization", "enable_expert_parallel", "tokenizer"} <= set(actions)
+    assert len(set(actions) & fields) >= 0.9 * len(set(actions)), sorted(set(actions) - fields)
+    assert isinstance(actions["enable_expert_parallel"], argparse.BooleanOptionalAction)
