@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test test-slow bench bench-harness dashboard clean
+.PHONY: setup demo test test-slow bench bench-harness dashboard doc-figures clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ dashboard: setup
 # vLLM's server, this pipeline); bench/results/harness.json, docs/lm-evaluation-harness.md.
 bench-harness: setup
 	$(VENV)/bin/python bench/harness.py
+
+# make doc-figures: rerun the configs whose figures the pages quote (blocks marked
+# <!-- figures: CONFIG PART -->) and rewrite the blocks that differ; see docs/development.md#tests.
+doc-figures: setup
+	$(VENV)/bin/python bench/doc_figures.py
 
 clean:
 	rm -rf output .pytest_cache
