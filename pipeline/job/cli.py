@@ -3,7 +3,9 @@ python -m pipeline eval --config FILE --tasks TASKS [lm_eval's run arguments]
 
 run:       run the batch job, or resume it: shards an earlier run into the same output finished are
            kept. Exit 0 done (also: nothing left to do), 1 failed (some rows have no record),
-           2 bad config, unreadable input, or an output folder of another job.
+           2 bad config, unreadable input (a file without the columns, repeated row keys), or an
+           output folder of another job, 3 failed: more of the run's rows are error records than
+           output.max_error_share (every record written, no _SUCCESS; --redo-errors answers them again).
 validate:  read the whole input and check every row's request without starting an engine.
            Exit 0 every row valid, 1 some rows invalid (a job would record them as errors), 2 as above.
 eval:      lm-evaluation-harness tasks, their requests answered by pipeline jobs (job/evaluate.py);
@@ -19,7 +21,7 @@ import sys
 from pipeline.config import ConfigError, in_ray_job, load_config
 from pipeline.io.plan import InputError
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ERROR_RECORDS = 0, 1, 2, 3
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,11 +39,18 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override any config key, e.g. --set engine.num_actors=2 (repeatable)")
         if name == "run":
+            cmd.add_argument("--redo-errors", action="store_true",
+                             help="answer again the shards of the output that hold error records "
+                                  "(output.redo_errors), e.g. after a run failed for them (exit 3)")
             cmd.add_argument("--validate", action="store_true",
                              help="only validate the input (as the validate command) and exit")
             cmd.add_argument("--verbose", action="store_true",
                              help="show Ray's, Ray Data's and vLLM's output on the terminal too (by default "
                                   "it goes to the job's log file; the summary says where)")
+        if name == "validate":
+            cmd.add_argument("--verbose", action="store_true",
+                             help="show vLLM's output on the terminal too (by default it goes to the log "
+                                  "file; the last line says where)")
     return p
 
 
@@ -76,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, args.overrides, input=args.input, output=args.output)
+        overrides = args.overrides + (["output.redo_errors=true"] if getattr(args, "redo_errors", False) else [])
+        config = load_config(args.config, overrides, input=args.input, output=args.output)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
     if args.command == "validate" or getattr(args, "validate", False):
-        return _validate(config)
+        return _validate(config, args.verbose)
 
     from pipeline.io.outputs import OutputError
     from pipeline.io.storage import StorageError
@@ -110,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         print(render(summary.comparison), flush=True)
     print(f"log: {log_file}" + (f" | engine actors' logs: {ray_logs} (worker-*.out/.err, on each node)"
                                 if ray_logs else ""), flush=True)
-    return EXIT_OK if summary.rows_out == summary.records_expected else EXIT_FAILED
+    if summary.rows_out != summary.records_expected:
+        return EXIT_FAILED
+    return EXIT_ERROR_RECORDS if summary.failure else EXIT_OK
 
 
 def _ray_logs_dir() -> str | None:
@@ -123,17 +135,22 @@ def _ray_logs_dir() -> str | None:
         return None
 
 
-def _validate(config) -> int:
+def _validate(config, verbose: bool = False) -> int:
+    """The validation block on the terminal, as `run` shows its summary: vLLM's and the libraries'
+    lines go to the log file (reporting/console.py), named at the end; `verbose` shows them too."""
     from pipeline.job.validate import validate
 
     from pipeline.io.storage import StorageError
+    from pipeline.reporting import console
 
-    try:
-        report = validate(config)
-    except (ConfigError, InputError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    with console.session(verbose=verbose) as log_file:
+        try:
+            report = validate(config)
+        except (ConfigError, InputError, StorageError) as exc:
+            console.say(f"error: {exc}")
+            return EXIT_BAD_INPUT
     print("\n== validation ==\n" + report.render(), flush=True)
+    print(f"log: {log_file}", flush=True)
     return EXIT_OK if report.valid_rows == report.rows else EXIT_FAILED
 
 

@@ -3,9 +3,10 @@
     python -m pipeline eval --config PIPELINE.yaml --tasks TASKS [any argument of `lm_eval run`]
 
 `--config` is the pipeline's config (model, adapters, engine, cluster, and a sweep); the harness's own
-YAML config, if any, is `--harness_config`. Every other argument goes to the harness's command line as
-it is (`--tasks`, `--include_path`, `--num_fewshot`, `--limit`, `--output_path`, `--log_samples`,
-`--seed`, `--gen_kwargs`, ...), with `--model pipeline` and `--model_args config=...` added. The harness
+YAML config, if any, is `--harness_config`; `--verbose` is the pipeline's, as `run`'s. Every other
+argument goes to the harness's command line as it is (`--tasks`, `--include_path`, `--num_fewshot`,
+`--limit`, `--output_path`, `--log_samples`, `--seed`, `--gen_kwargs`, ...), with `--model pipeline` and
+`--model_args config=...` added. The harness
 has no plugin entry point for models (its registry is a table in its own source), so `lm_eval --model
 pipeline` cannot find the model; this command registers it, then runs `lm_eval run`.
 
@@ -13,10 +14,16 @@ With a sweep, each variant (a model, an adapter, request fields) is evaluated in
 `<output_path>/<variant>/` as the harness writes them, and then the variants are compared per task and
 metric: the mean with its 95% interval and the paired difference from the first variant over the
 documents both scored (evaluation/stats.py), printed and written to `<output_path>/comparison.json`.
+
+The terminal, as `run`'s (reporting/console.py): the evaluation's own lines (each request kind's job,
+its progress), the harness's results table, errors, and at the end where the log file is. The engine
+actors' output (forwarded by Ray), the harness's logging, the `datasets` library's progress bars and
+whatever else is written on stderr go to the log file; `--verbose` shows them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -31,6 +38,7 @@ from pipeline.io import storage
 from pipeline.io.plan import InputError
 from pipeline.job import harness, task_index
 from pipeline.job.harness import MODEL_NAME, job_config, register
+from pipeline.reporting import console
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -44,6 +52,13 @@ def _take(args: list[str], flag: str) -> str | None:
         value = args[at + 1] if at + 1 < len(args) else None
         del args[at:at + 2]
     return value
+
+
+def _take_flag(args: list[str], flag: str) -> bool:
+    """Remove every `flag` (without a value) from args; return whether there was one."""
+    found = flag in args
+    args[:] = [arg for arg in args if arg != flag]
+    return found
 
 
 def _take_model_args(args: list[str]) -> dict[str, str]:
@@ -62,6 +77,7 @@ def _take_model_args(args: list[str]) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     args = list(argv)
+    verbose = _take_flag(args, "--verbose")  # the pipeline's, not lm_eval's (its own is --verbosity)
     config = _take(args, "--config")
     harness_config = _take(args, "--harness_config")
     given = _take_model_args(args)
@@ -88,29 +104,27 @@ def main(argv: list[str]) -> int:
         args.append("--log_samples")
     if harness_config:
         args += ["--config", harness_config]
-    try:  # first: the engines start while the harness imports itself and builds its requests
-        harness.start(job)
-    except (ConfigError, InputError) as exc:  # the model's adapters, engine.vllm: before Ray starts
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    harness.yield_to_engines()
-    try:
-        register()
-        task_index.install()  # the harness's built-in tasks indexed once, not at every evaluation
-        from lm_eval.__main__ import cli_evaluate
-
-        for variant in variants:
-            model_args = {**given, "config": config, "model": variant.name or variant.served_name}
-            if variant.name:
-                model_args["variant"] = variant.name
-                print(f"\n== variant {variant.name}: {variant.served_name} {json.dumps(variant.params)} ==",
-                      flush=True)
-            sys.argv = ["lm_eval", "run", "--model", MODEL_NAME,
-                        "--model_args", ",".join(f"{k}={v}" for k, v in model_args.items()), *args]
-            cli_evaluate()
-    finally:
-        harness.stop()
-    log.info("request records under %s", storage.redact(job.output.path))
+    with console.session(verbose=verbose) as log_file:
+        try:  # first: the engines start while the harness imports itself and builds its requests
+            harness.start(job)
+        except (ConfigError, InputError) as exc:  # the model's adapters, engine.vllm: before Ray starts
+            console.say(f"error: {exc}")
+            return EXIT_BAD_INPUT
+        harness.yield_to_engines()
+        try:
+            register()
+            task_index.install()  # the harness's built-in tasks indexed once, not at every evaluation
+            for variant in variants:
+                model_args = {**given, "config": config, "model": variant.name or variant.served_name}
+                if variant.name:
+                    model_args["variant"] = variant.name
+                    print(f"\n== variant {variant.name}: {variant.served_name} {json.dumps(variant.params)} ==",
+                          flush=True)
+                _lm_eval(["lm_eval", "run", "--model", MODEL_NAME,
+                          "--model_args", ",".join(f"{k}={v}" for k, v in model_args.items()), *args])
+        finally:
+            harness.stop()
+        log.info("request records under %s", storage.redact(job.output.path))
     if sweep:
         lines = compare_variants(Path(output_path), [v.name for v in variants])
         for line, variant in zip(lines, variants):
@@ -121,7 +135,24 @@ def main(argv: list[str]) -> int:
             cost = line["cost"]
             print(f"cost of {line['variant']}: {cost['accelerator_s']:.1f} {cost['accelerator']}-s"
                   + (f", {cost['total']:.4g} {cost['currency']}" if cost["total"] is not None else ""), flush=True)
+    print(f"log: {log_file}", flush=True)
     return EXIT_OK
+
+
+def _lm_eval(argv: list[str]) -> None:
+    """The harness's command line (`lm_eval.__main__.cli_evaluate`) on `argv`, in the session: its
+    logger goes through the session's (the log file; its errors on the terminal too), and a mistake in
+    its arguments is printed on the terminal, where argparse's message would have been."""
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    setup_logging()
+    console.adopt("lm_eval")
+    sys.argv = argv
+    parser = HarnessCLI()
+    with contextlib.redirect_stderr(console.terminal()):
+        parsed = parser.parse_args()
+    parser.execute(parsed)
 
 
 def variant_cost(job: Any, variant: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from pipeline.io import outputs, storage
 from pipeline.io.plan import ROW_KEY
 from pipeline.io.records import response_body
 from pipeline.job.engines import EngineActors
-from pipeline.job.run import run, start_engines
+from pipeline.job.run import ray_started, run, start_engines
 from pipeline.models.tiny_model import resolve_model
 
 log = logging.getLogger(__name__)
@@ -52,17 +52,20 @@ REQUESTS = pa.schema([("id", pa.string()), ("task", pa.string()), ("doc_id", pa.
 
 
 # Engine actors started before the harness (`start`); every job passes them on to run(), which uses
-# them for the shards of their model.
+# them for the shards of their model. `_ray`: whether `start` started Ray (`stop` shuts it down).
 _engines: EngineActors | None = None
+_ray = False
 
 
 def start(job: JobConfig) -> None:
     """Start the engine actors of the evaluation's first variant now: they start their engines while
     the harness imports itself and builds its requests, and answer every request kind (and every
     variant of the same model). Starts Ray: call it from the main thread."""
-    global _engines
+    global _engines, _ray
     first = job.variants()[0]
-    _engines = start_engines(job.model_copy(update={"model": first.model, "sweep": None}))
+    config = job.model_copy(update={"model": first.model, "sweep": None})
+    _ray = not ray_started()
+    _engines = start_engines(config)  # starts Ray as a job does: the actors' output stays in Ray's logs
 
 
 # How far the harness's thread lowers its CPU priority while the engines start (`yield_to_engines`).
@@ -87,11 +90,17 @@ def yield_to_engines() -> None:
 
 
 def stop() -> None:
-    """Stop the engine actors `start` started."""
-    global _engines
+    """Stop the engine actors `start` started, and Ray if it started it (inside the evaluation's
+    session, so that Ray's last lines go to its log file)."""
+    global _engines, _ray
     if _engines is not None:
         _engines.stop()
         _engines = None
+    if _ray:
+        import ray
+
+        ray.shutdown()
+        _ray = False
 
 
 class HarnessError(RuntimeError):

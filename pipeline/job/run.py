@@ -147,6 +147,13 @@ def request_builder(config: JobConfig, input_format: str) -> RequestBuilder:
     return score.request_builder(builder, config.scoring)  # multiple choice: one request per row's choices
 
 
+def ray_started() -> bool:
+    """Whether this process has joined or started Ray already."""
+    import ray
+
+    return ray.is_initialized()
+
+
 def _init_ray(config: JobConfig) -> None:
     import ray
 

@@ -4,6 +4,10 @@ The checks are vLLM's own, run without starting an engine: the request model (ty
 served model name, tokenization and the context length with the model's tokenizer, and the sampling
 parameters (`SamplingParams` and its `verify` against the model config). A row this finds invalid
 would get the same error record from a job.
+
+In a quiet session (`python -m pipeline validate` without `--verbose`, reporting/console.py), vLLM's
+lines go to the log file with the others': its logging is not set up with a handler of its own on the
+terminal, so they reach the session's handlers (its errors are still shown).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pipeline.io.plan import INPUT_ERROR, ROW_KEY
 from pipeline.protocol import BodyError, error_body
 from pipeline.job.run import request_builder
 from pipeline.models.tiny_model import resolve_model
+from pipeline.reporting import console
 
 
 class ValidationReport(BaseModel):
@@ -96,7 +101,17 @@ class RequestChecker:
         self.default_max_tokens = sampling.pop("max_tokens")
         self.served = config.model.resolved_served_name()
         self.adapters = sorted(discover(config.model).paths)  # AdapterError for a bad adapter
-        vllm_config = engine_args(_one_process(config.engine), path, self.served, sampling).create_engine_config()
+        args = engine_args(_one_process(config.engine), path, self.served, sampling)
+        quiet = not console.verbose()
+        if quiet:  # vLLM's logger without its own handler on stdout: its lines go to the session's log file
+            from vllm.config.logging import LoggingConfig
+
+            args.logging_config = LoggingConfig(configure_logging=False)
+        vllm_config = args.create_engine_config()
+        if quiet:  # what vLLM logs once its logging is set up, in the log file too
+            from vllm.platforms import current_platform
+
+            current_platform.log_warnings()
         self.model_config = vllm_config.model_config
         self.context = self.model_config.max_model_len
         self.defaults = self.model_config.get_diff_sampling_param()

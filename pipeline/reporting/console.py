@@ -3,10 +3,12 @@
 By default (`quiet`) the terminal shows the job's own lines: its progress line, what needs the user's
 attention (the pipeline's warnings and errors, anyone's errors) and the summary. Everything else goes
 to the job's log file: Ray's and Ray Data's logs, anything written to the process's stderr (Ray's C++
-core, library warnings, tracebacks that were handled), and the driver's own INFO lines. The engine
-actors' output (vLLM's warnings and start-up lines) stays in Ray's logs, on each node, instead of
-being forwarded to the driver; the summary says where both are. `--verbose` shows everything as Ray
-and vLLM print it, and keeps the log file.
+core, library warnings and progress bars, tracebacks that were handled), and the driver's own INFO
+lines. The engine actors' output (vLLM's warnings and start-up lines) stays in Ray's logs, on each
+node, instead of being forwarded to the driver; the command says where both are. Libraries that print on their own
+(vLLM's and lm-eval's loggers have a handler of their own and do not propagate) are taken into the
+session (`adopt`, or vLLM's `configure_logging=False` in `validate`). `--verbose` shows everything as
+Ray and vLLM print it, and keeps the log file.
 
 How: the process's file descriptor 2 and `sys.stderr` are pointed at the log file for the session (so
 a line written by C++, or by a library holding the old `sys.stderr`, lands there too), and the terminal is reached through a
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_state: dict[str, object] = {"verbose": True, "terminal": None}
+_state: dict[str, object] = {"verbose": True, "terminal": None, "file": None, "adopted": []}
 
 
 def verbose() -> bool:
@@ -83,7 +85,7 @@ def session(verbose: bool = False, path: Path | None = None) -> Iterator[Path]:
         sys.stderr = log
     root.handlers = [to_file, to_term]
     root.setLevel(logging.INFO)
-    _state.update(verbose=verbose, terminal=term)
+    _state.update(verbose=verbose, terminal=term, file=to_file, adopted=[])
     try:
         yield path
     finally:
@@ -92,6 +94,31 @@ def session(verbose: bool = False, path: Path | None = None) -> Iterator[Path]:
         os.dup2(saved_fd, 2)
         os.close(saved_fd)
         root.handlers, root.level = saved_handlers, saved_level
-        _state.update(verbose=True, terminal=None)
+        for logger, handlers, propagate in reversed(_state["adopted"]):  # type: ignore[call-overload]
+            logger.handlers, logger.propagate = handlers, propagate
+        _unhook(log, saved_stderr)
+        _state.update(verbose=True, terminal=None, file=None, adopted=[])
         term.close()
         log.close()
+
+
+def _unhook(log: IO[str], stderr: IO[str]) -> None:
+    """Handlers a library made during the session on `sys.stderr` (the log file) write to stderr
+    after it, not to a closed file."""
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and handler.stream is log:
+                handler.setStream(stderr)
+
+
+def adopt(*names: str) -> None:
+    """In a quiet session, loggers that print on their own (a handler of their own on the terminal,
+    not propagating: lm-eval's) go through the session's handlers instead, like anyone's: the log
+    file, and the terminal for their errors. Call it once the library has set its logging up; the
+    session's end gives them their own back. In a verbose session (or none) they print as they do."""
+    if verbose():
+        return
+    for name in names:
+        logger = logging.getLogger(name)
+        _state["adopted"].append((logger, list(logger.handlers), logger.propagate))  # type: ignore[attr-defined]
+        logger.handlers, logger.propagate = [], True

@@ -206,7 +206,7 @@ def test_body_column_json_and_struct_with_overrides(tmp_path):
 
 def test_jsonl_in_parquet_out_and_parquet_in_jsonl_out(batch, tmp_path):
     _, _, folder = batch
-    run(job({"path": str(folder / "requests.jsonl")}, {"path": str(tmp_path / "pq")}))
+    run(job({"path": str(folder / "requests.jsonl"), "repeated_keys": "keep_first"}, {"path": str(tmp_path / "pq")}))
     rows = {r["row_key"]: r for r in pq.read_table(tmp_path / "pq" / "data").to_pylist()}
     assert len(rows) == len(LINES)
     assert rows["ok-3"]["url"] == "/v1/completions" and json.loads(rows["ok-3"]["body"])["max_tokens"] == 3
