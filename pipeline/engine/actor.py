@@ -26,7 +26,7 @@ from pipeline.io.records import VARIANT_PARAMS, result_arrays
 from pipeline.io.tally import Tally
 from pipeline.models import adapters
 from pipeline.models.tiny_model import resolve_model
-from pipeline.protocol import BodyError, RequestBuilder, completion_id, error_body
+from pipeline.protocol import BodyError, completion_id, error_body
 
 log = logging.getLogger(__name__)
 # what each call returns: a line per shard (its rows, or why it has no records)

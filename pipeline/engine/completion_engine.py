@@ -29,8 +29,8 @@ from pipeline.engine import core_forkserver, cpu_binding, token_text
 from pipeline.engine.engine_args import engine_args
 from pipeline.engine.pool import executor, parallel
 from pipeline.engine.prompt_tokens import Key, PromptTokens
-from pipeline.engine.serving import (batch_request_class, batch_serving_class, naming_param, param_in_body,
-                                     validation_error_body)
+from pipeline.engine.serving import (batch_request_class, batch_serving_class, naming_param, online_renderer,
+                                     param_in_body, validation_error_body)
 from pipeline.models.adapters import AdapterError, AdapterSet
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,6 @@ class CompletionEngine:
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
         from vllm.entrypoints.openai.models.protocol import BaseModelPath, LoRAModulePath
         from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-        from vllm.renderers.online_renderer import OnlineRenderer
         from vllm.v1.engine.async_llm import AsyncLLM
 
         t0 = time.monotonic()
@@ -134,9 +133,7 @@ class CompletionEngine:
         models = OpenAIServingModels(engine_client=engine,
                                      base_model_paths=[BaseModelPath(name=served_name, model_path=model_path)],
                                      lora_modules=lora_modules or None)
-        renderer = OnlineRenderer(model_config=engine.model_config, renderer=engine.renderer,
-                                  request_logger=None, chat_template=None,
-                                  chat_template_content_format="auto")
+        renderer = online_renderer(engine.model_config, engine.renderer)
         serving = batch_serving_class()(engine, models, online_renderer=renderer, request_logger=None)
         serving.create_error_response = naming_param(serving.create_error_response)
         token_text.install()  # each token's text in logprobs decoded once per process, not per position

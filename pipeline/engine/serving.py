@@ -11,7 +11,7 @@ from typing import Any, Callable
 from pydantic import PrivateAttr, ValidationError, model_validator
 
 from pipeline.models.adapters import unknown_model_message
-from pipeline.protocol import REQUEST_FIELDS, error_body
+from pipeline.protocol import REQUEST_FIELDS
 
 
 def naming_param(create_error_response: Callable[..., Any]) -> Callable[..., Any]:
@@ -207,3 +207,11 @@ def validation_error_body(exc: ValidationError) -> dict[str, Any]:
         return json.loads(done.value.body)["error"]
     step.close()
     raise RuntimeError("vLLM's validation_exception_handler awaited something; answer it in an event loop")
+
+def online_renderer(model_config: Any, renderer: Any) -> Any:
+    """vLLM's OpenAI-layer renderer over an engine's (or, for `validate`, a stand-alone) renderer, as
+    the completion endpoint builds it: no request logger, no chat template."""
+    from vllm.renderers.online_renderer import OnlineRenderer
+
+    return OnlineRenderer(model_config=model_config, renderer=renderer, request_logger=None, chat_template=None,
+                          chat_template_content_format="auto")

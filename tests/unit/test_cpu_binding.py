@@ -81,7 +81,7 @@ def test_cpu_workers_of_one_engine_split_its_cores(monkeypatch):
     """vLLM binds each CPU worker (TP x PP rank) to a NUMA node and stops with fewer nodes than workers;
     the actor gives each worker a share of its cores instead (VLLM_CPU_OMP_THREADS_BIND)."""
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.setattr(cores, "_ALL", {0, 1, 2, 3, 4})
+    monkeypatch.setattr(cpu_binding, "_ALL", {0, 1, 2, 3, 4})
     cpu_binding.bind_workers(1)
     assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # one worker: vLLM's own binding
     cpu_binding.bind_workers(2)
