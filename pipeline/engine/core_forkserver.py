@@ -230,7 +230,9 @@ def _fork_workers_on_cpu() -> None:
     if not (hasattr(multiproc_executor, "get_mp_context") and hasattr(executor, "_init_executor")):
         return  # another vLLM than the one this was written for (0.32): its own spawn
     vllm_context = multiproc_executor.get_mp_context
-    vllm_init = executor._init_executor
+    # PRIVATE INTERNAL: vLLM 0.32 has no public hook where its executor starts its workers; tests/unit/
+    # test_core_forkserver.py fails if the pinned vLLM changes it (and without it, vLLM's own spawn stays)
+    vllm_init = executor._init_executor  # private-internal: vLLM MultiprocExecutor._init_executor
     forking = False  # while an executor that forks its workers starts them
 
     def context() -> multiprocessing.context.BaseContext:
@@ -249,4 +251,4 @@ def _fork_workers_on_cpu() -> None:
             forking = False
 
     multiproc_executor.get_mp_context = context
-    executor._init_executor = init_executor
+    executor._init_executor = init_executor  # private-internal: vLLM MultiprocExecutor._init_executor

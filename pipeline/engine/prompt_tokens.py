@@ -36,8 +36,10 @@ class PromptTokens:
         self._ids: dict[Key, list[list[int]]] = defaultdict(list)
         self.taken = 0  # prompts the renderer took from a batch
         self.missed = 0  # prompts the renderer tokenized itself
-        self._tokenize_one: Callable[..., Any] = renderer._tokenize_prompt_async
-        renderer._tokenize_prompt_async = self._tokenize_prompt_async
+        # PRIVATE INTERNAL: the renderer's one-prompt tokenizer is where a prompt tokenized ahead is taken;
+        # vLLM 0.32 has no public hook there. tests/unit/test_records.py fails if the pinned vLLM changes it.
+        self._tokenize_one: Callable[..., Any] = renderer._tokenize_prompt_async  # private-internal: vLLM renderer _tokenize_prompt_async
+        renderer._tokenize_prompt_async = self._tokenize_prompt_async  # private-internal: vLLM renderer _tokenize_prompt_async
 
     def add(self, requests: Iterable[Any]) -> list[Key]:
         """Tokenize the text prompts of validated requests, grouped by their encode arguments, in one

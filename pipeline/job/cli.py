@@ -54,25 +54,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def exit_now(code: int) -> None:
-    """End the process as `sys.exit(code)` does, less the interpreter's teardown: wait for the
-    threads that are not daemons, run the exit handlers (Ray's shutdown, logging's flush), flush the
-    standard streams, then exit. Tearing down the modules and objects of a process that has imported
-    the harness, torch and Ray took 2 s on the 2-core development machine after `pipeline eval` had
-    written its results; nothing is left for it to do. Only for the command line
-    (`python -m pipeline`), never in a process that goes on."""
-    import atexit
-    import os
-    import threading
+_exit_code: list[int] = []  # set by exit_now: the code the last exit handler ends the process with
 
-    threading._shutdown()  # noqa: SLF001 - what the interpreter does first at exit
-    atexit._run_exitfuncs()  # noqa: SLF001 - then this
+
+def skip_teardown() -> None:
+    """Let `exit_now` end the process without the interpreter's teardown. Call it first thing, before
+    anything registers an exit handler: the handler it registers then runs last (they run in reverse),
+    after the interpreter has waited for the threads that are not daemons and run every later handler
+    (Ray's shutdown); it flushes logging and the standard streams and ends the process there. Tearing
+    down the modules and objects of a process that has imported the harness, torch and Ray took 2 s on
+    the 2-core development machine after `pipeline eval` had written its results, with nothing left to
+    do. Only for the command line (`python -m pipeline`), never in a process that goes on. Public API
+    only: atexit's order and os._exit."""
+    import atexit
+
+    atexit.register(_end_without_teardown)
+
+
+def _end_without_teardown() -> None:
+    import os
+
+    if not _exit_code:  # an exception, or sys.exit from elsewhere: the interpreter's own ending
+        return
+    logging.shutdown()  # registered before this handler: it would run after it
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (AttributeError, OSError, ValueError):  # closed or replaced: nothing to flush
             pass
-    os._exit(int(code or 0))
+    os._exit(_exit_code[0])
+
+
+def exit_now(code: int | None) -> None:
+    """End the process as `sys.exit(code)` does; after `skip_teardown`, without the interpreter's
+    teardown."""
+    _exit_code.append(int(code or 0))
+    sys.exit(_exit_code[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.io.outputs import OutputError
     from pipeline.io.storage import StorageError
-    from pipeline.job.run import run
+    from pipeline.job.run import ray_logs_dir, run
     from pipeline.reporting import console
 
     with console.session(verbose=args.verbose) as log_file:
@@ -111,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.reporting import metrics
 
             metrics.flush()  # the job's last figures reach the cluster's metrics agent
-        ray_logs = _ray_logs_dir()
+        ray_logs = ray_logs_dir()
         ray.shutdown()  # flush the actors' logs first, so the summary is the last thing printed
     print("\n== job summary ==\n" + summary.render(), flush=True)
     if summary.comparison:
@@ -123,16 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     if summary.rows_out != summary.records_expected:
         return EXIT_FAILED
     return EXIT_ERROR_RECORDS if summary.failure else EXIT_OK
-
-
-def _ray_logs_dir() -> str | None:
-    """Ray's log folder of this session on the driver's node (each node has its own)."""
-    try:
-        from ray._private.worker import _global_node
-
-        return _global_node.get_logs_dir_path() if _global_node is not None else None
-    except Exception:  # noqa: BLE001 - a hint, not a result
-        return None
 
 
 def _validate(config, verbose: bool = False) -> int:

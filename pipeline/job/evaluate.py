@@ -23,7 +23,6 @@ whatever else is written on stderr go to the log file; `--verbose` shows them al
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
@@ -142,17 +141,24 @@ def main(argv: list[str]) -> int:
 def _lm_eval(argv: list[str]) -> None:
     """The harness's command line (`lm_eval.__main__.cli_evaluate`) on `argv`, in the session: its
     logger goes through the session's (the log file; its errors on the terminal too), and a mistake in
-    its arguments is printed on the terminal, where argparse's message would have been."""
-    from lm_eval._cli import HarnessCLI
+    its arguments is printed on the terminal, where argparse's message would have been (argparse's
+    documented hook for that, `ArgumentParser.error`, for the call)."""
+    import argparse
+    from unittest import mock
+
+    from lm_eval.__main__ import cli_evaluate
     from lm_eval.utils import setup_logging
 
-    setup_logging()
+    def error_on_terminal(parser: argparse.ArgumentParser, message: str) -> None:
+        parser.print_usage(console.terminal())
+        console.say(f"{parser.prog}: error: {message}")
+        sys.exit(2)
+
+    setup_logging()  # lm-eval's logger set up once (cli_evaluate's call then does nothing), then adopted
     console.adopt("lm_eval")
     sys.argv = argv
-    parser = HarnessCLI()
-    with contextlib.redirect_stderr(console.terminal()):
-        parsed = parser.parse_args()
-    parser.execute(parsed)
+    with mock.patch.object(argparse.ArgumentParser, "error", error_on_terminal):
+        cli_evaluate()
 
 
 def variant_cost(job: Any, variant: str) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from pipeline.reporting.progress import snapshot as progress_snapshot
 from pipeline.reporting.summary import JobSummary, summarize
 
 log = logging.getLogger(__name__)
+_ray_session: dict[str, str] = {}  # the Ray session this process started or joined (`_init_ray`)
 
 
 def run(config: JobConfig, engines: EngineActors | None = None,
@@ -163,9 +164,15 @@ def _init_ray(config: JobConfig) -> None:
     # quiet (the command line's default): the actors' output stays in Ray's logs (reporting/console.py)
     forward = console.verbose()
     if address is None:  # never a cluster another `ray start` left
-        ray.init(address="local", include_dashboard=False, log_to_driver=forward)
+        context = ray.init(address="local", include_dashboard=False, log_to_driver=forward)
     else:
-        ray.init(address=address, log_to_driver=forward)
+        context = ray.init(address=address, log_to_driver=forward)
+    _ray_session["dir"] = context.address_info.get("session_dir") or ""
+
+
+def ray_logs_dir() -> str | None:
+    """Ray's log folder of the session this process started or joined (each node has its own)."""
+    return f"{_ray_session['dir']}/logs" if _ray_session.get("dir") else None
 
 
 def _record_schema(config: JobConfig, plan: InputPlan) -> pa.Schema:

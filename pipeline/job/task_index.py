@@ -78,7 +78,9 @@ def install() -> None:
     import lm_eval.tasks
 
     try:
-        from lm_eval.tasks._index import TaskIndex  # lm-eval 0.4.13's; another harness indexes as it does
+        # PRIVATE INTERNAL (lm-eval 0.4.13's TaskIndex, in a private module): a harness without it indexes
+        # its tasks itself; tests/unit/test_task_index.py holds both.
+        from lm_eval.tasks._index import TaskIndex  # private-internal: lm_eval.tasks._index
         build = TaskIndex.build
     except (ImportError, AttributeError):
         log.info("this lm-eval has no TaskIndex.build; its tasks are indexed at every evaluation")

@@ -110,3 +110,47 @@ def test_every_test_path_the_package_names_exists():
     assert named, "the package names no test path: the check would be empty"
     missing = sorted(f"{module}: {path}" for module, path in named if not (PACKAGE.parent / path).exists())
     assert missing == [], missing
+
+
+# Each private internal of another package the pipeline reads: where, and the test that fails when the
+# pinned version changes it. Every use carries a `# private-internal:` comment; nothing else reaches in.
+PRIVATE_INTERNALS = {
+    "pipeline.engine.core_forkserver": ("vLLM MultiprocExecutor._init_executor", "tests/unit/test_core_forkserver.py"),
+    "pipeline.engine.prompt_tokens": ("vLLM renderer _tokenize_prompt_async", "tests/unit/test_records.py"),
+    "pipeline.engine.engine_args": ("argparse _actions", "tests/unit/test_vllm_args.py"),
+    "pipeline.reporting.metrics": ("ray Counter._record", "tests/unit/test_vllm_metrics.py"),
+    "pipeline.job.task_index": ("lm_eval.tasks._index", "tests/unit/test_task_index.py"),
+}
+
+
+PUBLIC_UNDERSCORED = {"os._exit", "sys._getframe"}  # documented API, named with an underscore
+OURS = {"supervisor._gate"}  # the pipeline's own objects, held in a local name
+
+
+def _reaching_in(path: Path) -> list[int]:
+    """Lines that reach into another package's private name: `module._name` (a module or parser held in
+    a name), or an import from a private module (`from lm_eval._cli import ...`)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                and isinstance(node.value, ast.Name) and node.value.id not in ("self", "cls") \
+                and f"{node.value.id}.{node.attr}" not in PUBLIC_UNDERSCORED | OURS:
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] != "pipeline" \
+                and any(part.startswith("_") and not part.startswith("__") for part in node.module.split(".")):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_private_internals_are_the_marked_few_each_with_its_test():
+    found: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text().splitlines()
+        for number in _reaching_in(path):
+            found.setdefault(module_name(path), []).append(source[number - 1].strip())
+    for module, lines in found.items():
+        assert module in PRIVATE_INTERNALS, f"{module} reaches into a private internal: {lines}"
+        assert all("# private-internal: " + PRIVATE_INTERNALS[module][0] in line for line in lines), lines
+    assert set(found) == set(PRIVATE_INTERNALS), sorted(set(PRIVATE_INTERNALS) - set(found))
+    for _, test in PRIVATE_INTERNALS.values():
+        assert "private" in (PACKAGE.parent / test).read_text()

@@ -123,13 +123,22 @@ def test_an_evaluation_with_a_bad_engine_argument_stops_before_ray(tmp_path):
 
 
 def test_the_command_line_exits_with_its_code_after_its_threads_exit_handlers_and_output(tmp_path):
-    """`python -m pipeline` ends without the interpreter's teardown (cli.exit_now), and nothing is lost:
-    a thread still running is waited for, exit handlers run, buffered output is written."""
+    """`python -m pipeline` ends without the interpreter's teardown (cli.skip_teardown, cli.exit_now), and
+    nothing is lost: a thread still running is waited for, exit handlers run, buffered output is written,
+    logging is flushed; the modules are not torn down (an object's __del__ at teardown never runs)."""
     script = tmp_path / "exits.py"
     script.write_text(f"""
-import atexit, sys, threading, time
+import atexit, logging, sys, threading, time
 from pathlib import Path
-from pipeline.job.cli import exit_now
+from pipeline.job.cli import exit_now, skip_teardown
+skip_teardown()
+
+class TornDown:
+    def __del__(self):
+        Path({str(tmp_path / "teardown")!r}).write_text("ran")
+
+kept = TornDown()
+logging.basicConfig(filename={str(tmp_path / "log")!r})
 
 def late():
     time.sleep(0.5)
@@ -139,6 +148,7 @@ threading.Thread(target=late).start()
 atexit.register(lambda: Path({str(tmp_path / "atexit")!r}).write_text("ran"))
 sys.stdout.write("buffered, no newline")
 sys.stderr.write("to stderr")
+logging.getLogger().warning("logged")
 exit_now(3)
 print("never")
 """)
@@ -146,3 +156,4 @@ print("never")
     assert result.returncode == 3
     assert result.stdout == "buffered, no newline" and result.stderr == "to stderr"
     assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"
+    assert "logged" in (tmp_path / "log").read_text() and not (tmp_path / "teardown").exists()

@@ -223,3 +223,15 @@ def test_what_the_engine_core_asks_of_vllms_executor_by_device_and_binding(devic
     assert seen["context"] == context and seen["ours"] == (context == "fork")
     assert seen["patched"] == (device == "cpu")
     assert seen["after"] == "spawn"  # outside an executor's start, vLLM's own context
+
+
+def test_the_private_executor_hook_the_worker_fork_wraps_is_still_vllms():
+    """core_forkserver wraps vLLM's private MultiprocExecutor._init_executor and get_mp_context: with
+    the pinned vLLM both are there, and _init_executor still starts the workers through the context."""
+    import inspect
+
+    from vllm.v1.executor import multiproc_executor
+
+    assert callable(multiproc_executor.get_mp_context)
+    source = inspect.getsource(multiproc_executor.MultiprocExecutor._init_executor)
+    assert "get_mp_context" in source or "WorkerProc.make_worker_process" in source

@@ -32,3 +32,16 @@ def test_output_schema_appends_result_columns_and_rejects_clashes():
     assert schema.names == ["prompt", "id", "response", "error"]
     with pytest.raises(ValueError, match="rename"):
         output_schema(pa.schema([("prompt", pa.string()), ("error", pa.string())]))
+
+
+def test_the_private_renderer_tokenizer_prompt_tokens_replaces_is_still_vllms():
+    """prompt_tokens.PromptTokens replaces vLLM's private per-prompt tokenizer of the renderer
+    (`_tokenize_prompt_async`): with the pinned vLLM the renderer still makes it in its constructor and
+    awaits it for each text prompt."""
+    import inspect
+
+    from vllm.renderers import base
+
+    source = inspect.getsource(base)
+    assert "self._tokenize_prompt_async = make_async(" in source
+    assert "await self._tokenize_prompt_async(prompt, params)" in source

@@ -1,4 +1,4 @@
-"""The harness's index of its built-in tasks, kept between evaluations (job/task_index.py): the cached
+"""The harness reads lm-eval's private TaskIndex (tests of the private internal, task_index.py). The harness's index of its built-in tasks, kept between evaluations (job/task_index.py): the cached
 index is the one the harness builds, it is built again when a YAML file changes, is added or is
 damaged, and `--include_path` folders are indexed every time and still override built-in names."""
 
@@ -87,3 +87,4 @@ def test_a_harness_without_that_index_indexes_its_tasks_itself(monkeypatch):
     monkeypatch.delattr(index_module, "TaskIndex")
     task_index.install()  # no error: the evaluation goes on, the harness indexes as it does
     assert task_index._installed is False  # noqa: SLF001
+
