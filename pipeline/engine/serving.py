@@ -4,13 +4,10 @@ Validation, defaults, sampling, stop handling, logprobs, echo and usage stay the
 
 from __future__ import annotations
 
-import functools
-from http import HTTPStatus
 from typing import Any, Callable
 
-from pydantic import PrivateAttr, ValidationError, model_validator
+from pydantic import ValidationError
 
-from pipeline.models.adapters import unknown_model_message
 from pipeline.protocol import REQUEST_FIELDS
 
 
@@ -69,120 +66,18 @@ def param_in_body(error: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]
     return error
 
 
-@functools.cache
 def batch_request_class() -> type:
-    """vLLM's CompletionRequest, with the spec's meaning of an omitted `max_tokens`.
-
-    vLLM's server turns an omitted or null max_tokens into 16. The spec's default is 1024, and the
-    product's rule is min(default, context length - prompt tokens), never a context-length error for
-    a value the user did not ask for. vLLM's scheduling (`get_max_tokens`) already takes that
-    minimum; only the tokenizer-side check must not see the default as a request.
-    """
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    from vllm.exceptions import VLLMValidationError
-    from vllm.sampling_params import StructuredOutputsParams
-
-    class _PlainValidationError(VLLMValidationError):
-        def __str__(self) -> str:  # the message alone, as the server words this error
-            return Exception.__str__(self)
-
-    class BatchCompletionRequest(CompletionRequest):
-        _max_tokens_defaulted: bool = PrivateAttr(False)
-
-        @model_validator(mode="before")
-        @classmethod
-        def _structured_outputs_is_an_object(cls, data: Any) -> Any:
-            # The server's own before-check calls `.get` on it and so answers a string or a list with
-            # a 500 AttributeError; the type check proper comes later, too late to prevent that.
-            value = data.get("structured_outputs") if isinstance(data, dict) else None
-            if value is not None and not isinstance(value, (dict, StructuredOutputsParams)):
-                raise VLLMValidationError(
-                    f"structured_outputs must be an object (e.g. {{\"regex\": \"...\"}}), not "
-                    f"{type(value).__name__}", parameter="structured_outputs")
-            return data
-
-        @model_validator(mode="after")
-        def _no_echo_with_stream(self) -> "BatchCompletionRequest":
-            # NIM documents that echo and stream cannot be combined; the pinned server allows it.
-            if self.echo and self.stream:
-                raise VLLMValidationError("echo is not supported with stream; set one of them to false.",
-                                          parameter="echo", value=True)
-            return self
-
-        @model_validator(mode="after")
-        def _no_empty_prompts(self) -> "BatchCompletionRequest":
-            # The pinned server accepts [""] (a BOS-only prompt); the spec's rule is a non-empty list
-            # of non-empty strings.
-            if isinstance(self.prompt, list):
-                if not self.prompt:  # the server's words, with `param` naming the field
-                    raise _PlainValidationError("You must pass at least one prompt", parameter="prompt")
-                empty = [i for i, p in enumerate(self.prompt) if isinstance(p, str) and not p]
-                if empty:
-                    raise VLLMValidationError(
-                        f"prompt must not contain empty strings (empty at index {empty[0]}).",
-                        parameter="prompt", value="")
-            return self
-
-        def use_default_max_tokens(self, default: int) -> None:
-            self.max_tokens = default
-            self._max_tokens_defaulted = True
-
-        def build_tok_params(self, model_config: Any) -> Any:
-            if not self._max_tokens_defaulted:
-                return super().build_tok_params(model_config)
-            requested, self.max_tokens = self.max_tokens, None
-            try:
-                return super().build_tok_params(model_config)
-            finally:
-                self.max_tokens = requested
+    """vLLM's CompletionRequest with the spec's meaning of an omitted `max_tokens`
+    (batch_serving.BatchCompletionRequest; imported when asked for: it imports vLLM)."""
+    from pipeline.engine.batch_serving import BatchCompletionRequest
 
     return BatchCompletionRequest
 
 
-@functools.cache
 def batch_serving_class() -> type:
-    """vLLM's completion handler, rejecting an explicit max_tokens that does not fit the context.
-
-    The pinned server silently shortens such a request to the context left; the product's rule
-    (completions-semantics.md, which wins where the server and NIM's documents disagree) is a 400.
-    An omitted max_tokens is a default and is still shortened, never rejected.
-    """
-    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
-    from vllm.exceptions import VLLMValidationError
-
-    class BatchServingCompletion(OpenAIServingCompletion):
-        async def _check_model(self, request: Any) -> Any:
-            error = await super()._check_model(request)
-            adapters = list(self.models.lora_requests)
-            if error is not None and error.error.code == HTTPStatus.NOT_FOUND and adapters:
-                # The server lists only the base model; the product lists what a row may name.
-                error.error.message = unknown_model_message(request.model, self.models.model_name(), adapters)
-            return error
-
-        async def render_completion_request(self, request: Any) -> Any:
-            inputs = await super().render_completion_request(request)
-            if isinstance(inputs, list):
-                lengths = [self._extract_prompt_len(engine_input) for engine_input in inputs]
-                problem = self.context_error(request, lengths, self.model_config.max_model_len)
-                if problem is not None:
-                    return self.create_error_response(problem)
-            return inputs
-
-        @staticmethod
-        def context_error(request: Any, prompt_lengths: list[int], context: int) -> Exception | None:
-            """The 400 for an explicit max_tokens that does not fit beside a prompt, else None."""
-            if getattr(request, "_max_tokens_defaulted", False) or not request.max_tokens:
-                return None
-            for prompt_len in prompt_lengths:
-                if prompt_len + request.max_tokens > context:
-                    return VLLMValidationError(
-                        f"You passed {prompt_len} input tokens and requested {request.max_tokens} "
-                        f"output tokens. However, the model's context length is only {context} "
-                        f"tokens, resulting in a maximum input length of "
-                        f"{max(context - request.max_tokens, 0)} tokens. Please reduce the length of "
-                        "the input prompt or the number of requested output tokens.",
-                        parameter="max_tokens", value=request.max_tokens)
-            return None
+    """vLLM's completion handler, rejecting an explicit max_tokens that does not fit the context
+    (batch_serving.BatchServingCompletion; imported when asked for: it imports vLLM)."""
+    from pipeline.engine.batch_serving import BatchServingCompletion
 
     return BatchServingCompletion
 

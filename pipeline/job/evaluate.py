@@ -36,7 +36,7 @@ from pipeline.evaluation.stats import paired_difference, summarize
 from pipeline.io import storage
 from pipeline.io.plan import InputError
 from pipeline.job import harness, task_index
-from pipeline.job.harness import MODEL_NAME, job_config, register
+from pipeline.job.harness import MODEL_NAME, job_config
 from pipeline.reporting import console
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ def main(argv: list[str]) -> int:
             return EXIT_BAD_INPUT
         harness.yield_to_engines()
         try:
+            from pipeline.job.harness_model import register  # imports lm_eval's model classes
+
             register()
             task_index.install()  # the harness's built-in tasks indexed once, not at every evaluation
             for variant in variants:

@@ -42,7 +42,7 @@ def harness(tmp_path_factory, run_job):  # run_job: the session's Ray, shut down
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "data"))
     from make_harness_tasks import make
 
-    from pipeline.job.harness import register
+    from pipeline.job.harness_model import register
 
     folder = tmp_path_factory.mktemp("harness")
     include_path = make(folder / "tasks")
