@@ -44,7 +44,7 @@ dashboard: setup
 # make bench-harness: lm-evaluation-harness tasks three ways (its vLLM backend, its API backend against
 # vLLM's server, this pipeline); bench/results/harness.json, docs/lm-evaluation-harness.md.
 bench-harness: setup
-	$(VENV)/bin/python bench/harness.py
+	$(VENV)/bin/python bench/harness_speed.py
 
 # make doc-figures: rerun the configs whose figures the pages quote (blocks marked
 # <!-- figures: CONFIG PART -->) and rewrite the blocks that differ; see docs/development.md#tests.

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import Variant
-from pipeline.engine import core_forkserver, pool, vllm_metrics
+from pipeline.engine import core_forkserver, sizing, vllm_metrics
 from pipeline.engine.completion_engine import CompletionEngine
 from pipeline.engine.supervisor import EngineSupervisor, EngineUnavailable, Row
 from pipeline.engine.work import EngineJob, ShardWork
@@ -52,7 +52,7 @@ class EngineActor:
     """A Ray Data actor hosting one vLLM engine. Each call is one shard: read, answer, write.
 
     All of a shard's rows go into the engine at once, and the actor works on several shards together
-    (`pool.shards_at_once`: enough to hold `engine.rows_in_flight` rows), so the engine stays full
+    (`sizing.shards_at_once`: enough to hold `engine.rows_in_flight` rows), so the engine stays full
     whatever the shard size and across shard boundaries.
 
     A row's failure stays the row's: anything that goes wrong building, answering or recording one row
@@ -89,7 +89,7 @@ class EngineActor:
         self._node = context.get_node_id()
         self._meter_id = f"{context.get_actor_id()[:8]}.{os.getpid()}"
         self._meter = job.meter(self._meter_id, self._node)
-        self._hardware = pool.hardware(config.engine)  # what its engines run on, for the summary
+        self._hardware = sizing.hardware(config.engine)  # what its engines run on, for the summary
         engine = config.engine
         self._supervisor = EngineSupervisor(self._start_engine(), self._start_engine, row_retries=engine.row_retries,
                                             retry_backoff_s=engine.retry_backoff_s,
@@ -111,7 +111,7 @@ class EngineActor:
         self._score = job.score
 
     async def answer_for(self, key: str, job: EngineJob, batch: pa.Table) -> pa.Table:
-        """A call of an actor that outlives its jobs (job/engines.py): as Ray Data's call, for the job
+        """A call of an actor that outlives its jobs (job/early_engines.py): as Ray Data's call, for the job
         `key`. The first call of a job takes the job (same model and engine, its own input, output and
         meter); the engine stays. An actor Ray restarted is constructed with its first job again, and
         takes the job the same way."""

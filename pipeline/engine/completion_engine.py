@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from pipeline.config import EngineConfig
 from pipeline.engine import core_forkserver, cpu_binding, token_text
 from pipeline.engine.engine_args import engine_args
-from pipeline.engine.pool import executor, parallel
+from pipeline.engine.sizing import executor, parallel
 from pipeline.engine.prompt_tokens import Key, PromptTokens
 from pipeline.engine.serving import (batch_request_class, batch_serving_class, naming_param, online_renderer,
                                      param_in_body, validation_error_body)

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from pipeline.config import ConfigError, EngineConfig
-from pipeline.engine.pool import executor
+from pipeline.engine.sizing import executor
 from pipeline.models.adapters import AdapterError, AdapterSet
 
 
@@ -160,7 +160,7 @@ def engine_args(cfg: EngineConfig, model_path: str, served_name: str, defaults: 
 
     extra: dict[str, Any] = lora_args(cfg, adapters)
     chosen = executor(cfg)
-    if chosen is not None:  # a GPU engine over pipeline stages: vLLM's Ray executor (pool.py)
+    if chosen is not None:  # a GPU engine over pipeline stages: vLLM's Ray executor (sizing.py)
         extra["distributed_executor_backend"] = chosen
     if cfg.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = cfg.max_num_batched_tokens

@@ -1,8 +1,8 @@
 """Evaluation: each record scored against its row's reference answer (the records' `score` column),
 and a sweep's comparison of its variants.
 
-Its modules: score.py (the entry points below), text.py, multiple_choice.py, stats.py and compare.py;
-the `scoring` section itself is config/scoring.py. The flow calls score.py at two points, both set up
+Its modules: record_scores.py (the entry points below), text.py, multiple_choice.py, stats.py and compare.py;
+the `scoring` section itself is config/scoring.py. The flow calls record_scores.py at two points, both set up
 from the job's `scoring` section:
   - `request_builder` wraps the row -> body builder: a multiple-choice row becomes one request for the
     log-likelihood of each of its choices (multiple_choice.py), in the job's request builder;

@@ -8,7 +8,7 @@ run:       run the batch job, or resume it: shards an earlier run into the same 
            output.max_error_share (every record written, no _SUCCESS; --redo-errors answers them again).
 validate:  read the whole input and check every row's request without starting an engine.
            Exit 0 every row valid, 1 some rows invalid (a job would record them as errors), 2 as above.
-eval:      lm-evaluation-harness tasks, their requests answered by pipeline jobs (job/evaluate.py);
+eval:      lm-evaluation-harness tasks, their requests answered by pipeline jobs (job/eval_command.py);
            every other argument is lm_eval's own (--tasks, --num_fewshot, --limit, --output_path, ...).
 """
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv[:1] == ["eval"]:
-        from pipeline.job.evaluate import main as evaluate
+        from pipeline.job.eval_command import main as evaluate
 
         return evaluate(argv[1:])
     args = parser().parse_args(argv)

@@ -18,7 +18,7 @@ against vLLM's server, while the requests and answers are records like any job's
 The digest is of the requests themselves, so a stopped evaluation run again with the same arguments
 finds its records and resumes (only the shards not yet written run), and a finished one re-reads them.
 
-`python -m pipeline eval` (evaluate.py) starts the engine actors (`start`: they start their engines
+`python -m pipeline eval` (eval_command.py) starts the engine actors (`start`: they start their engines
 while the harness builds its requests, and answer all its jobs), registers this model with the
 harness and runs the harness's own command line.
 """
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError, JobConfig, OutputConfig, Variant, load_config
 from pipeline.io import outputs, storage
 from pipeline.io.plan import ROW_KEY
-from pipeline.job.engines import EngineActors
+from pipeline.job.early_engines import EarlyEngines
 from pipeline.job.run import ray_started, start_engines
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ REQUESTS = pa.schema([("id", pa.string()), ("task", pa.string()), ("doc_id", pa.
 
 # Engine actors started before the harness (`start`); every job passes them on to run(), which uses
 # them for the shards of their model. `_ray`: whether `start` started Ray (`stop` shuts it down).
-_engines: EngineActors | None = None
+_engines: EarlyEngines | None = None
 _ray = False
 
 
@@ -83,7 +83,7 @@ def yield_to_engines() -> None:
         pass
 
 
-def started_engines() -> EngineActors | None:
+def started_engines() -> EarlyEngines | None:
     """The engine actors `start` started (None: none; each job starts its own)."""
     return _engines
 

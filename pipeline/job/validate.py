@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from pipeline.io.plan import plan_input
 from pipeline.io.read import python_rows, read_shard
 from pipeline.config import JobConfig
-from pipeline.engine import engine_args, pool
+from pipeline.engine import engine_args, sizing
 from pipeline.engine.request_checker import RequestChecker
 from pipeline.io.plan import INPUT_ERROR, ROW_KEY
 from pipeline.protocol import BodyError
@@ -132,7 +132,7 @@ def validate(config: JobConfig, examples_per_error: int = 3) -> ValidationReport
     errors: Counter[str] = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
     prompt_lengths: list[int] = []
-    report = ValidationReport(input=config.input.path, vllm_args=vllm, engines=pool.describe(config.engine))
+    report = ValidationReport(input=config.input.path, vllm_args=vllm, engines=sizing.describe(config.engine))
     for row in _checked(*prepared):
         report.rows += 1
         if row.error is None:

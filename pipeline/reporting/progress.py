@@ -40,7 +40,7 @@ class EngineUse(BaseModel):
     completion_tokens: int = 0
     busy_s: float = Field(0.0, description="Time with at least one row in the engine.")
     hardware: dict[str, Any] = Field(default_factory=dict, description=(
-        "What it ran on: GPU model and count, or CPU model and cores (pipeline/engine/pool.py)."))
+        "What it ran on: GPU model and count, or CPU model and cores (pipeline/engine/sizing.py)."))
     alive_s: float = Field(0.0, description="Time from its start-up's end to its end (or the job's).")
     busy_share: float = Field(0.0, description="busy_s / alive_s.")
 

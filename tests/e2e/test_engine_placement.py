@@ -1,10 +1,10 @@
 """A GPU engine over pipeline stages reserves its placement group on a real two-node Ray cluster.
 
 No GPU here: each node declares two logical GPUs (`ray start --num-gpus 2`), which is all Ray's
-scheduler sees. The job's own `ray_remote_args_fn` (pipeline/engine/pool.py) makes the group as Ray
+scheduler sees. The job's own `ray_remote_args_fn` (pipeline/engine/sizing.py) makes the group as Ray
 Data would call it for an engine actor; an actor placed with it, and a task it starts (as vLLM's Ray
 executor starts its workers), run inside the group. vLLM itself is not started (its Ray executor needs a
-GPU platform): tests/unit/test_pool.py checks what the engine asks of vLLM.
+GPU platform): tests/unit/test_sizing.py checks what the engine asks of vLLM.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from pipeline.config import EngineConfig
-from pipeline.engine import pool
+from pipeline.engine import sizing
 from tests.ray_cluster import RayCluster
 
 pytestmark = pytest.mark.slow  # two `ray start` nodes
@@ -25,11 +25,11 @@ PROBE = r"""
 import json, sys
 import ray
 from pipeline.config import EngineConfig
-from pipeline.engine import pool
+from pipeline.engine import sizing
 
 ray.init(address=sys.argv[1])
 engine = EngineConfig(device="gpu", tensor_parallel_size=2, vllm={"pipeline_parallel_size": 2})
-asked = pool.actor_resources(engine)
+asked = sizing.actor_resources(engine)
 options = asked.pop("ray_remote_args_fn")()
 group = options["scheduling_strategy"].placement_group
 ray.get(group.ready(), timeout=120)
@@ -60,7 +60,7 @@ print(json.dumps({"asked": asked, "group": group.id.hex(), "strategy": table["st
 
 def test_tp2_x_pp2_engine_packs_a_tp_group_per_node_and_its_workers_run_inside(tmp_path):
     engine = EngineConfig(device="gpu", tensor_parallel_size=2, vllm={"pipeline_parallel_size": 2})
-    assert pool.placement(engine) == {"bundles": [{"GPU": 1, "CPU": 1}] * 4, "strategy": "PACK"}
+    assert sizing.placement(engine) == {"bundles": [{"GPU": 1, "CPU": 1}] * 4, "strategy": "PACK"}
     cluster = RayCluster()
     try:
         cluster.start_head(cpus=2, gpus=2)

@@ -1,4 +1,4 @@
-"""Engine actors that outlive one job (job/engines.py): started before their jobs, kept across them,
+"""Engine actors that outlive one job (job/early_engines.py): started before their jobs, kept across them,
 on the session's local Ray with the real CPU engine."""
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def test_requests_are_records_and_a_stopped_evaluation_resumes(harness):
 
 
 def test_a_sweep_evaluates_each_variant_and_compares_them_per_task_and_metric(harness, monkeypatch):
-    from pipeline.job.evaluate import main
+    from pipeline.job.eval_command import main
 
     folder, include_path, _, _ = harness
     config = folder / "sweep.yaml"

@@ -112,7 +112,7 @@ def test_a_python_without_the_dependencies_says_how_to_start_ray():
 
 
 def test_an_evaluation_with_a_bad_engine_argument_stops_before_ray(tmp_path):
-    """`pipeline eval` starts its engines first thing (job/engines.py): what a job checks before Ray
+    """`pipeline eval` starts its engines first thing (job/early_engines.py): what a job checks before Ray
     starts is checked before those engines start."""
     config = tmp_path / "eval.yaml"
     config.write_text("output: out\nmodel:\n  path: builtin:tiny-llama\nengine:\n  device: cpu\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.engine import pool
+from pipeline.engine import sizing
 from pipeline.engine.engine_args import engine_args, vllm_args
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "gpu"
@@ -22,8 +22,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "gpu"
 def test_each_gpu_example_loads_parses_and_reserves_what_it_says(name, describes, resources):
     config = load_config(str(EXAMPLES / name), [])
     text = (EXAMPLES / name).read_text()
-    assert pool.describe(config.engine).startswith(describes)
-    asked = pool.actor_resources(config.engine)
+    assert sizing.describe(config.engine).startswith(describes)
+    asked = sizing.actor_resources(config.engine)
     asked.pop("ray_remote_args_fn", None)
     assert asked == resources
     assert vllm_args(config.engine)  # each shows an engine.vllm argument, accepted by vLLM's parser
@@ -31,7 +31,7 @@ def test_each_gpu_example_loads_parses_and_reserves_what_it_says(name, describes
     assert args.tensor_parallel_size == config.engine.tensor_parallel_size
     if "pipeline_parallel_size" in text:
         assert args.pipeline_parallel_size == 2 and args.distributed_executor_backend == "ray"
-        assert len(pool.placement(config.engine)["bundles"]) == 16
-        assert pool.accelerators(config.engine) == (16.0, "GPU")  # its cost counts every GPU it holds
+        assert len(sizing.placement(config.engine)["bundles"]) == 16
+        assert sizing.accelerators(config.engine) == (16.0, "GPU")  # its cost counts every GPU it holds
     assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == sorted(
         ["70b-tp8-node.yaml", "405b-tp8-pp2-two-nodes.yaml", "many-small-engines.yaml"])

@@ -16,7 +16,7 @@ from pipeline.protocol import BodyError, RequestBuilder
 from pipeline.io.records import result_arrays
 from pipeline.config.scoring import ScoringConfig
 from pipeline.evaluation.multiple_choice import LoglikelihoodRequests, choice_score, continuation_logprob, norm_length
-from pipeline.evaluation.score import request_builder, score_column, score_schema
+from pipeline.evaluation.record_scores import request_builder, score_column, score_schema
 from pipeline.evaluation.stats import paired_difference, summarize, wilson
 
 

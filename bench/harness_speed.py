@@ -1,7 +1,7 @@
 """lm-evaluation-harness tasks end to end, three ways, on one CPU engine with the same model and settings.
 
-    .venv/bin/python bench/harness.py                          # all tasks, contenders a, b, c, 3 rounds
-    .venv/bin/python bench/harness.py --tasks tiny_choice --contenders a c --rounds 5
+    .venv/bin/python bench/harness_speed.py                          # all tasks, contenders a, b, c, 3 rounds
+    .venv/bin/python bench/harness_speed.py --tasks tiny_choice --contenders a c --rounds 5
 
   a  the harness's own vLLM backend, `lm_eval --model vllm`: one process, one engine (`simple_evaluate`
      with model "vllm" and the same engine arguments as c's engine).

@@ -5,7 +5,7 @@ them (Ray starting the actor's process, the actor importing vLLM, vLLM starting 
 on the 2-core development machine). An evaluation knows its model and engine long before its first
 job: the harness first imports itself and builds every request (prompts, few-shot examples,
 tokenizing), which takes about as long. `python -m pipeline eval` therefore starts the engine actors
-first (`EngineActors.start`), and its jobs (one per request kind, run(..., engines=...)) hand their
+first (`EarlyEngines.start`), and its jobs (one per request kind, run(..., engines=...)) hand their
 shards to those actors instead of starting Ray Data's: the engine starts while the harness works, and
 once for all request kinds and the variants of one model.
 
@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from pipeline.config import JobConfig
-from pipeline.engine import pool
+from pipeline.engine import sizing
 from pipeline.engine.actor import EngineActor
 from pipeline.engine.work import EngineJob, ShardWork
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 RUNTIME_ENV = {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "false", "RAY_worker_niceness": "0"}}
 
 
-class EngineActors:
+class EarlyEngines:
     """`engine.num_actors` engine actors of one model (the lower bound of an elastic range)."""
 
     def __init__(self, config: JobConfig, actors: list[Any]) -> None:
@@ -48,13 +48,13 @@ class EngineActors:
         self._used = False
 
     @classmethod
-    def start(cls, job: EngineJob) -> "EngineActors":
+    def start(cls, job: EngineJob) -> "EarlyEngines":
         """Create the actors (Ray must be up); returns at once, while they start their engines.
         `job`: what they answer until a job of their own comes (run.py's `start_engines`)."""
         import ray
 
         config = job.config
-        resources = pool.actor_resources(config.engine)
+        resources = sizing.actor_resources(config.engine)
         placement = resources.pop("ray_remote_args_fn", None)  # a placement group per actor (GPU layouts)
         actor = ray.remote(EngineActor)
         actors = [actor.options(**resources, **(placement() if placement else {}), runtime_env=RUNTIME_ENV,
