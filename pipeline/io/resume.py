@@ -66,6 +66,9 @@ def resume_state(config: JobConfig, plan: InputPlan, done: set[str]) -> ResumeSt
         outputs.forget(config.output, redo)
         done = done - redo
     pending = [i for i in items if i.out not in done]
+    if pending:
+        log.info("%d of %d shards to run (%d rows, %d per shard); %d done by earlier runs", len(pending), len(items),
+                 sum(i.shard.rows for i in pending), config.output.rows_per_file, len(items) - len(pending))
     last_failure = None if pending else outputs.last_failure(config.output.path)
     nothing_to_do = not pending and (outputs.is_complete(config.output.path) or last_failure is not None)
     return ResumeState(items, pending, changed, nothing_to_do, last_failure)

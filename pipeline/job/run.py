@@ -107,9 +107,7 @@ def _answer(config: JobConfig, plan: InputPlan, schema: pa.Schema, groups: list[
     if not groups:
         return []
     outputs.unmark(config.output.path)
-    pending = [i for g in groups for i in g]
-    job_rows = sum(i.shard.rows for i in pending)
-    log.info("%d shards to run (%d rows, %d per shard)", len(pending), job_rows, config.output.rows_per_file)
+    job_rows = sum(i.shard.rows for g in groups for i in g)
     runs, answered = [], 0
     for group in groups:
         runs.append(_run_items(config.model_copy(update={"model": group[0].variant.model}), plan, group, schema,

@@ -35,8 +35,22 @@ group = options["scheduling_strategy"].placement_group
 ray.get(group.ready(), timeout=120)
 
 
+@ray.remote(num_cpus=0)
+class Barrier:  # the four workers hold their GPUs together, as vLLM's do: none reuses a bundle another left
+    def __init__(self):
+        import asyncio
+        self.arrived, self.all = 0, asyncio.Event()
+
+    async def arrive(self):
+        self.arrived += 1
+        if self.arrived == 4:
+            self.all.set()
+        await self.all.wait()
+
+
 @ray.remote
-def worker_node():  # as vLLM's Ray executor places a worker: a GPU of a bundle of the actor's group
+def worker_node(barrier):  # as vLLM's Ray executor places a worker: a GPU of a bundle of the actor's group
+    ray.get(barrier.arrive.remote(), timeout=120)
     return ray.get_runtime_context().get_node_id()
 
 
@@ -44,7 +58,8 @@ def worker_node():  # as vLLM's Ray executor places a worker: a GPU of a bundle 
 class Engine:
     def where(self):
         current = ray.util.get_current_placement_group()
-        gpus = [worker_node.options(num_gpus=1, num_cpus=0).remote() for _ in range(4)]
+        barrier = Barrier.remote()
+        gpus = [worker_node.options(num_gpus=1, num_cpus=0).remote(barrier) for _ in range(4)]
         return {"node": ray.get_runtime_context().get_node_id(), "actor_group": current.id.hex() if current else None,
                 "workers": sorted(ray.get(gpus, timeout=120))}
 
