@@ -236,14 +236,10 @@ def _plan_parquet(config: InputConfig, fs: pafs.FileSystem, root: str, infos: li
 def _find_repeated_ids(plan: InputPlan) -> None:
     """Rows whose `input.id_column` value an earlier row has (across files, in order): they become error
     records, as repeated custom_ids do, so that every row key names one record. Reads that column only."""
-    import pyarrow.parquet as pq
-
-    column, ids = plan.config.id_column, _CustomIds()
+    ids = _CustomIds()
     for file in plan.files:
-        with plan.filesystem.open_input_file(file.path) as handle:
-            values = pq.ParquetFile(handle).read(columns=[column]).column(0).to_pylist()
-        for value in values:
-            ids.add_key(None if value is None else str(value))
+        for key in _row_keys_of(plan, file):
+            ids.add_key(key)
     for file, duplicates in zip(plan.files, ids.repeated([f.rows for f in plan.files])):
         file.duplicates = duplicates
 
