@@ -139,6 +139,15 @@ class EngineConfig(Strict):
         "its kernels are Triton's, and vLLM's CPU build fails its first step with it "
         "(docs/observability.md#determinism)."))
 
+    pool: str | None = Field(None, description=(
+        "A standing engine pool's name (`python -m pipeline engines start --name NAME`): its engines answer "
+        "this job instead of engines of the job's own, so the job answers its first row in seconds "
+        "(docs/engine-pools.md). Its model, adapters, engine settings and request defaults must be the "
+        "job's (`num_actors`, `rows_in_flight` and `shards_in_flight` are the job's own)."))
+    if_no_pool: Literal["stop", "own_engines"] = Field("stop", description=(
+        "When `pool` names no running pool: `stop` (exit 2 before any row is sent) or `own_engines` "
+        "(the job starts engines of its own, as without `pool`)."))
+
     @model_validator(mode="after")
     def _batch_invariant_needs_a_gpu(self) -> "EngineConfig":
         if self.batch_invariant and self.resolved_device() == "cpu":

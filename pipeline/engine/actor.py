@@ -44,6 +44,12 @@ class _Retries:
     failed: int = 0
 
 
+# Every engine actor's, Ray Data's too (run.py):
+# - the actor stops its engine itself (Ray's default kills its child processes first);
+# - it runs at the driver's CPU priority, not Ray's nice 15 for workers (which vLLM's processes
+#   inherit), as Ray starts its own job supervisor: on a machine it shares with the driver, the
+#   driver's work took the CPU the engine was starting with (docs/performance.md, item 7).
+RUNTIME_ENV = {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "false", "RAY_worker_niceness": "0"}}
 SHARD_TRIES = 3  # reading or writing a shard: tries before the shard is reported failed
 STATS_WAIT_S = 10.0  # a shard's last figures: how long to wait for the job's stats actor to take them
 
@@ -80,8 +86,8 @@ class EngineActor:
             core_forkserver.start()  # first: it imports vLLM for the engine core while this process does
         import ray
 
-        self._take_job(job)
-        self._job_key: str | None = None  # the job it answers for, if it outlives its jobs (answer_for)
+        self._config = config  # the model, engine and defaults its engines are built from
+        self._served_name = job.builder.served_name
         self._model_path = resolve_model(config.model.path)
         self._adapters = adapters.localize(adapters.discover(config.model))  # remote ones copied here
         context = ray.get_runtime_context()
@@ -89,6 +95,12 @@ class EngineActor:
         self._node = context.get_node_id()
         self._meter_id = f"{context.get_actor_id()[:8]}.{os.getpid()}"
         self._meter = job.meter(self._meter_id, self._node)
+        self._own = _JobOnActor(job, self._meter)  # the job it was constructed with (Ray Data's calls)
+        self._guests: dict[str, _JobOnActor] = {}  # jobs it answers besides (answer_for), by key
+        self._running: dict[tuple[str, str], asyncio.Future] = {}  # (output, shard) -> its call, any job's
+        self._started_at = time.time()
+        self._jobs_served = 0
+        self._last_call_at = self._started_at  # the end of the last call of a job that outlives it
         self._hardware = sizing.hardware(config.engine)  # what its engines run on, for the summary
         engine = config.engine
         self._supervisor = EngineSupervisor(self._start_engine(), self._start_engine, row_retries=engine.row_retries,
@@ -102,31 +114,55 @@ class EngineActor:
         # stopped at its end, besides `stop` (an actor that outlives its jobs).
         atexit.register(self._supervisor.shutdown)
 
-    def _take_job(self, job: EngineJob) -> None:
-        self._config = job.config
-        self._plan = job.plan
-        self._builder = job.builder
-        self._schema = job.schema
-        self._variants = job.variants
-        self._score = job.score
-
     async def answer_for(self, key: str, job: EngineJob, batch: pa.Table) -> pa.Table:
-        """A call of an actor that outlives its jobs (job/early_engines.py): as Ray Data's call, for the job
-        `key`. The first call of a job takes the job (same model and engine, its own input, output and
-        meter); the engine stays. An actor Ray restarted is constructed with its first job again, and
-        takes the job the same way."""
-        if key != self._job_key:
-            self._take_job(job)
-            previous, self._meter = self._meter, job.meter(self._meter_id, self._node)
-            previous.stop()
-            # the job's figures count this engine from now: its stats (and cost) are the job's own
-            self._meter.engine_started(self._supervisor.engine.startup_s, self._hardware, counted=False)
-            self._supervisor.use_meter(self._meter)
-            self._job_key = key
-        return await self(batch)
+        """A call of an actor that outlives its jobs (job/early_engines.py, pool/): as Ray Data's call,
+        for the job `key`, which has the actor's model and engine and its own input, output and meter.
+        Several jobs' calls run at once; the engine's busy time is split between the jobs with rows in
+        it (their meters share the actor's). An actor Ray restarted is constructed with the job it was
+        created for, and takes the later jobs the same way."""
+        guest = self._guests.get(key)
+        if guest is None:
+            self._forget_idle_guests()
+            self._jobs_served += 1
+            guest = self._guests[key] = _JobOnActor(job, job.meter(self._meter_id, self._node, share=self._meter))
+            # the job's figures count this engine from now; its engine time is its share of the busy time
+            guest.meter.engine_started(self._supervisor.engine.startup_s, self._hardware, counted=False,
+                                       pool=job.pool)
+        guest.calls += 1
+        try:
+            return await self._calls(guest, batch)
+        finally:
+            guest.calls -= 1
+            guest.last_call_at = self._last_call_at = time.time()
+
+    def forget(self, key: str) -> None:
+        """The job `key` has ended: its meter stops."""
+        guest = self._guests.pop(key, None)
+        if guest is not None:
+            guest.meter.stop()
+
+    def _forget_idle_guests(self) -> None:
+        """Keep the last KEPT_JOBS jobs without calls in flight (a job that ended without saying so)."""
+        idle = sorted((g.last_call_at, k) for k, g in self._guests.items() if g.calls == 0)
+        for _, key in idle[:max(0, len(idle) - KEPT_JOBS)]:
+            self.forget(key)
+
+    async def status(self) -> dict[str, Any]:
+        """What `engines status` shows of this actor: its engine, how busy, the jobs it served."""
+        now = time.time()
+        calls = sum(g.calls for g in self._guests.values()) + self._own.calls
+        last = max(self._last_call_at, self._own.last_call_at)
+        alive = max(now - self._started_at, 1e-9)
+        return {"engine": self._meter.engine_id, "node": self._node, "model": self._served_name,
+                "pid": os.getpid(), "busy_share": round(min(self._meter.busy_s() / alive, 1.0), 4),
+                "jobs_served": self._jobs_served, "shards_in_flight": calls,
+                "idle_s": 0.0 if calls else round(now - last, 1), "alive_s": round(alive, 1),
+                "engine_alive": not self._supervisor.engine.errored}
 
     def stop(self) -> None:
         """Stop the engine (an actor that outlives its jobs, before it is killed)."""
+        for key in list(self._guests):
+            self.forget(key)
         self._meter.stop()
         self._supervisor.shutdown()
 
@@ -137,7 +173,7 @@ class EngineActor:
         for attempt in range(self._config.engine.row_retries + 1):
             try:
                 engine = CompletionEngine.start(
-                    self._config.engine, self._model_path, self._builder.served_name,
+                    self._config.engine, self._model_path, self._served_name,
                     self._config.defaults.sampling_defaults(), self._adapters,
                     stat_loggers=self._stat_loggers())
                 break
@@ -147,6 +183,8 @@ class EngineActor:
                 log.warning("the vLLM engine failed while starting (%s: %s); starting it again", type(exc).__name__, exc)
                 time.sleep(self._config.engine.retry_backoff_s * 2 ** attempt)
         self._meter.engine_started(engine.startup_s, self._hardware)
+        for guest in self._guests.values():  # the jobs answered now count the new engine (and its start-up)
+            guest.meter.engine_started(engine.startup_s, self._hardware, pool=guest.job.pool)
         return engine
 
     def _stat_loggers(self) -> tuple[type, ...]:
@@ -155,13 +193,22 @@ class EngineActor:
         return (vllm_metrics.stat_logger(tags),) if tags else ()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray Data's call: the shards of the job the actor was constructed with."""
+        self._own.calls += 1
+        try:
+            return await self._calls(self._own, batch)
+        finally:
+            self._own.calls -= 1
+            self._own.last_call_at = time.time()
+
+    async def _calls(self, job: "_JobOnActor", batch: pa.Table) -> pa.Table:
         done = []
         for row in batch.to_pylist():
             work = ShardWork.from_row(row)
-            shard, variant, out = work.shard, work.variant, work.out
+            out = work.out
             started = time.time()
             try:
-                rows, tally = await self._shard(shard, variant, out)
+                rows, tally = await self._shard_once(job, work)
                 failure = None
             except (ShardFailed, EngineUnavailable) as exc:
                 rows, tally, failure = 0, None, str(exc)
@@ -169,37 +216,56 @@ class EngineActor:
                 log.exception("shard %s failed", out)
                 rows, tally, failure = 0, None, f"{type(exc).__name__}: {exc} (a bug: please report it)"
             done.append({"shard": out, "rows": rows, "seconds": time.time() - started, "error": failure,
-                         "engine": self._meter.engine_id, "node": self._node,
+                         "engine": job.meter.engine_id, "node": self._node,
                          "tally": tally.model_dump_json() if tally is not None else None})
         return pa.Table.from_pylist(done, schema=SHARD_DONE)
 
-    async def _shard(self, shard: Shard, variant: str, out: str) -> tuple[int, Tally | None]:
+    async def _shard_once(self, job: "_JobOnActor", work: ShardWork) -> tuple[int, Tally | None]:
+        """`_shard`, once on this actor: a call for a shard whose call is still running (a job rerun on a
+        pool while its killed driver's calls go on) waits for that call and writes nothing itself."""
+        where = (job.job.config.output.path, work.out)
+        running = self._running.get(where)
+        if running is not None:
+            await asyncio.shield(running)
+            return 0, None
+        call = self._running[where] = asyncio.ensure_future(self._shard(job, work.shard, work.variant, work.out))
+        try:
+            return await asyncio.shield(call)
+        finally:
+            if call.done():
+                self._running.pop(where, None)
+            else:  # this caller was cancelled: the shard goes on for whoever waits on it
+                call.add_done_callback(lambda _: self._running.pop(where, None))
+
+    async def _shard(self, on: "_JobOnActor", shard: Shard, variant: str, out: str) -> tuple[int, Tally | None]:
         """Answer and write one shard; returns its rows and tally (0 and None if an earlier attempt wrote
         it already)."""
-        if await asyncio.to_thread(outputs.shard_written, self._config.output, out):
+        job = on.job
+        if await asyncio.to_thread(outputs.shard_written, job.config.output, out):
             return 0, None  # Ray Data ran this shard again (its result was lost with a node): it is done
         await self._supervisor.load_adapters()  # an adapter that does not load fails its shards, not rows
         started = time.time()
-        self._meter.shard_started(out)
-        table = await self._with_retries(f"reading shard {out} of {shard.file}", read_shard, self._plan, shard)
+        on.meter.shard_started(out)
+        table = await self._with_retries(job, f"reading shard {out} of {shard.file}", read_shard, job.plan, shard)
         problems = table.column(INPUT_ERROR).to_pylist()
         keys = table.column(ROW_KEY).to_pylist()
         rows = python_rows(table.drop_columns([INPUT_ERROR]), problems)
         retries = _Retries()
-        params = self._variants[variant].params
-        bodies = [self._body(key, row, problem, self._variants[variant])
+        params = job.variants[variant].params
+        bodies = [self._body(job, key, row, problem, job.variants[variant])
                   for key, row, problem in zip(keys, rows, problems)]
-        answers = await self._answers(list(zip(keys, bodies)), retries)
+        answers = await self._answers(on, list(zip(keys, bodies)), retries)
         response, error = result_arrays(answers)
         records = table.append_column("response", response).append_column("error", error)
-        records = self._score(records)  # a scored job's `score` column
-        if VARIANT_PARAMS in self._schema.names:
+        records = job.score(records)  # a scored job's `score` column
+        if VARIANT_PARAMS in job.schema.names:
             records = records.append_column(VARIANT_PARAMS, pa.array([json.dumps(params)] * len(keys), pa.string()))
-        records = records.select(self._schema.names).cast(self._schema)
+        records = records.select(job.schema.names).cast(job.schema)
         tally = Tally.of_records(records, **asdict(retries), intervals=[[started, time.time()]])
         tally.source = shard.source  # the input file as it was: a rerun compares it
-        await self._with_retries(f"writing shard {out}", outputs.write_shard, self._config.output, out, records, tally)
-        sent = self._meter.beat()
+        await self._with_retries(job, f"writing shard {out}", outputs.write_shard, job.config.output, out, records,
+                                 tally)
+        sent = on.meter.beat()
         if sent is not None:  # the job's stats hold this shard's rows before its result reaches the driver
             try:
                 await asyncio.wait_for(asyncio.wrap_future(sent.future()), STATS_WAIT_S)
@@ -207,7 +273,7 @@ class EngineActor:
                 log.debug("the job's stats actor did not take shard %s's figures", out, exc_info=True)
         return shard.rows, tally
 
-    async def _answers(self, rows: list[tuple[str, Any]], retries: _Retries) -> list[tuple[dict | None, dict | None]]:
+    async def _answers(self, on: "_JobOnActor", rows: list[tuple[str, Any]], retries: _Retries) -> list[tuple[dict | None, dict | None]]:
         """Each row's (response, error), in order. The rows go into the engine a chunk at a time: each
         chunk is validated and its prompts tokenized as one batch in a thread (not row by row in the
         event loop) while the chunks before it are answered, so the engine starts on a shard's first
@@ -219,36 +285,37 @@ class EngineActor:
                 chunk = rows[start:start + chunk_rows]
                 engine = self._supervisor.engine
                 prepared = await asyncio.to_thread(engine.prepare, [b for _, b in chunk if isinstance(b, dict)])
-                chunks.append(asyncio.ensure_future(self._answer_chunk(engine, chunk, prepared, retries)))
+                chunks.append(asyncio.ensure_future(self._answer_chunk(on, engine, chunk, prepared, retries)))
             return [answer for chunk in await asyncio.gather(*chunks) for answer in chunk]
         finally:
             for pending in chunks:  # none left running when something raised
                 pending.cancel()
 
-    async def _answer_chunk(self, engine: Any, chunk: list[tuple[str, Any]], prepared: Any,
+    async def _answer_chunk(self, on: "_JobOnActor", engine: Any, chunk: list[tuple[str, Any]], prepared: Any,
                             retries: _Retries) -> list[tuple[dict | None, dict | None]]:
         requests = iter(prepared.requests)
         try:
             return await asyncio.gather(*(
-                self._answer(key, Row(body, next(requests), engine), retries) if isinstance(body, dict)
+                self._answer(on, key, Row(body, next(requests), engine, meter=on.meter), retries)
+                if isinstance(body, dict)
                 else _answered_already(body)
                 for key, body in chunk))
         finally:
             engine.release(prepared)
 
-    def _body(self, key: str, row: dict[str, Any] | None, problem: dict | None,
+    def _body(self, job: EngineJob, key: str, row: dict[str, Any] | None, problem: dict | None,
               variant: Variant) -> dict[str, Any] | tuple[dict | None, dict | None]:
         """The row's request body, or its (response, error) when it has none."""
         if problem is not None:
             return None, problem
         try:
-            return {**self._builder.body(row, variant.served_name), **variant.params}
+            return {**job.builder.body(row, variant.served_name), **variant.params}
         except BodyError as exc:
             return None, exc.error
         except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not fail the shard
             return None, _pipeline_bug_record(key, exc)
 
-    async def _answer(self, key: str, row: Row, retries: _Retries) -> tuple[dict | None, dict | None]:
+    async def _answer(self, on: "_JobOnActor", key: str, row: Row, retries: _Retries) -> tuple[dict | None, dict | None]:
         """The row's (response, error); whatever goes wrong with this row stays this row's."""
         try:
             answer, retried = await self._supervisor.answer(row)
@@ -260,21 +327,21 @@ class EngineActor:
                     retries.recovered += 1
             if answer.response is not None:
                 answer.response["id"] = completion_id(key, row.body)
-                self._meter.answered(answer.response["usage"]["completion_tokens"])
+                on.meter.answered(answer.response["usage"]["completion_tokens"])
             return answer.response, answer.error
         except EngineUnavailable:
             raise  # no engine: the shard fails, and a rerun answers its rows
         except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not fail the shard
             return None, _pipeline_bug_record(key, exc)
 
-    async def _with_retries(self, what: str, fn: Any, *args: Any) -> Any:
+    async def _with_retries(self, job: EngineJob, what: str, fn: Any, *args: Any) -> Any:
         """Run a shard-wide step in a thread, `SHARD_TRIES` times with backoff; raise ShardFailed."""
         for attempt in range(SHARD_TRIES):
             try:
                 return await asyncio.to_thread(fn, *args)
             except Exception as exc:  # noqa: BLE001 - storage errors come in every type
                 message = f"{type(exc).__name__}: {exc}"
-                for uri in (self._config.input.path, self._config.output.path):
+                for uri in (job.config.input.path, job.config.output.path):
                     message = message.replace(uri, storage.redact(uri))
                 if attempt == SHARD_TRIES - 1:
                     raise ShardFailed(f"{what} failed {SHARD_TRIES} times, the last with {message}") from exc
@@ -292,6 +359,19 @@ def _pipeline_bug_record(key: str, exc: Exception) -> dict[str, Any]:
     return error_body(f"the pipeline failed while answering this row ({type(exc).__name__}: {exc}); the other "
                       "rows were answered. This is a bug: please report it with the row.",
                       "InternalServerError", 500)
+
+
+KEPT_JOBS = 4  # jobs without calls in flight an actor keeps (their meters) until they say they ended
+
+
+@dataclass(eq=False)
+class _JobOnActor:
+    """A job as one actor answers it: what the job handed it, the job's meter here, its calls."""
+
+    job: EngineJob
+    meter: Any
+    calls: int = 0  # in flight
+    last_call_at: float = 0.0
 
 
 class ShardFailed(RuntimeError):

@@ -52,6 +52,7 @@ class Row:
     last_death: str = ""
     verdict: asyncio.Future | None = None  # while a suspect: its answer, from the isolation runs
     convicted: bool = False  # it killed an engine it was alone in: its answer is the 500 that says so
+    meter: Any = None  # its job's meter on this actor (an actor that answers several jobs); None: the actor's
 
 
 _DIED = object()  # a try's outcome: the engine died while the row was in it
@@ -172,7 +173,8 @@ class EngineSupervisor:
         settled = asyncio.get_running_loop().create_future()
         task.add_done_callback(lambda t: _settle(settled, t))
         self._in_engine[task] = (row, settled)
-        self._meter.enter()
+        meter = row.meter if row is not None and row.meter is not None else self._meter
+        meter.enter()
         try:
             return await settled
         except EngineDeadError as exc:
@@ -185,7 +187,7 @@ class EngineSupervisor:
             task.cancel()  # the row itself was cancelled (its shard failed): nothing is left running
             raise
         finally:
-            self._meter.leave()
+            meter.leave()
             self._in_engine.pop(task, None)
 
     # --- deaths ------------------------------------------------------------------------------------
@@ -323,10 +325,6 @@ class EngineSupervisor:
 
     def shutdown(self) -> None:
         _quietly_shut_down(self.engine)
-
-    def use_meter(self, meter: Any) -> None:
-        """Count the engine work from now with `meter` (an actor that took another job)."""
-        self._meter = meter
 
 
 class _SharedEntry:

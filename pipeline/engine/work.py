@@ -24,7 +24,8 @@ class EngineJob:
     schema: pa.Schema | None  # the records' Arrow schema (None: actors started before their job)
     variants: dict[str, Variant]  # by name: the sweep's request fields, which beat the row's
     score: Callable[[pa.Table], pa.Table]  # adds a scored job's `score` column (or returns the records)
-    meter: Callable[[str, str], Any]  # meter(engine_id, node): counts the engine's work for the job
+    meter: Callable[..., Any]  # meter(engine_id, node[, share=]): counts the engine's work for the job
+    pool: str = ""  # the standing pool whose engines answer it (pool/): its engine time is its share of theirs
 
 
 @dataclass(frozen=True)

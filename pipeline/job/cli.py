@@ -1,5 +1,6 @@
 """python -m pipeline {run,validate} --config FILE [--input PATH] [--output PATH] [--set KEY=VALUE]
 python -m pipeline eval --config FILE --tasks TASKS [lm_eval's run arguments]
+python -m pipeline engines {start,status,stop} ...   (standing engine pools: job/engines_command.py)
 
 run:       run the batch job, or resume it: shards an earlier run into the same output finished are
            kept. Exit 0 done (also: nothing left to do), 1 failed (some rows have no record),
@@ -30,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("eval", help="lm-evaluation-harness tasks answered by the pipeline (lm_eval's arguments)",
                    add_help=False)
+    sub.add_parser("engines", help="standing engine pools: engines start|status|stop (docs/engine-pools.md)",
+                   add_help=False)
     for name, help_ in (("run", "run a batch completion job"),
                         ("validate", "check every row's request without starting an engine")):
         cmd = sub.add_parser(name, help=help_)
@@ -42,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
             cmd.add_argument("--redo-errors", action="store_true",
                              help="answer again the shards of the output that hold error records "
                                   "(output.redo_errors), e.g. after a run failed for them (exit 3)")
+            cmd.add_argument("--pool", metavar="NAME",
+                             help="answer with the engines of the standing pool NAME (engine.pool)")
             cmd.add_argument("--validate", action="store_true",
                              help="only validate the input (as the validate command) and exit")
             cmd.add_argument("--verbose", action="store_true",
@@ -95,6 +100,10 @@ def exit_now(code: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv[:1] == ["engines"]:
+        from pipeline.job.engines_command import main as engines
+
+        return engines(argv[1:])
     if argv[:1] == ["eval"]:
         from pipeline.job.eval_command import main as evaluate
 
@@ -103,10 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         overrides = args.overrides + (["output.redo_errors=true"] if getattr(args, "redo_errors", False) else [])
+        overrides += [f"engine.pool={args.pool}"] if getattr(args, "pool", None) else []
         config = load_config(args.config, overrides, input=args.input, output=args.output)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from pipeline.pool.attached import join_local_head
+
+    join_local_head(config)  # a pool on this machine's local head: its token, before Ray is imported
 
     if args.command == "validate" or getattr(args, "validate", False):
         return _validate(config, args.verbose)
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         import ray
 
-        if config.ray_address or in_ray_job():
+        if config.ray_address or in_ray_job() or config.engine.pool:
             from pipeline.reporting import metrics
 
             metrics.flush()  # the job's last figures reach the cluster's metrics agent

@@ -17,7 +17,6 @@ the shards it had (`max_task_retries`); a shard already written is not written t
 
 from __future__ import annotations
 
-import collections
 import logging
 import uuid
 from typing import Any, Iterator
@@ -26,16 +25,11 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.engine import sizing
-from pipeline.engine.actor import EngineActor
+from pipeline.engine.actor import RUNTIME_ENV, EngineActor
+from pipeline.engine.shard_calls import answer_shards, forget
 from pipeline.engine.work import EngineJob, ShardWork
 
 log = logging.getLogger(__name__)
-# Every engine actor's, Ray Data's too (run.py):
-# - the actor stops its engine itself (Ray's default kills its child processes first);
-# - it runs at the driver's CPU priority, not Ray's nice 15 for workers (which vLLM's processes
-#   inherit), as Ray starts its own job supervisor: on a machine it shares with the driver, the
-#   driver's work took the CPU the engine was starting with (docs/performance.md, item 7).
-RUNTIME_ENV = {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "false", "RAY_worker_niceness": "0"}}
 
 
 class EarlyEngines:
@@ -69,23 +63,12 @@ class EarlyEngines:
     def answer(self, work: list[ShardWork], job: EngineJob, at_once: int) -> Iterator[pa.Table]:
         """Each shard's work answered for `job` (actor.SHARD_DONE rows, as Ray Data's calls return
         them), in the order they finish; `at_once` shards in flight per actor."""
-        import ray
-
         self._used = True
-        key, job_ref = uuid.uuid4().hex, ray.put(job)
-        waiting = collections.deque(work)
-        running: dict[Any, Any] = {}
-        load = {actor: 0 for actor in self._actors}
-        while waiting or running:
-            for actor in self._actors:
-                while waiting and load[actor] < at_once:
-                    item = waiting.popleft()
-                    running[actor.answer_for.remote(key, job_ref, pa.Table.from_pylist([item.as_row()]))] = actor
-                    load[actor] += 1
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                load[running.pop(ref)] -= 1
-                yield ray.get(ref)
+        key = uuid.uuid4().hex
+        try:
+            yield from answer_shards(self._actors, key, work, job, at_once)
+        finally:
+            forget(self._actors, key)
 
     def stop(self) -> None:
         """Stop the engines, then the actors. Actors no job used (an evaluation whose answers were all

@@ -89,6 +89,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from pipeline.pool.attached import join_local_head
+
+    join_local_head(job)  # a pool on this machine's local head: its token, before Ray is imported
     if find_spec("lm_eval") is None:
         print("error: lm-evaluation-harness is not installed: pip install 'batch-completions[harness]'",
               file=sys.stderr)

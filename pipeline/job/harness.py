@@ -36,7 +36,8 @@ from pipeline.config import ConfigError, JobConfig, OutputConfig, Variant, load_
 from pipeline.io import outputs, storage
 from pipeline.io.plan import ROW_KEY
 from pipeline.job.early_engines import EarlyEngines
-from pipeline.job.run import ray_started, start_engines
+from pipeline.pool.attached import PoolEngines
+from pipeline.job.run import pool_engines, ray_started, start_engines
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "pipeline"  # the name the harness knows this model by (`--model pipeline`)
@@ -47,7 +48,7 @@ REQUESTS = pa.schema([("id", pa.string()), ("task", pa.string()), ("doc_id", pa.
 
 # Engine actors started before the harness (`start`); every job passes them on to run(), which uses
 # them for the shards of their model. `_ray`: whether `start` started Ray (`stop` shuts it down).
-_engines: EarlyEngines | None = None
+_engines: EarlyEngines | PoolEngines | None = None
 _ray = False
 
 
@@ -59,7 +60,9 @@ def start(job: JobConfig) -> None:
     first = job.variants()[0]
     config = job.model_copy(update={"model": first.model, "sweep": None})
     _ray = not ray_started()
-    _engines = start_engines(config)  # starts Ray as a job does: the actors' output stays in Ray's logs
+    config, pool = pool_engines(config)  # engine.pool: the standing pool's engines (PoolError: exit 2)
+    # else: starts Ray as a job does (the actors' output stays in Ray's logs)
+    _engines = pool if pool is not None else start_engines(config)
 
 
 # How far the harness's thread lowers its CPU priority while the engines start (`yield_to_engines`).
@@ -83,7 +86,7 @@ def yield_to_engines() -> None:
         pass
 
 
-def started_engines() -> EarlyEngines | None:
+def started_engines() -> EarlyEngines | PoolEngines | None:
     """The engine actors `start` started (None: none; each job starts its own)."""
     return _engines
 

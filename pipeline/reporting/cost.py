@@ -3,7 +3,9 @@ engine reserves), tokens per accelerator-hour and, with a price per accelerator-
 (`cost.price_per_accelerator_hour`), the run's cost and its cost per million input and output tokens.
 
 An engine's time runs from the start of its start-up to its end (or the job's): the time its
-accelerators were held for it. The actor's own start before that (importing vLLM, about 20 s on CPU)
+accelerators were held for it. A job answered by a standing pool's engines (pool/) is charged its share
+of their busy time: the time its rows were in an engine, divided between the jobs with rows in it at
+each moment; the pool's idle time is the pool's (`python -m pipeline engines status`). The actor's own start before that (importing vLLM, about 20 s on CPU)
 and the time between a death and the next start-up are not counted.
 """
 
@@ -42,7 +44,7 @@ class Cost(BaseModel):
 
 def run_cost(engines: list[EngineUse], per_engine: float, accelerator: str, input_tokens: int,
              output_tokens: int, price: float | None = None, currency: str = "USD") -> Cost:
-    engine_s = sum(e.startup_s + e.alive_s for e in engines)
+    engine_s = sum(e.charged_s() for e in engines)
     hours = engine_s * per_engine / 3600
     total = hours * price if price is not None else None
     return Cost(
@@ -62,7 +64,7 @@ def split_cost(engines: list[EngineUse], busy_s: dict[str, float], tokens: dict[
     """Per variant of one model (its variants share that model's engines): the engines' time split in
     proportion to the time each variant's shards were being answered (`busy_s`, overlaps once), start-up
     included, so the variants' costs add up to the engines'. `tokens`: variant -> (input, output)."""
-    engine_s = sum(e.startup_s + e.alive_s for e in engines)
+    engine_s = sum(e.charged_s() for e in engines)
     whole = sum(busy_s.values())
     costs = {}
     for name, busy in busy_s.items():

@@ -43,15 +43,29 @@ class EngineUse(BaseModel):
         "What it ran on: GPU model and count, or CPU model and cores (pipeline/engine/sizing.py)."))
     alive_s: float = Field(0.0, description="Time from its start-up's end to its end (or the job's).")
     busy_share: float = Field(0.0, description="busy_s / alive_s.")
+    pool: str = Field("", description=(
+        "The standing pool the engine belongs to (pool/): the job is charged busy_s, its share of the "
+        "engine's busy time, not the engine's life."))
+
+    def charged_s(self) -> float:
+        """The engine time the job is charged: its own engine's start-up and life, or its share of a
+        pool's engine's busy time."""
+        return self.busy_s if self.pool else self.startup_s + self.alive_s
 
 
 class EngineMeter:
     """Counts one actor's engine work and reports it to the job's stats actor (actor side)."""
 
-    def __init__(self, stats: Any, actor_id: str, node: str, labels: dict[str, str] | None = None) -> None:
+    def __init__(self, stats: Any, actor_id: str, node: str, labels: dict[str, str] | None = None,
+                 share: "EngineMeter | None" = None) -> None:
         """`labels` (job, model): the actor's live Ray metrics (reporting/metrics.py) carry them; none
-        without."""
+        without. `share`: the meter of an actor that answers several jobs at once (an engine of a pool,
+        or started before its jobs); this job's busy time is then its share of the engine's: the time
+        with rows of its own in the engine, each moment divided between the jobs with rows in it."""
         self._stats = stats
+        self._share = share
+        self._guests: dict[EngineMeter, int] = {}  # the jobs' meters sharing this one, by their rows in the engine
+        self._settled_at = 0.0  # when the guests' busy time was last credited
         self._actor = actor_id
         self._node = node
         self._labels = labels
@@ -90,34 +104,81 @@ class EngineMeter:
         if (tags := self.next_engine_tags()) is not None:
             metrics.engine_starting(tags)
 
-    def engine_started(self, startup_s: float, hardware: dict[str, Any] | None = None, counted: bool = True) -> None:
+    def engine_started(self, startup_s: float, hardware: dict[str, Any] | None = None, counted: bool = True,
+                       pool: str = "") -> None:
         """A new engine is ready: its figures start from zero. `counted=False`: an engine started
-        before this job (an actor that outlives its jobs), which the live metrics counted then."""
+        before this job (an actor that outlives its jobs), which the live metrics counted then.
+        `pool`: the standing pool it belongs to; the job is charged its share of the busy time."""
         now = time.time()
         with self._lock:
             if self._generation:
                 self._send("stopped", self.engine_id, now)
             self._generation += 1
             self._figures = self._fresh()
-            self._busy_since = now if self._in_engine else None
+            self._busy_since = now if self._in_engine and self._share is None else None
             self._exported = self._fresh()
         self._send("engine", self.engine_id, {"node": self._node, "startup_s": startup_s, "ready_at": now,
-                                              "hardware": hardware or {}})
+                                              "hardware": hardware or {}, "pool": pool})
         if counted and (tags := self._tags()) is not None:
             metrics.engine_started(tags, restart=self._generation > 1)
 
     def enter(self) -> None:
+        if self._share is not None:
+            self._share.guest_rows(self, +1)
+            with self._lock:
+                self._in_engine += 1
+            return
         with self._lock:
             if self._in_engine == 0:
                 self._busy_since = time.time()
             self._in_engine += 1
 
     def leave(self) -> None:
+        if self._share is not None:
+            self._share.guest_rows(self, -1)
+            with self._lock:
+                self._in_engine -= 1
+            return
         with self._lock:
             self._in_engine -= 1
             if self._in_engine == 0 and self._busy_since is not None:
                 self._figures["busy_s"] += time.time() - self._busy_since
                 self._busy_since = None
+
+    def guest_rows(self, guest: "EngineMeter", step: int) -> None:
+        """A row of `guest`'s job entered (+1) or left (-1) the engine this meter counts."""
+        with self._lock:
+            self._settle(time.time())
+            rows = self._guests.get(guest, 0) + step
+            if rows:
+                self._guests[guest] = rows
+            else:
+                self._guests.pop(guest, None)
+        self.enter() if step > 0 else self.leave()
+
+    def _settle(self, now: float) -> None:
+        """Credit the time since the last change to the jobs with rows in the engine, in equal parts
+        (with this meter's lock held)."""
+        if self._guests:
+            each = (now - self._settled_at) / len(self._guests)
+            for guest in self._guests:
+                guest.add_busy(each)
+        self._settled_at = now
+
+    def settle_guests(self) -> None:
+        """Credit the jobs sharing this engine with their busy time up to now."""
+        with self._lock:
+            self._settle(time.time())
+
+    def add_busy(self, seconds: float) -> None:
+        """This job's share of a busy stretch of the engine it shares."""
+        with self._lock:
+            self._figures["busy_s"] += seconds
+
+    def busy_s(self) -> float:
+        """The engine's busy time so far (a shared engine's: this job's share, as last credited)."""
+        with self._lock:
+            return self._figures["busy_s"] + (time.time() - self._busy_since if self._busy_since is not None else 0.0)
 
     def answered(self, completion_tokens: int) -> None:
         with self._lock:
@@ -130,6 +191,8 @@ class EngineMeter:
     def beat(self) -> Any:
         """Send the engine's figures to the job's stats actor; returns the call's ObjectRef (None
         without a stats actor), which a caller may await to know the figures arrived."""
+        if self._share is not None:  # this job's share, up to now
+            self._share.settle_guests()
         now = time.time()
         with self._lock:
             figures = dict(self._figures)
@@ -245,7 +308,7 @@ def engine_use(engines: dict[str, dict[str, Any]], end: float) -> list[EngineUse
                               hardware=e.get("hardware", {}),
                               rows=e.get("rows", 0), completion_tokens=e.get("completion_tokens", 0),
                               busy_s=round(busy, 3), alive_s=round(alive, 3),
-                              busy_share=round(busy / alive, 4) if alive else 0.0))
+                              busy_share=round(busy / alive, 4) if alive else 0.0, pool=e.get("pool", "")))
     return used
 
 

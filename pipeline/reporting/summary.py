@@ -91,6 +91,20 @@ class JobSummary(BaseModel):
             **fields,
         )
 
+    def _engine_lines(self) -> list[str]:
+        pools = sorted({e.pool for e in self.engines if e.pool})
+        started = [e for e in self.engines if not e.pool]
+        engines = ", ".join(f"{e.engine} on {e.node[:8]}: {e.busy_share:.0%} of {e.alive_s:.0f}s" for e in self.engines)
+        if pools and not started:  # a job on a standing pool: no start-up of its own; its share of the engines
+            return [f"engines:             pool {', '.join(pools)}, ready {self.first_engine_ready_s:.1f}s after the start",
+                    f"engine restarts:     {self.engine_restarts}",
+                    f"engine share:        {self.engine_utilisation:.0%} of the engines' time while the job ran "
+                    f"was its rows' ({engines})"]
+        return [f"engine start-up:     {', '.join(f'{s:.1f}s' for s in self.engine_startup_s) or 'n/a'} "
+                f"(first engine ready {self.first_engine_ready_s:.1f}s after the start)",
+                f"engine restarts:     {self.engine_restarts}",
+                f"engine utilisation:  {self.engine_utilisation:.0%} busy" + (f" ({engines})" if self.engines else "")]
+
     def render(self) -> str:
         if self.nothing_to_do:
             return (f"nothing to do: all {self.shards} shards ({self.rows_out} records for {self.rows_in} "
@@ -109,12 +123,7 @@ class JobSummary(BaseModel):
             f"({self.shards_kept} of {self.shards} shards kept from earlier runs, "
             f"{self.shards_redone} redone after an actor died"
             + (f", {self.shards_changed} again because their input file changed" if self.shards_changed else "") + ")",
-            f"engine start-up:     {', '.join(f'{s:.1f}s' for s in self.engine_startup_s) or 'n/a'} "
-            f"(first engine ready {self.first_engine_ready_s:.1f}s after the start)",
-            f"engine restarts:     {self.engine_restarts}",
-            f"engine utilisation:  {self.engine_utilisation:.0%} busy"
-            + (f" ({', '.join(f'{e.engine} on {e.node[:8]}: {e.busy_share:.0%} of {e.alive_s:.0f}s' for e in self.engines)})"
-               if self.engines else ""),
+            *self._engine_lines(),
             f"wall time:           {self.wall_s:.1f}s",
             f"output tokens/s:     {self.output_tokens_per_s:.0f}",
         ]

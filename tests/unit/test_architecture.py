@@ -21,7 +21,8 @@ MAY_IMPORT = {
     "engine": {"models", "io", "config", "protocol"},
     "evaluation": {"io", "config", "protocol"},
     "reporting": {"io", "config"},
-    "job": {"engine", "evaluation", "reporting", "models", "io", "config", "protocol", "templates"},
+    "pool": {"engine", "models", "io", "config", "protocol"},
+    "job": {"pool", "engine", "evaluation", "reporting", "models", "io", "config", "protocol", "templates"},
 }
 VLLM_ROOMS = {"pipeline.engine"}  # the only room that imports vLLM
 

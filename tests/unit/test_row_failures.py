@@ -1,6 +1,7 @@
 """Plumbing: whatever goes wrong with one row becomes that row's error record (no engine needed)."""
 
 import asyncio
+from types import SimpleNamespace
 
 from pipeline.config import ModelConfig, Variant
 from pipeline.protocol import completion_id
@@ -31,13 +32,13 @@ class ExplodingEngine:
 
 def test_an_exception_building_one_row_is_that_rows_500_record():
     actor = EngineActor.__new__(EngineActor)  # no engine: the body fails before it is needed
-    actor._builder, actor._meter = ExplodingBuilder(), Meter()
+    job = SimpleNamespace(builder=ExplodingBuilder())
     variant = Variant("", ModelConfig(), {}, "tiny-llama")
-    response, error = actor._body("r1", {"prompt": "boom"}, None, variant)
+    response, error = actor._body(job, "r1", {"prompt": "boom"}, None, variant)
     assert response is None
     assert error["code"] == 500 and error["type"] == "InternalServerError"
     assert "RuntimeError: an unforeseen bug" in error["message"]
-    assert actor._body("r2", {"prompt": "fine"}, None, variant) == {"prompt": "fine"}
+    assert actor._body(job, "r2", {"prompt": "fine"}, None, variant) == {"prompt": "fine"}
 
 
 def test_an_exception_answering_one_row_is_that_rows_500_record():
@@ -45,7 +46,8 @@ def test_an_exception_answering_one_row_is_that_rows_500_record():
     actor._meter = Meter()
     actor._supervisor = EngineSupervisor(ExplodingEngine(), ExplodingEngine, row_retries=0, retry_backoff_s=0,
                                          stall_timeout_s=60, meter=actor._meter)
-    response, error = asyncio.run(actor._answer("r1", Row({"prompt": "boom"}), _Retries()))
+    on = SimpleNamespace(meter=actor._meter)  # the job as the actor answers it: its meter
+    response, error = asyncio.run(actor._answer(on, "r1", Row({"prompt": "boom"}), _Retries()))
     assert response is None
     assert error["code"] == 500 and error["type"] == "InternalServerError"
     assert "RuntimeError: an unforeseen bug" in error["message"] and "other rows were answered" in error["message"]
@@ -57,7 +59,7 @@ def test_a_row_problem_found_while_reading_is_kept_as_is():
     actor = EngineActor.__new__(EngineActor)
     problem = {"message": "bad bytes", "type": "BadRequestError", "param": "prompt", "code": 400}
     variant = Variant("", ModelConfig(), {}, "tiny-llama")
-    assert actor._body("r1", None, problem, variant) == (None, problem)
+    assert actor._body(SimpleNamespace(), "r1", None, problem, variant) == (None, problem)
 
 
 def test_completion_id_of_a_body_with_a_lone_surrogate():
