@@ -117,8 +117,8 @@ class EngineActor:
     async def answer_for(self, key: str, job: EngineJob, batch: pa.Table) -> pa.Table:
         """A call of an actor that outlives its jobs (job/early_engines.py, pool/): as Ray Data's call,
         for the job `key`, which has the actor's model and engine and its own input, output and meter.
-        Several jobs' calls run at once; the engine's busy time is split between the jobs with rows in
-        it (their meters share the actor's). An actor Ray restarted is constructed with the job it was
+        Several jobs' calls run at once; the engine's busy time is split between the jobs by their rows
+        in it (their meters share the actor's). An actor Ray restarted is constructed with the job it was
         created for, and takes the later jobs the same way."""
         guest = self._guests.get(key)
         if guest is None:

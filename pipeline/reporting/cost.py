@@ -4,8 +4,8 @@ engine reserves), tokens per accelerator-hour and, with a price per accelerator-
 
 An engine's time runs from the start of its start-up to its end (or the job's): the time its
 accelerators were held for it. A job answered by a standing pool's engines (pool/) is charged its share
-of their busy time: the time its rows were in an engine, divided between the jobs with rows in it at
-each moment; the pool's idle time is the pool's (`python -m pipeline engines status`). The actor's own start before that (importing vLLM, about 20 s on CPU)
+of their busy time: each busy moment divided between the jobs with rows in the engine, in proportion
+to their rows; the pool's idle time is the pool's (`python -m pipeline engines status`). The actor's own start before that (importing vLLM, about 20 s on CPU)
 and the time between a death and the next start-up are not counted.
 """
 

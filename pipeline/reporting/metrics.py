@@ -151,4 +151,5 @@ def flush() -> None:
     driver exits: what a process records in its last seconds is otherwise never exported."""
     import time
 
-    time.sleep(max(report_interval_ms(), 1000) / 1000 + 1)
+    interval = report_interval_ms() / 1000
+    time.sleep(interval + (1.0 if interval >= 1 else 0.5))  # the next export, and time for it to go out

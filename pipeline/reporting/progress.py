@@ -60,8 +60,8 @@ class EngineMeter:
                  share: "EngineMeter | None" = None) -> None:
         """`labels` (job, model): the actor's live Ray metrics (reporting/metrics.py) carry them; none
         without. `share`: the meter of an actor that answers several jobs at once (an engine of a pool,
-        or started before its jobs); this job's busy time is then its share of the engine's: the time
-        with rows of its own in the engine, each moment divided between the jobs with rows in it."""
+        or started before its jobs); this job's busy time is then its share of the engine's: each moment
+        the engine is busy is divided between the jobs with rows in it, in proportion to their rows."""
         self._stats = stats
         self._share = share
         self._guests: dict[EngineMeter, int] = {}  # the jobs' meters sharing this one, by their rows in the engine
@@ -157,12 +157,11 @@ class EngineMeter:
         self.enter() if step > 0 else self.leave()
 
     def _settle(self, now: float) -> None:
-        """Credit the time since the last change to the jobs with rows in the engine, in equal parts
-        (with this meter's lock held)."""
-        if self._guests:
-            each = (now - self._settled_at) / len(self._guests)
-            for guest in self._guests:
-                guest.add_busy(each)
+        """Credit the time since the last change to the jobs with rows in the engine, in proportion to
+        their rows in it (with this meter's lock held)."""
+        rows = sum(self._guests.values())
+        for guest, own in self._guests.items():
+            guest.add_busy((now - self._settled_at) * own / rows)
         self._settled_at = now
 
     def settle_guests(self) -> None:

@@ -83,7 +83,7 @@ class Clock:
         return self.now
 
 
-def test_busy_time_is_split_between_the_jobs_with_rows_in_the_engine(monkeypatch):
+def test_busy_time_is_split_between_the_jobs_by_their_rows_in_the_engine(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(progress.time, "time", clock)
     engine = EngineMeter(None, "a.1", "node")
@@ -93,13 +93,13 @@ def test_busy_time_is_split_between_the_jobs_with_rows_in_the_engine(monkeypatch
     one.enter(); one.enter()  # noqa: E702 - two rows of job one
     clock.now += 10  # job one alone: 10 s its own
     two.enter()
-    clock.now += 6  # both: 3 s each
+    clock.now += 6  # both, 2 rows to 1: 4 s and 2 s
     one.leave(); one.leave()  # noqa: E702
     clock.now += 4  # job two alone
     two.leave()
     clock.now += 5  # idle: nobody's
     one.beat(); two.beat()  # noqa: E702
-    assert (one.busy_s(), two.busy_s()) == (13.0, 7.0)
+    assert (one.busy_s(), two.busy_s()) == (14.0, 6.0)
     assert engine.busy_s() == 20.0  # the engine's own busy time: the shares add up to it
 
 
