@@ -64,15 +64,13 @@ def main(argv: list[str]) -> int:
     try:
         if args.action == "start":
             return _start(args)
+        if args.action == "stop" and not args.name and not args.all:
+            raise ConfigError("name the pool to stop (python -m pipeline engines status lists them), or --all")
         if not _join(args.address, None, start_head=False):
             print("no pools: no Ray cluster with pools runs on this machine "
                   "(python -m pipeline engines start --config CONFIG --name NAME starts one)")
             return EXIT_OK if args.action == "status" else EXIT_BAD_INPUT
-        if args.action == "status":
-            return _status(args.name)
-        if not args.name and not args.all:
-            raise ConfigError("name the pool to stop (python -m pipeline engines status lists them), or --all")
-        return _stop(args.name, args.all)
+        return _status(args.name) if args.action == "status" else _stop(args.name, args.all)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

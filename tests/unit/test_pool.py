@@ -182,3 +182,25 @@ def test_shards_spread_over_the_engines_before_any_takes_a_second():
     assert order == [0, 1, 0, 1, 0, 1]  # then each has its 3 in flight
     load[1] -= 1  # a shard of engine 1 done: the next goes there
     assert next_actor(load, 3) == 1
+
+
+def test_a_job_on_a_pool_keeps_its_own_metric_labels():
+    pool = EngineMeter(None, "a.1", "node", labels={"output": "pool:nightly", "model": "tiny-llama"})
+    job = EngineMeter(None, "a.1", "node", labels={"output": "s3://bucket/day-2", "model": "tiny-llama"}, share=pool)
+    job.engine_started(0.0, counted=False, pool="nightly")
+    assert job.next_engine_tags()["output"] == "s3://bucket/day-2"
+    assert pool.next_engine_tags()["output"] == "pool:nightly"
+
+
+def test_status_and_stop_without_any_pool_say_so(tmp_path, monkeypatch, capsys):
+    from pipeline.job.engines_command import main
+
+    monkeypatch.setenv("PIPELINE_LOCAL_HEAD", str(tmp_path / "none.json"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    assert main(["status"]) == 0
+    assert main(["stop", "nightly"]) == 2
+    assert main(["stop"]) == 2
+    out, err = capsys.readouterr()
+    assert out.count("no pools: no Ray cluster with pools runs on this machine") == 2
+    assert "error: name the pool to stop" in err
