@@ -100,7 +100,7 @@ class EngineActor:
         self._running: dict[tuple[str, str], asyncio.Future] = {}  # (output, shard) -> its call, any job's
         self._started_at = time.time()
         self._jobs_served = 0
-        self._last_call_at = self._started_at  # the end of the last call of a job that outlives it
+        self._last_call_at = self._started_at  # the end of the last call, any job's
         self._hardware = sizing.hardware(config.engine)  # what its engines run on, for the summary
         engine = config.engine
         self._supervisor = EngineSupervisor(self._start_engine(), self._start_engine, row_retries=engine.row_retries,
@@ -128,12 +128,7 @@ class EngineActor:
             # the job's figures count this engine from now; its engine time is its share of the busy time
             guest.meter.engine_started(self._supervisor.engine.startup_s, self._hardware, counted=False,
                                        pool=job.pool)
-        guest.calls += 1
-        try:
-            return await self._calls(guest, batch)
-        finally:
-            guest.calls -= 1
-            guest.last_call_at = self._last_call_at = time.time()
+        return await self._calls(guest, batch)
 
     def forget(self, key: str) -> None:
         """The job `key` has ended: its meter stops."""
@@ -151,7 +146,7 @@ class EngineActor:
         """What `engines status` shows of this actor: its engine, how busy, the jobs it served."""
         now = time.time()
         calls = sum(g.calls for g in self._guests.values()) + self._own.calls
-        last = max(self._last_call_at, self._own.last_call_at)
+        last = self._last_call_at
         alive = max(now - self._started_at, 1e-9)
         return {"engine": self._meter.engine_id, "node": self._node, "model": self._served_name,
                 "pid": os.getpid(), "busy_share": round(min(self._meter.busy_s() / alive, 1.0), 4),
@@ -194,14 +189,19 @@ class EngineActor:
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         """Ray Data's call: the shards of the job the actor was constructed with."""
-        self._own.calls += 1
-        try:
-            return await self._calls(self._own, batch)
-        finally:
-            self._own.calls -= 1
-            self._own.last_call_at = time.time()
+        return await self._calls(self._own, batch)
 
     async def _calls(self, job: "_JobOnActor", batch: pa.Table) -> pa.Table:
+        """One call's shards for `job`, counted as its calls in flight (the actor's idle time, and which
+        jobs it may forget)."""
+        job.calls += 1
+        try:
+            return await self._shards(job, batch)
+        finally:
+            job.calls -= 1
+            job.last_call_at = self._last_call_at = time.time()
+
+    async def _shards(self, job: "_JobOnActor", batch: pa.Table) -> pa.Table:
         done = []
         for row in batch.to_pylist():
             work = ShardWork.from_row(row)

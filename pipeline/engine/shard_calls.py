@@ -1,5 +1,6 @@
-"""A job's shards handed to engine actors that outlive it (job/early_engines.py, pool/): each actor
-keeps `at_once` of the job's shards in flight, as Ray Data's actor pool does for a job's own actors.
+"""Engine actors that outlive a job (job/early_engines.py, pool/): started (`standing_actors`), and
+handed a job's shards: each actor keeps `at_once` of the job's shards in flight, as Ray Data's actor
+pool does for a job's own actors.
 
 Several jobs feeding the same actors at once each keep their own `at_once` shards in flight on each
 actor: every job has the same number of shards in each engine, whose rows the engine answers together.
@@ -10,22 +11,51 @@ from __future__ import annotations
 
 import collections
 import logging
+import uuid
 from typing import Any, Iterator
 
 import pyarrow as pa
 
-from pipeline.engine.actor import SHARD_DONE
+from pipeline.engine import sizing
+from pipeline.engine.actor import RUNTIME_ENV, SHARD_DONE, EngineActor
 from pipeline.engine.work import EngineJob, ShardWork
 
 log = logging.getLogger(__name__)
 
 
-def answer_shards(actors: list[Any], key: str, work: list[ShardWork], job: EngineJob,
-                  at_once: int) -> Iterator[pa.Table]:
-    """Each shard's work answered for the job `key` (SHARD_DONE rows, as Ray Data's calls return them),
-    in the order they finish. An actor Ray restarts is called again with the shards it had (the actors'
-    `max_task_retries`); a call that fails for good (its actor was stopped) is a shard without records,
-    which a rerun answers."""
+def standing_actors(job: EngineJob) -> tuple[list[Any], list[Any]]:
+    """`engine.num_actors` engine actors (the lower bound of a range) and, for GPU layouts, their
+    placement groups, created now (Ray must be up): they start their engines while the caller goes
+    on. `job`: what each is constructed with (and again when Ray restarts it: `max_restarts`)."""
+    import ray
+
+    resources = sizing.actor_resources(job.config.engine)
+    placement = resources.pop("ray_remote_args_fn", None)  # a placement group per actor (GPU layouts)
+    actor = ray.remote(EngineActor)
+    actors, groups = [], []
+    for _ in range(job.config.engine.actor_range()[0]):
+        options = placement() if placement else {}
+        if options:
+            groups.append(options["scheduling_strategy"].placement_group)
+        actors.append(actor.options(**resources, **options, runtime_env=RUNTIME_ENV, max_restarts=-1,
+                                    max_task_retries=-1).remote(job))
+    return actors, groups
+
+
+def answer_shards(actors: list[Any], work: list[ShardWork], job: EngineJob, at_once: int) -> Iterator[pa.Table]:
+    """Each shard's work answered for `job` (SHARD_DONE rows, as Ray Data's calls return them), in the
+    order they finish; the actors are told the job ended when it does (its meters stop). An actor Ray
+    restarts is called again with the shards it had (the actors' `max_task_retries`); a call that fails
+    for good (its actor was stopped) is a shard without records, which a rerun answers."""
+    key = uuid.uuid4().hex  # the job, as the actors know it
+    try:
+        yield from _answer_shards(actors, key, work, job, at_once)
+    finally:
+        _forget(actors, key)
+
+
+def _answer_shards(actors: list[Any], key: str, work: list[ShardWork], job: EngineJob,
+                   at_once: int) -> Iterator[pa.Table]:
     import ray
 
     job_ref = ray.put(job)
@@ -59,7 +89,7 @@ def next_actor(load: dict[int, int], at_once: int) -> int | None:
     return i if load[i] < at_once else None
 
 
-def forget(actors: list[Any], key: str) -> None:
+def _forget(actors: list[Any], key: str) -> None:
     """Tell the actors the job `key` has ended (its meters stop); best effort."""
     for actor in actors:
         try:

@@ -18,15 +18,12 @@ the shards it had (`max_task_retries`); a shard already written is not written t
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any, Iterator
 
 import pyarrow as pa
 
 from pipeline.config import JobConfig
-from pipeline.engine import sizing
-from pipeline.engine.actor import RUNTIME_ENV, EngineActor
-from pipeline.engine.shard_calls import answer_shards, forget
+from pipeline.engine.shard_calls import answer_shards, standing_actors
 from pipeline.engine.work import EngineJob, ShardWork
 
 log = logging.getLogger(__name__)
@@ -45,16 +42,8 @@ class EarlyEngines:
     def start(cls, job: EngineJob) -> "EarlyEngines":
         """Create the actors (Ray must be up); returns at once, while they start their engines.
         `job`: what they answer until a job of their own comes (run.py's `start_engines`)."""
-        import ray
-
-        config = job.config
-        resources = sizing.actor_resources(config.engine)
-        placement = resources.pop("ray_remote_args_fn", None)  # a placement group per actor (GPU layouts)
-        actor = ray.remote(EngineActor)
-        actors = [actor.options(**resources, **(placement() if placement else {}), runtime_env=RUNTIME_ENV,
-                                max_restarts=-1, max_task_retries=-1).remote(job)
-                  for _ in range(config.engine.actor_range()[0])]
-        return cls(config, actors)
+        actors, _ = standing_actors(job)  # their placement groups go with this driver
+        return cls(job.config, actors)
 
     def serve(self, config: JobConfig) -> bool:
         """Whether these actors can answer `config`'s job: the same model and engine."""
@@ -64,11 +53,7 @@ class EarlyEngines:
         """Each shard's work answered for `job` (actor.SHARD_DONE rows, as Ray Data's calls return
         them), in the order they finish; `at_once` shards in flight per actor."""
         self._used = True
-        key = uuid.uuid4().hex
-        try:
-            yield from answer_shards(self._actors, key, work, job, at_once)
-        finally:
-            forget(self._actors, key)
+        yield from answer_shards(self._actors, work, job, at_once)
 
     def stop(self) -> None:
         """Stop the engines, then the actors. Actors no job used (an evaluation whose answers were all

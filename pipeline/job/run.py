@@ -224,22 +224,27 @@ def _engine_job(config: JobConfig, plan: InputPlan | None, schema: pa.Schema | N
                      meter=functools.partial(EngineMeter, stats, labels=_metric_labels(config)))
 
 
+def _engines_before_their_job(config: JobConfig) -> EngineJob:
+    """What engine actors started before their jobs are constructed with (no input, no stats), once
+    the model's adapters (AdapterError) and engine.vllm (VllmArgsError) are checked, as run() checks."""
+    adapters.check_job(config)
+    engine_args.vllm_args(config.engine)
+    return _engine_job(config, None, None, {v.name: v for v in config.variants()}, None)
+
+
 def start_engines(config: JobConfig) -> EarlyEngines:
     """Engine actors for `config`'s model that outlive one job (early_engines.py): started now, while the
     caller prepares its jobs, and given to `run(..., engines=)`. Starts Ray (call it from the main
     thread). Stop them with their `stop()`."""
-    adapters.check_job(config)  # AdapterError before Ray starts, as run() checks
-    engine_args.vllm_args(config.engine)  # VllmArgsError (engine.vllm)
+    job = _engines_before_their_job(config)
     _init_ray(config)
-    return EarlyEngines.start(_engine_job(config, None, None, {v.name: v for v in config.variants()}, None))
+    return EarlyEngines.start(job)
 
 
 def pool_engine_job(config: JobConfig, name: str) -> EngineJob:
     """What a standing pool's engine actors are constructed with (job/engines_command.py): the model,
     engine and defaults of `config`, no input; its meter's labels name the pool."""
-    adapters.check_job(config)  # AdapterError before Ray starts, as run() checks
-    engine_args.vllm_args(config.engine)  # VllmArgsError (engine.vllm)
-    job = _engine_job(config, None, None, {v.name: v for v in config.variants()}, None)
+    job = _engines_before_their_job(config)
     labels = {"output": f"pool:{name}", "model": config.model.resolved_served_name()}
     return dataclasses.replace(job, meter=functools.partial(EngineMeter, None, labels=labels), pool=name)
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from typing import Any, Iterator
 
 import pyarrow as pa
 
 from pipeline.config import ConfigError, JobConfig, in_ray_job
-from pipeline.engine.shard_calls import answer_shards, forget
+from pipeline.engine.shard_calls import answer_shards
 from pipeline.engine.work import EngineJob, ShardWork
 from pipeline.pool import local_head
 from pipeline.pool.keeper import NAMESPACE
@@ -129,11 +128,7 @@ class PoolEngines:
         return replace(job, pool=self.name)
 
     def answer(self, work: list[ShardWork], job: EngineJob, at_once: int) -> Iterator[pa.Table]:
-        key = uuid.uuid4().hex
-        try:
-            yield from answer_shards(self._actors, key, work, self.engine_job(job), at_once)
-        finally:
-            forget(self._actors, key)
+        yield from answer_shards(self._actors, work, self.engine_job(job), at_once)
 
     def stop(self) -> None:
         """Nothing to stop: the engines are the pool's (the job's calls have ended)."""

@@ -25,8 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.engine import sizing
-from pipeline.engine.actor import RUNTIME_ENV, EngineActor
+from pipeline.engine.shard_calls import standing_actors
 from pipeline.engine.work import EngineJob
 
 log = logging.getLogger(__name__)
@@ -80,24 +79,12 @@ class PoolKeeper:
     """A threaded actor (its calls may overlap: status while a stop goes on)."""
 
     def __init__(self, spec: PoolSpec) -> None:
-        import ray
-
         self._spec = spec
         self._started_at = time.time()
         self._attached = 0
         self._stopped = False
-        config = spec.job.config
-        resources = sizing.actor_resources(config.engine)
-        placement = resources.pop("ray_remote_args_fn", None)  # a placement group per actor (GPU layouts)
-        self._groups: list[Any] = []
-        self._engines = []
-        actor = ray.remote(EngineActor)
-        for _ in range(config.engine.actor_range()[0]):
-            options = placement() if placement else {}
-            if options:
-                self._groups.append(options["scheduling_strategy"].placement_group)
-            self._engines.append(actor.options(**resources, **options, runtime_env=RUNTIME_ENV, max_restarts=-1,
-                                               max_task_retries=-1).remote(spec.job))
+        # owned by this detached actor: they, and their placement groups, live as long as it does
+        self._engines, self._groups = standing_actors(spec.job)
         if spec.idle_stop_s is not None:
             threading.Thread(target=self._stop_when_idle, daemon=True, name="idle-stop").start()
 
