@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -18,6 +18,7 @@ from pipeline.config import Variant
 from pipeline.engine import core_forkserver, sizing, vllm_metrics
 from pipeline.engine.completion_engine import CompletionEngine
 from pipeline.engine.supervisor import EngineSupervisor, EngineUnavailable, Row
+from pipeline.engine.shared_answers import SharedAnswers, copied, share_key
 from pipeline.engine.work import EngineJob, ShardWork
 from pipeline.io import outputs, storage
 from pipeline.io.plan import INPUT_ERROR, ROW_KEY, Shard
@@ -42,6 +43,9 @@ class _Retries:
     retried: int = 0
     recovered: int = 0
     failed: int = 0
+    shared: int = 0  # rows answered with an earlier row's answer (the same greedy or seeded request)
+    shared_prompt_tokens: int = 0
+    shared_completion_tokens: int = 0
 
 
 # Every engine actor's, Ray Data's too (run.py):
@@ -280,28 +284,61 @@ class EngineActor:
         rows at once rather than after the whole shard is prepared."""
         chunk_rows = self._config.engine.max_num_seqs
         chunks: list[asyncio.Future] = []
+        default_temperature = on.job.config.defaults.temperature
         try:
             for start in range(0, len(rows), chunk_rows):
-                chunk = rows[start:start + chunk_rows]
+                # a row whose request an earlier row of the job asked (greedy or seeded) waits for that answer
+                chunk = [(key, body, on.shared.claim(k) if isinstance(body, dict)
+                          and (k := share_key(body, default_temperature)) is not None else None)
+                         for key, body in rows[start:start + chunk_rows]]
                 engine = self._supervisor.engine
-                prepared = await asyncio.to_thread(engine.prepare, [b for _, b in chunk if isinstance(b, dict)])
+                prepared = await asyncio.to_thread(engine.prepare, [b for _, b, share in chunk if isinstance(b, dict)
+                                                                    and (share is None or share[0])])
                 chunks.append(asyncio.ensure_future(self._answer_chunk(on, engine, chunk, prepared, retries)))
             return [answer for chunk in await asyncio.gather(*chunks) for answer in chunk]
         finally:
             for pending in chunks:  # none left running when something raised
                 pending.cancel()
 
-    async def _answer_chunk(self, on: "_JobOnActor", engine: Any, chunk: list[tuple[str, Any]], prepared: Any,
-                            retries: _Retries) -> list[tuple[dict | None, dict | None]]:
+    async def _answer_chunk(self, on: "_JobOnActor", engine: Any, chunk: list[tuple[str, Any, Any]],
+                            prepared: Any, retries: _Retries) -> list[tuple[dict | None, dict | None]]:
         requests = iter(prepared.requests)
         try:
             return await asyncio.gather(*(
-                self._answer(on, key, Row(body, next(requests), engine, meter=on.meter), retries)
-                if isinstance(body, dict)
-                else _answered_already(body)
-                for key, body in chunk))
+                _answered_already(body) if not isinstance(body, dict)
+                else self._answer(on, key, Row(body, next(requests), engine, meter=on.meter), retries)
+                if share is None
+                else self._lead(on, key, Row(body, next(requests), engine, meter=on.meter), retries, share[1])
+                if share[0]
+                else self._repeat(key, body, share[1], retries)
+                for key, body, share in chunk))
         finally:
             engine.release(prepared)
+
+    async def _lead(self, on: "_JobOnActor", key: str, row: Row, retries: _Retries,
+                    shared: asyncio.Future) -> tuple[dict | None, dict | None]:
+        """A row whose answer later rows with the same request share (shared_answers.py)."""
+        try:
+            answer = await self._answer(on, key, row, retries)
+        except BaseException as exc:
+            if not shared.done():
+                shared.set_exception(exc)
+                shared.exception()  # retrieved: a row that repeats it, if any, raises it itself
+            raise
+        if not shared.done():
+            shared.set_result(answer)
+        return answer
+
+    @staticmethod
+    async def _repeat(key: str, body: dict[str, Any], shared: asyncio.Future,
+                      retries: _Retries) -> tuple[dict | None, dict | None]:
+        """A row whose request an earlier row of the job asked: that row's answer, its own response id."""
+        response, error = copied(await asyncio.shield(shared), completion_id(key, body))
+        retries.shared += 1
+        if response is not None:
+            retries.shared_prompt_tokens += response["usage"]["prompt_tokens"]
+            retries.shared_completion_tokens += response["usage"]["completion_tokens"]
+        return response, error
 
     def _body(self, job: EngineJob, key: str, row: dict[str, Any] | None, problem: dict | None,
               variant: Variant) -> dict[str, Any] | tuple[dict | None, dict | None]:
@@ -372,6 +409,7 @@ class _JobOnActor:
     meter: Any
     calls: int = 0  # in flight
     last_call_at: float = 0.0
+    shared: SharedAnswers = field(default_factory=SharedAnswers)  # answers its repeated requests share
 
 
 class ShardFailed(RuntimeError):

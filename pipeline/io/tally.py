@@ -23,6 +23,10 @@ class Tally(BaseModel):
     rows_retried: int = Field(0, description="Rows answered again after their engine died or answered 500.")
     rows_recovered: int = Field(0, description="Retried rows that got an answer (a response or a 4xx).")
     rows_failed: int = Field(0, description="Retried rows given up on: recorded as a 500 error.")
+    rows_shared: int = Field(0, description=(
+        "Rows answered with an earlier row's answer to the same request (greedy or seeded): no engine work."))
+    shared_prompt_tokens: int = Field(0, description="The shared rows' prompt tokens (in prompt_tokens too).")
+    shared_completion_tokens: int = Field(0, description="The shared rows' completion tokens (in completion_tokens too).")
     intervals: list[list[float]] = Field(default_factory=list, description=(
         "[start, end] unix times of the shards' work: busy time, for tokens per second."))
     source: str = Field("", description=(
@@ -30,7 +34,8 @@ class Tally(BaseModel):
         "finds another redoes the shard or stops (input.when_changed). Not summed."))
 
     @classmethod
-    def of_records(cls, table: pa.Table, *, retried: int = 0, recovered: int = 0, failed: int = 0,
+    def of_records(cls, table: pa.Table, *, retried: int = 0, recovered: int = 0, failed: int = 0, shared: int = 0,
+                   shared_prompt_tokens: int = 0, shared_completion_tokens: int = 0,
                    intervals: list[list[float]] = ()) -> "Tally":
         response, error = table.column("response"), table.column("error")
         usage = pc.struct_field(response, "usage")
@@ -46,16 +51,22 @@ class Tally(BaseModel):
             finish_reasons=dict(Counter(pc.struct_field(choices, "finish_reason").to_pylist())),
             prompt_tokens=int(pc.sum(pc.struct_field(usage, "prompt_tokens")).as_py() or 0),
             completion_tokens=int(pc.sum(pc.struct_field(usage, "completion_tokens")).as_py() or 0),
-            rows_retried=retried, rows_recovered=recovered, rows_failed=failed, intervals=list(intervals),
+            rows_retried=retried, rows_recovered=recovered, rows_failed=failed, rows_shared=shared,
+            shared_prompt_tokens=shared_prompt_tokens, shared_completion_tokens=shared_completion_tokens,
+            intervals=list(intervals),
         )
 
     def add(self, other: "Tally") -> None:
         for name in ("rows", "completions", "choices", "prompt_tokens", "completion_tokens", "rows_retried",
-                     "rows_recovered", "rows_failed"):
+                     "rows_recovered", "rows_failed", "rows_shared", "shared_prompt_tokens", "shared_completion_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.errors_by_type = dict(Counter(self.errors_by_type) + Counter(other.errors_by_type))
         self.finish_reasons = dict(Counter(self.finish_reasons) + Counter(other.finish_reasons))
         self.intervals = self.intervals + other.intervals
+
+    def engine_tokens(self) -> tuple[int, int]:
+        """(prompt, completion) tokens an engine worked on: the records' less the shared rows'."""
+        return (self.prompt_tokens - self.shared_prompt_tokens, self.completion_tokens - self.shared_completion_tokens)
 
     def busy_s(self) -> float:
         """Seconds in which at least one of these shards was being worked on (overlaps counted once)."""

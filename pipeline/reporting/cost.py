@@ -82,6 +82,6 @@ def variant_costs(runs: list[EngineRun], groups: list[list[str]], tallies: dict[
     for run, names in zip(runs, groups):
         names = sorted(set(names))
         costs.update(split_cost(run.engines, {n: tallies[n].busy_s() for n in names},
-                                {n: (tallies[n].prompt_tokens, tallies[n].completion_tokens) for n in names},
+                                {n: tallies[n].engine_tokens() for n in names},
                                 per_engine, accelerator, price, currency))
     return costs

@@ -53,6 +53,9 @@ class JobSummary(BaseModel):
         "Shards with no records (their file could not be read or written): shard -> why. The job "
         "failed; a rerun resumes and runs only these."))
     rows_run: int = Field(0, description="Rows this run wrote.")
+    rows_shared: int = Field(0, description=(
+        "Rows of this run answered with an earlier row's answer to the same greedy or seeded request, "
+        "without an engine (docs/request-semantics.md#repeated-requests)."))
     shards_redone: int = Field(0, description="Shard attempts run again after an engine actor died.")
     shards_changed: int = Field(0, description=(
         "Done shards answered again (or dropped) because their input file changed (input.when_changed: redo)."))
@@ -86,7 +89,7 @@ class JobSummary(BaseModel):
             prompt_tokens=total.prompt_tokens, completion_tokens=total.completion_tokens,
             request_counts=RequestCounts(total=total.rows, completed=total.completions, failed=errors),
             rows_retried=total.rows_retried, rows_recovered=total.rows_recovered, rows_failed=total.rows_failed,
-            rows_run=run.rows, run_completion_tokens=run.completion_tokens,
+            rows_run=run.rows, rows_shared=run.rows_shared, run_completion_tokens=run.completion_tokens,
             output_tokens_per_s=round(run.completion_tokens / wall_s, 1) if wall_s else 0.0,
             **fields,
         )
@@ -123,6 +126,8 @@ class JobSummary(BaseModel):
             f"({self.shards_kept} of {self.shards} shards kept from earlier runs, "
             f"{self.shards_redone} redone after an actor died"
             + (f", {self.shards_changed} again because their input file changed" if self.shards_changed else "") + ")",
+            *([f"repeated requests:   {self.rows_shared} rows answered with an earlier row's answer to the same "
+               "request (greedy or seeded), without an engine"] if self.rows_shared else []),
             *self._engine_lines(),
             f"wall time:           {self.wall_s:.1f}s",
             f"output tokens/s:     {self.output_tokens_per_s:.0f}",
@@ -174,7 +179,7 @@ def summarize(config: JobConfig, rows_in: int, state: ResumeState, tallies: Outp
         engine_startup_s=[e.startup_s for e in engines], engines=engines, engine_utilisation=utilisation(engines),
         first_engine_ready_s=round(min(ready) - started, 3) if ready else 0.0,
         wall_s=round(time.time() - started, 3), provenance=provenance,
-        cost=run_cost(engines, *accelerators, tallies.run.prompt_tokens, tallies.run.completion_tokens,
+        cost=run_cost(engines, *accelerators, *tallies.run.engine_tokens(),
                       config.cost.price_per_accelerator_hour, config.cost.currency),
     )
     repeated = sum(len(i.shard.duplicates) for i in state.pending if i.out in tallies.written)  # keep_first's
