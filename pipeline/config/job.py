@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config.scoring import CHOICE_REQUEST_FIELDS, ScoringConfig
-from pipeline.config.sections import (ConfigError, CostConfig, EngineConfig, InputConfig, ModelConfig,
-                                      OutputConfig, RequestDefaults, Strict)
+from pipeline.config.sections import (AnswerStoreConfig, ConfigError, CostConfig, EngineConfig, InputConfig,
+                                      ModelConfig, OutputConfig, RequestDefaults, Strict)
 from pipeline.config.sweep import SweepConfig, Variant, label, slug
 
 
@@ -40,6 +40,8 @@ class JobConfig(Strict):
     scoring: ScoringConfig | None = Field(None, description=(
         "Score each record against the row's reference answer (a `score` column; a sweep's comparison "
         "gains mean scores with 95% intervals); see docs/evaluation.md."))
+    answer_store: AnswerStoreConfig = Field(default_factory=AnswerStoreConfig, description=(
+        "Where the answers of greedy and seeded rows are kept for later jobs (on by default, in the output)."))
     cost: CostConfig = Field(default_factory=CostConfig, description=(
         "The price of an accelerator-hour, for the summary's cost figures."))
     ray_address: str | None = Field(None, description=(

@@ -194,6 +194,17 @@ class CostConfig(Strict):
     currency: str = Field("USD", description="Shown beside the cost.")
 
 
+class AnswerStoreConfig(Strict):
+    """Answers engines gave before, found by later jobs: rows whose answer their request decides
+    (greedy, or with a `seed`) are answered from it (docs/request-semantics.md#answered-once)."""
+    mode: Literal["read_write", "read", "off"] = Field("read_write", description=(
+        "`read_write`: answer rows from the store and store the engine's new answers; `read`: only answer "
+        "from it; `off`: neither."))
+    path: str | None = Field(None, description=(
+        "The store's folder, local or any URI the output accepts; jobs that name the same folder share it. "
+        "Default: `answers/` in the output folder."))
+
+
 class RequestDefaults(Strict):
     """Job-wide request defaults: the spec's defaults < these < a row's own values."""
 

@@ -18,7 +18,7 @@ from pipeline.config import Variant
 from pipeline.engine import core_forkserver, sizing, vllm_metrics
 from pipeline.engine.completion_engine import CompletionEngine
 from pipeline.engine.supervisor import EngineSupervisor, EngineUnavailable, Row
-from pipeline.engine.shared_answers import SharedAnswers, copied, share_key
+from pipeline.engine.shared_answers import SharedAnswers, answers_from_store, repeated, share_key, store_new_answers
 from pipeline.engine.work import EngineJob, ShardWork
 from pipeline.io import outputs, storage
 from pipeline.io.plan import INPUT_ERROR, ROW_KEY, Shard
@@ -44,8 +44,14 @@ class _Retries:
     recovered: int = 0
     failed: int = 0
     shared: int = 0  # rows answered with an earlier row's answer (the same greedy or seeded request)
-    shared_prompt_tokens: int = 0
-    shared_completion_tokens: int = 0
+    from_store: int = 0  # rows answered from the answer store
+    reused_prompt_tokens: int = 0  # the tokens of both: no engine worked on them
+    reused_completion_tokens: int = 0
+
+    def reused(self, response: dict[str, Any] | None) -> None:
+        if response is not None:
+            self.reused_prompt_tokens += response["usage"]["prompt_tokens"]
+            self.reused_completion_tokens += response["usage"]["completion_tokens"]
 
 
 # Every engine actor's, Ray Data's too (run.py):
@@ -258,7 +264,10 @@ class EngineActor:
         params = job.variants[variant].params
         bodies = [self._body(job, key, row, problem, job.variants[variant])
                   for key, row, problem in zip(keys, rows, problems)]
-        answers = await self._answers(on, list(zip(keys, bodies)), retries)
+        stored = await asyncio.to_thread(answers_from_store, job, keys, bodies, retries)
+        answers = await self._answers(on, list(zip(keys, [s if s is not None else b for b, s in zip(bodies, stored)])),
+                                      retries)
+        await asyncio.to_thread(store_new_answers, job, bodies, stored, answers)
         response, error = result_arrays(answers)
         records = table.append_column("response", response).append_column("error", error)
         records = job.score(records)  # a scored job's `score` column
@@ -310,7 +319,7 @@ class EngineActor:
                 if share is None
                 else self._lead(on, key, Row(body, next(requests), engine, meter=on.meter), retries, share[1])
                 if share[0]
-                else self._repeat(key, body, share[1], retries)
+                else repeated(key, body, share[1], retries)
                 for key, body, share in chunk))
         finally:
             engine.release(prepared)
@@ -328,17 +337,6 @@ class EngineActor:
         if not shared.done():
             shared.set_result(answer)
         return answer
-
-    @staticmethod
-    async def _repeat(key: str, body: dict[str, Any], shared: asyncio.Future,
-                      retries: _Retries) -> tuple[dict | None, dict | None]:
-        """A row whose request an earlier row of the job asked: that row's answer, its own response id."""
-        response, error = copied(await asyncio.shield(shared), completion_id(key, body))
-        retries.shared += 1
-        if response is not None:
-            retries.shared_prompt_tokens += response["usage"]["prompt_tokens"]
-            retries.shared_completion_tokens += response["usage"]["completion_tokens"]
-        return response, error
 
     def _body(self, job: EngineJob, key: str, row: dict[str, Any] | None, problem: dict | None,
               variant: Variant) -> dict[str, Any] | tuple[dict | None, dict | None]:

@@ -11,6 +11,10 @@ shares: each such row is its own draw, as the endpoint's users expect.
 Within an actor and a job, shared across the job's shards on the actor (the last MAX_KEPT distinct
 requests' answers are kept). A leader that got no answer (its engine could not start, its shard was
 cancelled) leads no one: the next row with that body leads again.
+
+Across jobs, the same rows' answers are kept in the answer store (io/answer_store.py): a shard's rows
+found there are answered from it before any goes to the engine, and the engine's new answers to such
+rows are stored once the shard is written (never an error record).
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ import collections
 import copy
 import hashlib
 import json
+import logging
 from typing import Any
+
+from pipeline.engine.work import EngineJob
+from pipeline.protocol import completion_id
+
+log = logging.getLogger(__name__)
 
 MAX_KEPT = 20_000  # distinct answered requests an actor keeps per job, for rows that repeat them later
 
@@ -64,3 +74,62 @@ def copied(answer: tuple[dict | None, dict | None], response_id: str) -> tuple[d
     if response is not None:
         response["id"] = response_id
     return response, error
+
+
+async def repeated(key: str, body: dict[str, Any], shared: asyncio.Future,
+                   counts: Any) -> tuple[dict | None, dict | None]:
+    """A row whose request an earlier row of the job asked: that row's answer, its own response id;
+    `counts` (the shard's) counts it."""
+    response, error = copied(await asyncio.shield(shared), completion_id(key, body))
+    counts.shared += 1
+    counts.reused(response)
+    return response, error
+
+
+def _store_keys(job: EngineJob, bodies: list[Any]) -> list[str | None]:
+    """Each body's answer store key; None for a row whose answer its body does not decide (or no body)."""
+    default_temperature = job.config.defaults.temperature
+    return [job.store.key(b) if isinstance(b, dict) and share_key(b, default_temperature) is not None else None
+            for b in bodies]
+
+
+def answers_from_store(job: EngineJob, keys: list[str], bodies: list[Any],
+                       counts: Any) -> list[tuple[dict, None] | None]:
+    """Each row's answer from the job's answer store, or None (not there, or no store); `counts` (the
+    shard's) counts them. Blocking: run it in a thread."""
+    if job.store is None:
+        return [None] * len(bodies)
+    store_keys = _store_keys(job, bodies)
+    try:
+        found = job.store.lookup({k for k in store_keys if k})
+    except Exception as exc:  # noqa: BLE001 - an unreadable store answers nothing; the engine answers
+        log.warning("the answer store could not be read (%s: %s); the engine answers these rows",
+                    type(exc).__name__, exc)
+        found = {}
+    answers: list[tuple[dict, None] | None] = []
+    for key, body, store_key in zip(keys, bodies, store_keys):
+        if store_key in found:
+            response, _ = copied((found[store_key], None), completion_id(key, body))
+            counts.from_store += 1
+            counts.reused(response)
+            answers.append((response, None))
+        else:
+            answers.append(None)
+    return answers
+
+
+def store_new_answers(job: EngineJob, bodies: list[Any], stored: list[Any],
+                      answers: list[tuple[dict | None, dict | None]]) -> None:
+    """The engine's new answers to greedy and seeded rows into the answer store, never an error record.
+    Blocking: run it in a thread."""
+    if job.store is None or job.store.mode != "read_write":
+        return
+    entries: dict[str, tuple[str, dict, dict]] = {}
+    for store_key, body, was_stored, (response, error) in zip(_store_keys(job, bodies), bodies, stored, answers):
+        if store_key is not None and was_stored is None and response is not None and error is None:
+            entries.setdefault(store_key, (store_key, body, response))
+    try:
+        job.store.write(list(entries.values()))
+    except Exception as exc:  # noqa: BLE001 - the records are written; the store only saves later work
+        log.warning("the answer store could not be written (%s: %s); the records are not affected",
+                    type(exc).__name__, exc)

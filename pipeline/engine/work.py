@@ -10,6 +10,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline.config import JobConfig, Variant
+from pipeline.io.answer_store import AnswerStore
 from pipeline.io.plan import InputPlan, Shard
 from pipeline.protocol import RequestBuilder
 
@@ -25,6 +26,7 @@ class EngineJob:
     variants: dict[str, Variant]  # by name: the sweep's request fields, which beat the row's
     score: Callable[[pa.Table], pa.Table]  # adds a scored job's `score` column (or returns the records)
     meter: Callable[..., Any]  # meter(engine_id, node[, share=]): counts the engine's work for the job
+    store: AnswerStore | None = None  # where greedy and seeded rows' answers are kept and found (io/answer_store.py)
     pool: str = ""  # the standing pool whose engines answer it (pool/): its engine time is its share of theirs
 
 

@@ -25,8 +25,11 @@ class Tally(BaseModel):
     rows_failed: int = Field(0, description="Retried rows given up on: recorded as a 500 error.")
     rows_shared: int = Field(0, description=(
         "Rows answered with an earlier row's answer to the same request (greedy or seeded): no engine work."))
-    shared_prompt_tokens: int = Field(0, description="The shared rows' prompt tokens (in prompt_tokens too).")
-    shared_completion_tokens: int = Field(0, description="The shared rows' completion tokens (in completion_tokens too).")
+    rows_from_store: int = Field(0, description="Rows answered from the answer store: no engine work.")
+    reused_prompt_tokens: int = Field(0, description=(
+        "The prompt tokens of the shared rows and of those from the store (in prompt_tokens too)."))
+    reused_completion_tokens: int = Field(0, description=(
+        "Their completion tokens (in completion_tokens too)."))
     intervals: list[list[float]] = Field(default_factory=list, description=(
         "[start, end] unix times of the shards' work: busy time, for tokens per second."))
     source: str = Field("", description=(
@@ -35,7 +38,7 @@ class Tally(BaseModel):
 
     @classmethod
     def of_records(cls, table: pa.Table, *, retried: int = 0, recovered: int = 0, failed: int = 0, shared: int = 0,
-                   shared_prompt_tokens: int = 0, shared_completion_tokens: int = 0,
+                   from_store: int = 0, reused_prompt_tokens: int = 0, reused_completion_tokens: int = 0,
                    intervals: list[list[float]] = ()) -> "Tally":
         response, error = table.column("response"), table.column("error")
         usage = pc.struct_field(response, "usage")
@@ -52,21 +55,23 @@ class Tally(BaseModel):
             prompt_tokens=int(pc.sum(pc.struct_field(usage, "prompt_tokens")).as_py() or 0),
             completion_tokens=int(pc.sum(pc.struct_field(usage, "completion_tokens")).as_py() or 0),
             rows_retried=retried, rows_recovered=recovered, rows_failed=failed, rows_shared=shared,
-            shared_prompt_tokens=shared_prompt_tokens, shared_completion_tokens=shared_completion_tokens,
+            rows_from_store=from_store, reused_prompt_tokens=reused_prompt_tokens,
+            reused_completion_tokens=reused_completion_tokens,
             intervals=list(intervals),
         )
 
     def add(self, other: "Tally") -> None:
         for name in ("rows", "completions", "choices", "prompt_tokens", "completion_tokens", "rows_retried",
-                     "rows_recovered", "rows_failed", "rows_shared", "shared_prompt_tokens", "shared_completion_tokens"):
+                     "rows_recovered", "rows_failed", "rows_shared", "rows_from_store", "reused_prompt_tokens",
+                     "reused_completion_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.errors_by_type = dict(Counter(self.errors_by_type) + Counter(other.errors_by_type))
         self.finish_reasons = dict(Counter(self.finish_reasons) + Counter(other.finish_reasons))
         self.intervals = self.intervals + other.intervals
 
     def engine_tokens(self) -> tuple[int, int]:
-        """(prompt, completion) tokens an engine worked on: the records' less the shared rows'."""
-        return (self.prompt_tokens - self.shared_prompt_tokens, self.completion_tokens - self.shared_completion_tokens)
+        """(prompt, completion) tokens an engine worked on: the records' less the reused rows'."""
+        return (self.prompt_tokens - self.reused_prompt_tokens, self.completion_tokens - self.reused_completion_tokens)
 
     def busy_s(self) -> float:
         """Seconds in which at least one of these shards was being worked on (overlaps counted once)."""

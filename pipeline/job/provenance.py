@@ -8,6 +8,7 @@ same path stops before Ray starts and says what differs (pipeline/io/outputs.py)
 
 from __future__ import annotations
 
+import json
 from importlib import metadata
 from typing import Any
 
@@ -76,3 +77,21 @@ def provenance(config: JobConfig, prints: dict[str, Any]) -> dict[str, Any]:
         "seeds": {"engine": engine.seed,
                   "note": "rows with a `seed` sample from it; rows without sample from the engine's seed"},
     }
+
+
+def store_context(config: JobConfig, prints: dict[str, Any]) -> str:
+    """What besides a request's body decides its answer, for the answer store's key (io/answer_store.py):
+    the model's and its adapters' fingerprints (a changed file behind the same path is another model),
+    the engine settings that change numerics (the output identity's: dtype, max_model_len, seed,
+    max_logprobs, the engine.vllm arguments that change answers, batch_invariant; and the device and
+    tensor_parallel_size, whose reductions differ), the request defaults the engine holds, and the
+    versions of vLLM and of this project."""
+    engine = config.engine
+    context = {
+        "fingerprints": prints[config.model.resolved_served_name()],
+        "engine": {**config.identity()["engine"], "device": engine.resolved_device(),
+                   "tensor_parallel_size": engine.tensor_parallel_size},
+        "defaults": config.defaults.sampling_defaults(),
+        "versions": {name: version for name, version in versions().items() if name in ("batch-completions", "vllm")},
+    }
+    return json.dumps(context, sort_keys=True, default=str)

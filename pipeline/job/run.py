@@ -31,6 +31,7 @@ from pipeline.engine.work import EngineJob, ShardWork
 from pipeline.evaluation import record_scores
 from pipeline.evaluation.compare import write_comparison
 from pipeline.io import outputs, resume, storage
+from pipeline.io.answer_store import AnswerStore
 from pipeline.io.plan import ROW_KEY, InputError, InputPlan, cut_shards, plan_input
 from pipeline.io.records import VARIANT_PARAMS, output_schema
 from pipeline.io.resume import ResumeState, WorkItem
@@ -221,7 +222,17 @@ def _engine_job(config: JobConfig, plan: InputPlan | None, schema: pa.Schema | N
     return EngineJob(config=config, plan=plan, builder=request_builder(config, plan.format if plan else "parquet"),
                      schema=schema, variants=variants,
                      score=functools.partial(record_scores.with_scores, config.scoring),
-                     meter=functools.partial(EngineMeter, stats, labels=_metric_labels(config)))
+                     meter=functools.partial(EngineMeter, stats, labels=_metric_labels(config)),
+                     store=_answer_store(config) if plan is not None else None)
+
+
+def _answer_store(config: JobConfig) -> AnswerStore | None:
+    """The job's answer store for its model (config.model), or None when it is off."""
+    store = config.answer_store
+    if store.mode == "off":
+        return None
+    context = provenance.store_context(config, provenance.fingerprints(config.model_copy(update={"sweep": None})))
+    return AnswerStore(store.path or storage.join(config.output.path, "answers"), context, store.mode)
 
 
 def _engines_before_their_job(config: JobConfig) -> EngineJob:

@@ -55,7 +55,9 @@ class JobSummary(BaseModel):
     rows_run: int = Field(0, description="Rows this run wrote.")
     rows_shared: int = Field(0, description=(
         "Rows of this run answered with an earlier row's answer to the same greedy or seeded request, "
-        "without an engine (docs/request-semantics.md#repeated-requests)."))
+        "without an engine (docs/request-semantics.md#answered-once)."))
+    rows_from_store: int = Field(0, description=(
+        "Rows of this run answered from the answer store (answers engines gave earlier jobs), without an engine."))
     shards_redone: int = Field(0, description="Shard attempts run again after an engine actor died.")
     shards_changed: int = Field(0, description=(
         "Done shards answered again (or dropped) because their input file changed (input.when_changed: redo)."))
@@ -89,7 +91,8 @@ class JobSummary(BaseModel):
             prompt_tokens=total.prompt_tokens, completion_tokens=total.completion_tokens,
             request_counts=RequestCounts(total=total.rows, completed=total.completions, failed=errors),
             rows_retried=total.rows_retried, rows_recovered=total.rows_recovered, rows_failed=total.rows_failed,
-            rows_run=run.rows, rows_shared=run.rows_shared, run_completion_tokens=run.completion_tokens,
+            rows_run=run.rows, rows_shared=run.rows_shared, rows_from_store=run.rows_from_store,
+            run_completion_tokens=run.completion_tokens,
             output_tokens_per_s=round(run.completion_tokens / wall_s, 1) if wall_s else 0.0,
             **fields,
         )
@@ -126,8 +129,9 @@ class JobSummary(BaseModel):
             f"({self.shards_kept} of {self.shards} shards kept from earlier runs, "
             f"{self.shards_redone} redone after an actor died"
             + (f", {self.shards_changed} again because their input file changed" if self.shards_changed else "") + ")",
-            *([f"repeated requests:   {self.rows_shared} rows answered with an earlier row's answer to the same "
-               "request (greedy or seeded), without an engine"] if self.rows_shared else []),
+            *([f"answered once:       {self.rows_shared} rows with an earlier row's answer to the same request, "
+               f"{self.rows_from_store} from the answer store: no engine work"]
+              if self.rows_shared or self.rows_from_store else []),
             *self._engine_lines(),
             f"wall time:           {self.wall_s:.1f}s",
             f"output tokens/s:     {self.output_tokens_per_s:.0f}",

@@ -1,0 +1,114 @@
+"""The answer store: answers engines gave before, kept where a later job finds them (Parquet files).
+
+Keyed by what decides an answer: the request body (after the job's defaults, as the engine gets it),
+the model's and its adapters' fingerprints, the engine settings that change numerics, the request
+defaults the engine holds, and the versions of vLLM and this project (`context`, built by the job).
+Only answers the body decides are stored (greedy or seeded rows: engine/shared_answers.py), and only
+responses, never an error record. A changed model file behind the same path, another adapter, an
+engine argument that changes answers, another vLLM or pipeline version: another key, a miss.
+
+Layout: `<path>/<context hash[:16]>/part-<uuid>.parquet`, one file per shard that answered something
+new, written atomically (storage.write_bytes), with the columns of STORE_SCHEMA. Any tool that reads
+Parquet reads it; deleting the folder clears it. A file that cannot be read (cut short, not Parquet)
+is skipped, and its answers are answered again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.io.storage import filesystem, join, redact, write_bytes
+
+log = logging.getLogger(__name__)
+STORE_SCHEMA = pa.schema([
+    ("key", pa.string()),  # sha256 of the context and the canonical request body
+    ("response", pa.string()),  # the response body, JSON
+    ("body", pa.string()),  # the request body, JSON (for people and tools; not read back)
+    ("stored_at", pa.float64()),
+])
+
+
+@dataclass
+class _Index:
+    files: set[str] = field(default_factory=set)  # the store files this process has read the keys of
+    where: dict[str, str] = field(default_factory=dict)  # key -> the file holding its answer
+
+
+_INDEXES: dict[str, _Index] = {}  # by store folder, in this process
+
+
+@dataclass(frozen=True)
+class AnswerStore:
+    path: str  # the store's folder (local or any URI the output accepts)
+    context: str  # canonical JSON of what besides the body decides an answer
+    mode: str = "read_write"  # read_write | read
+
+    @property
+    def folder(self) -> str:
+        return join(self.path, hashlib.sha256(self.context.encode()).hexdigest()[:16])
+
+    def key(self, body: dict[str, Any]) -> str:
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+        return hashlib.sha256(f"{self.context}\n{canonical}".encode("utf-8", "surrogatepass")).hexdigest()
+
+    def lookup(self, keys: set[str]) -> dict[str, dict[str, Any]]:
+        """The stored responses of `keys` that the store has. Each process keeps an index of the keys of
+        the files it has read (a file is read for its keys once), so a shard costs one listing of the
+        folder and a read of the files holding its hits."""
+        if not keys:
+            return {}
+        fs, folder = filesystem(self.folder, "read the answer store")
+        index = _INDEXES.setdefault(self.folder, _Index())
+        try:
+            listing = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+        except FileNotFoundError:
+            return {}
+        for info in listing:
+            name = info.base_name
+            if info.type == pafs.FileType.File and name.endswith(".parquet") and not name.startswith(".") \
+                    and info.path not in index.files:
+                index.files.add(info.path)
+                try:
+                    for key in pq.read_table(info.path, columns=["key"], filesystem=fs)["key"].to_pylist():
+                        index.where.setdefault(key, info.path)
+                except Exception as exc:  # noqa: BLE001 - a damaged file is skipped: its rows are answered again
+                    log.warning("answer store file %s cannot be read (%s: %s); skipped", redact(info.path),
+                                type(exc).__name__, exc)
+        found: dict[str, dict[str, Any]] = {}
+        by_file: dict[str, list[str]] = {}
+        for key in keys & index.where.keys():
+            by_file.setdefault(index.where[key], []).append(key)
+        for path, wanted in by_file.items():
+            try:
+                table = pq.read_table(path, columns=["key", "response"], filesystem=fs)
+                table = table.filter(pc.is_in(table["key"], value_set=pa.array(wanted, pa.string())))
+                found.update((k, json.loads(r)) for k, r in zip(table["key"].to_pylist(), table["response"].to_pylist()))
+            except Exception as exc:  # noqa: BLE001 - gone or damaged since it was indexed: answered again
+                log.warning("answer store file %s cannot be read (%s: %s); skipped", redact(path),
+                            type(exc).__name__, exc)
+        return found
+
+    def write(self, entries: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> None:
+        """Store (key, body, response) entries, as one new file."""
+        if not entries or self.mode != "read_write":
+            return
+        now = time.time()
+        table = pa.table({"key": [k for k, _, _ in entries],
+                          "response": [json.dumps(r, ensure_ascii=False) for _, _, r in entries],
+                          "body": [json.dumps(b, ensure_ascii=False, default=str) for _, b, _ in entries],
+                          "stored_at": [now] * len(entries)}, schema=STORE_SCHEMA)
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        write_bytes(join(self.folder, f"part-{uuid.uuid4().hex}.parquet"), sink.getvalue())
