@@ -1,0 +1,81 @@
+"""What makes two rows one request (engine/shared_answers.py) and what the answer store keys, keeps
+and skips (io/answer_store.py), without an engine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from pipeline.engine.shared_answers import SharedAnswers, copied, share_key
+from pipeline.io.answer_store import AnswerStore
+
+GREEDY = {"model": "tiny-llama", "prompt": "Once", "temperature": 0}
+
+
+def test_greedy_and_seeded_rows_share_unseeded_sampled_rows_never():
+    assert share_key(GREEDY, 0.2) == share_key(dict(reversed(GREEDY.items())), 0.2)  # key order does not matter
+    assert share_key({"model": "m", "prompt": "Once", "temperature": 0.9, "seed": 3}, 0.2) is not None
+    assert share_key({"model": "m", "prompt": "Once", "temperature": 0.9, "n": 2, "seed": 3}, 0.2) is not None
+    assert share_key({"model": "m", "prompt": "Once", "temperature": 0.9}, 0.2) is None
+    assert share_key({"model": "m", "prompt": "Once", "n": 3}, 0.2) is None  # the job's default samples
+    assert share_key({"model": "m", "prompt": "Once"}, 0.0) is not None  # a greedy job default
+    assert share_key({**GREEDY, "max_tokens": 5}, 0.2) != share_key(GREEDY, 0.2)
+
+
+def test_one_leader_per_request_and_a_failed_leader_leads_no_one():
+    async def scenario():
+        shared = SharedAnswers()
+        lead, future = shared.claim("k")
+        follow, same = shared.claim("k")
+        assert (lead, follow, same is future) == (True, False, True)
+        future.set_exception(RuntimeError("no engine"))
+        future.exception()
+        again, fresh = shared.claim("k")  # the next row with the request leads again
+        assert again and fresh is not future
+
+    asyncio.run(scenario())
+
+
+def test_a_copy_is_the_leaders_answer_with_its_own_id():
+    answer = ({"id": "cmpl-a", "choices": [{"text": "x"}]}, None)
+    response, error = copied(answer, "cmpl-b")
+    assert response == {"id": "cmpl-b", "choices": [{"text": "x"}]} and error is None
+    response["choices"][0]["text"] = "changed"
+    assert answer[0]["choices"][0]["text"] == "x"  # not shared: a copy
+
+
+def test_the_store_keys_the_context_too(tmp_path):
+    one, other = AnswerStore(str(tmp_path), '{"model": 1}'), AnswerStore(str(tmp_path), '{"model": 2}')
+    assert one.key(GREEDY) != other.key(GREEDY) and one.folder != other.folder
+    one.write([(one.key(GREEDY), GREEDY, {"choices": [{"text": "x"}]})])
+    assert one.lookup({one.key(GREEDY)}) == {one.key(GREEDY): {"choices": [{"text": "x"}]}}
+    assert other.lookup({other.key(GREEDY)}) == {}
+    AnswerStore(str(tmp_path), '{"model": 1}', mode="read").write([("k", GREEDY, {})])  # read-only: nothing
+    assert len(list(tmp_path.rglob("part-*.parquet"))) == 1
+
+
+def test_writers_at_once_leave_a_readable_store(tmp_path):
+    store = AnswerStore(str(tmp_path), "{}")
+    bodies = [{**GREEDY, "prompt": f"p{i}"} for i in range(40)]
+
+    def write(part):
+        for body in part:
+            store.write([(store.key(body), body, {"text": body["prompt"]})])
+
+    threads = [threading.Thread(target=write, args=(bodies[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    found = AnswerStore(str(tmp_path), "{}").lookup({store.key(b) for b in bodies})
+    assert sorted(r["text"] for r in found.values()) == sorted(b["prompt"] for b in bodies)
+
+
+@pytest.mark.parametrize("damage", [b"", b"PAR1 not really"])
+def test_a_damaged_file_is_skipped(tmp_path, damage):
+    store = AnswerStore(str(tmp_path), '{"d": 1}')
+    store.write([(store.key(GREEDY), GREEDY, {"text": "kept"})])
+    (tmp_path / store.folder.rsplit("/", 1)[1] / "part-broken.parquet").write_bytes(damage)
+    assert store.lookup({store.key(GREEDY)}) == {store.key(GREEDY): {"text": "kept"}}
