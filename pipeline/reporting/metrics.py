@@ -39,6 +39,8 @@ DESCRIPTIONS = {
     "rows_retried_total": "Rows answered again after their engine died or answered 500.",
     "rows_recovered_total": "Retried rows that got an answer.",
     "rows_failed_total": "Retried rows given up on (recorded as 500s).",
+    "rows_shared_total": "Rows recorded with an earlier row's answer to the same request (no engine work).",
+    "rows_from_store_total": "Rows recorded with an answer from the answer store (no engine work).",
     "shards_total": "Shards by state: done (written by this run), kept (an earlier run's), failed, redone.",
     "rows_answered_total": "Rows the engines answered with a response (live; a redone shard counts again).",
     "output_tokens_total": "Output tokens of the rows answered (live).",
@@ -102,7 +104,8 @@ def shard_recorded(tags: dict[str, str], tally: Tally) -> None:
     for name, value in (("prompt_tokens_total", tally.prompt_tokens),
                         ("completion_tokens_total", tally.completion_tokens),
                         ("rows_retried_total", tally.rows_retried), ("rows_recovered_total", tally.rows_recovered),
-                        ("rows_failed_total", tally.rows_failed)):
+                        ("rows_failed_total", tally.rows_failed), ("rows_shared_total", tally.rows_shared),
+                        ("rows_from_store_total", tally.rows_from_store)):
         _record(name, value, tags)
     shards(tags, "done", 1)
 
