@@ -8,10 +8,10 @@ job.py       the whole config (JobConfig), what a rerun must match (`identity`),
 
 from pipeline.config.job import JobConfig, in_ray_job, load_config
 from pipeline.config.scoring import ScoringConfig
-from pipeline.config.sections import (ConfigError, EngineConfig, InputConfig, ModelConfig, OutputConfig,
+from pipeline.config.sections import (AnswerStoreConfig, ConfigError, EngineConfig, InputConfig, ModelConfig, OutputConfig,
                                       RequestDefaults, check_adapter_name)
 from pipeline.config.sweep import SweepConfig, Variant
 
-__all__ = ["ConfigError", "EngineConfig", "InputConfig", "JobConfig", "ModelConfig", "OutputConfig",
+__all__ = ["AnswerStoreConfig", "ConfigError", "EngineConfig", "InputConfig", "JobConfig", "ModelConfig", "OutputConfig",
            "RequestDefaults", "ScoringConfig", "SweepConfig", "Variant", "check_adapter_name", "in_ray_job",
            "load_config"]

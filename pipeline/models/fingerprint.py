@@ -12,12 +12,19 @@ It covers, in a fixed order, each file's name and size and:
 Not the weight values themselves: a checkpoint rewritten with other values of the same shapes keeps its
 fingerprint (hash the files for that; for 140 GB it takes minutes). Local folders and any URI the
 input accepts; a model the driver cannot read (a hub id, a folder only the GPU nodes mount) has none.
+
+`weight_sample` adds the values, sampled: SAMPLES stretches of SAMPLE_BYTES spread evenly through each
+weight file (the whole of a file no larger than that). A checkpoint trained further changes nearly
+every tensor, so a sample tells it apart from the one it replaced; it costs SAMPLES reads per file. The
+answer store's key holds it (io/answer_store.py): a stored answer must never outlive the weights that
+gave it. The output's identity keeps the fingerprint alone, as outputs recorded it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -29,6 +36,7 @@ WHOLE = ("config.json", "generation_config.json", "adapter_config.json", "tokeni
          "chat_template.jinja", "model.safetensors.index.json")
 WEIGHTS = (".bin", ".pt", ".pth", ".gguf")
 HEAD_BYTES = 1 << 20
+SAMPLES, SAMPLE_BYTES = 16, 64 << 10
 COVERS = ("config, tokenizer and index files whole; safetensors headers (tensor names, dtypes, shapes, offsets); "
           "other weight files' first MiB; every file's size. Not the weight values.")
 
@@ -67,3 +75,33 @@ def _covered(fs: pafs.FileSystem, path: str, base: str, size: int) -> bytes | No
         with fs.open_input_file(path) as f:
             return f.read_at(min(HEAD_BYTES, size), 0)
     return None
+
+
+def weight_sample(path: str) -> str | None:
+    """A hash of each weight file's name, size and SAMPLES stretches of its bytes (module docstring);
+    None when the folder cannot be read here."""
+    try:
+        fs, folder = filesystem(path)
+        infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+    except (OSError, ValueError):
+        return None
+    weights = sorted((i for i in infos if i.type == pafs.FileType.File
+                      and i.base_name.endswith((".safetensors", *WEIGHTS))), key=lambda i: i.path)
+
+    def sample(info: pafs.FileInfo) -> bytes:
+        with fs.open_input_file(info.path) as f:
+            if info.size <= SAMPLES * SAMPLE_BYTES:
+                return f.read()
+            step = (info.size - SAMPLE_BYTES) // (SAMPLES - 1)
+            return b"".join(f.read_at(SAMPLE_BYTES, n * step) for n in range(SAMPLES))
+
+    try:
+        with ThreadPoolExecutor(8) as pool:  # object storage: the files' reads at once
+            samples = list(pool.map(sample, weights))
+    except OSError:
+        return None
+    digest = hashlib.sha256()
+    for info, content in zip(weights, samples):
+        digest.update(f"{info.path[len(folder):]}\0{info.size}\0".encode())
+        digest.update(hashlib.sha256(content).digest())
+    return digest.hexdigest()

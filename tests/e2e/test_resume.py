@@ -74,6 +74,9 @@ def test_killed_driver_then_rerun_resumes(tmp_path):
     assert table.column("error").null_count == ROWS
     assert all(r["usage"]["completion_tokens"] == MAX_TOKENS for r in table.column("response").to_pylist())
     assert (tmp_path / "out" / "_SUCCESS").exists()
+    # the answer store (on by default; greedy rows): each row's answer stored once, whichever run answered it
+    stored = pq.read_table(tmp_path / "out" / "answers").column("key").to_pylist()
+    assert len(stored) == len(set(stored)) == ROWS
     print(f"\ndriver killed after {len(kept)} of {ROWS // PER_SHARD} shards: rerun kept {len(kept) * PER_SHARD} "
           f"rows, ran {summary['rows_run']}; rows lost 0, duplicated 0")
 

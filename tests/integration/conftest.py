@@ -19,7 +19,8 @@ _jobs = itertools.count()
 
 
 class JobResult:
-    def __init__(self, table: pa.Table, summary: JobSummary, input_table: pa.Table) -> None:
+    def __init__(self, table: pa.Table, summary: JobSummary, input_table: pa.Table, output: Path) -> None:
+        self.output = output  # the job's output folder
         self.table = table
         self.summary = summary
         self.input = input_table
@@ -51,7 +52,7 @@ def run_job(tmp_path_factory):
             **config,
         })
         summary = run(job)
-        return JobResult(pq.read_table(folder / "out" / "data"), summary, table)
+        return JobResult(pq.read_table(folder / "out" / "data"), summary, table, folder / "out")
 
     yield _run
     import ray

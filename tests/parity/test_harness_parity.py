@@ -85,8 +85,9 @@ def test_every_item_and_the_results_table_equal_local_completions(harness, refer
 
 def test_requests_are_records_and_a_stopped_evaluation_resumes(harness):
     folder, include_path, pipeline_lm, first = harness
-    kinds = sorted(p.name.rsplit("-", 1)[0] for p in (folder / "records").iterdir())
+    kinds = sorted(p.name.rsplit("-", 1)[0] for p in (folder / "records").iterdir() if p.name != "answers")
     assert kinds == ["generate_until", "loglikelihood", "loglikelihood_rolling"]
+    assert list((folder / "records" / "answers").rglob("part-*.parquet"))  # the evaluation's answer store
     generations = next((folder / "records").glob("generate_until-*"))
     requests = pq.read_table(generations / "requests.parquet")
     records = pq.read_table(generations / "records" / "data")
@@ -144,3 +145,63 @@ def test_a_sweep_evaluates_each_variant_and_compares_them_per_task_and_metric(ha
         assert {json.loads(b)["model"] for b in records.column("body").to_pylist()} == {variant}
     assert answers[SERVED].keys() == answers["tiny-lora-a"].keys()
     assert any(answers[SERVED][k] != answers["tiny-lora-a"][k] for k in answers[SERVED])
+
+
+def _summaries(records: Path) -> dict[str, dict]:
+    """Each request kind's job summary in an evaluation's records folder (the newest job of a kind)."""
+    jobs = sorted(records.glob("*-*/records/summary.json"), key=lambda p: p.stat().st_mtime)
+    return {p.parents[1].name.rsplit("-", 1)[0]: json.loads(p.read_text()) for p in jobs}
+
+
+def test_only_requests_not_answered_before_reach_an_engine(harness):
+    """Tasks over the same documents, a rerun with the limit raised, and the same evaluation elsewhere:
+    the answer store (`answers/` of the evaluation's output) and merging leave the engine only what is new."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    from pipeline.job.harness_model import register
+
+    folder, include_path, _, _ = harness
+    tasks = folder / "tasks-again"
+    tasks.mkdir()
+    for name in ("tiny_choice", "tiny_qa"):
+        spec = json.loads((include_path / f"{name}.yaml").read_text())
+        (tasks / f"{name}.yaml").write_text(json.dumps(spec))
+        (tasks / f"{name}_again.yaml").write_text(json.dumps({**spec, "task": f"{name}_again"}))
+    manager = TaskManager(include_path=str(tasks))
+
+    def evaluate(output: Path, names: list[str], limit: int, store: Path | None = None) -> dict:
+        config = folder / f"{output.name}.yaml"
+        config.write_text(json.dumps({
+            "output": str(output), "model": {"path": "builtin:tiny-llama", "served_name": SERVED},
+            "engine": {"device": "cpu", "dtype": "float32", "max_model_len": CONTEXT, "gpu_memory_utilization": 0.5},
+            **({"answer_store": {"path": str(store)}} if store else {})}))
+        return simple_evaluate(model=register()(config=str(config)), tasks=names, task_manager=manager,
+                               limit=limit, bootstrap_iters=0)
+
+    first = folder / "again-records"
+    evaluate(first, ["tiny_choice", "tiny_qa"], limit=4)
+    asked = {kind: s["rows_run"] for kind, s in _summaries(first).items()}
+    assert set(asked) == {"loglikelihood", "generate_until"} and all(asked.values())
+
+    # the limit raised, and a second task over the same documents: the first run's requests come from the
+    # store, the copies' are merged with their originals; the engine answers only the new documents'
+    names = ["tiny_choice", "tiny_choice_again", "tiny_qa", "tiny_qa_again"]
+    raised = evaluate(first, names, limit=6)
+    for kind, summary in _summaries(first).items():
+        per_task = summary["rows_run"] // 2  # a task's requests for 6 documents; the copy has the same
+        assert summary["rows_run"] == 2 * per_task > 2 * asked[kind], kind
+        assert summary["rows_from_store"] == 2 * asked[kind], kind  # both tasks' first 4 documents
+        assert summary["rows_shared"] == per_task - asked[kind], kind  # the copy's 2 new documents
+        assert summary["cost"]["output_tokens"] > 0
+
+    # the same evaluation into another output, sharing the store: no request reaches an engine
+    elsewhere = folder / "elsewhere-records"
+    again = evaluate(elsewhere, names, limit=6, store=first / "answers")
+    for kind, summary in _summaries(elsewhere).items():
+        assert summary["rows_from_store"] + summary["rows_shared"] == summary["rows_run"] > 0, kind
+        assert summary["cost"]["input_tokens"] == summary["cost"]["output_tokens"] == 0, kind
+    assert make_table(again) == make_table(raised)
+    for task in names:
+        assert [s["resps"] for s in again["samples"][task]] == [s["resps"] for s in raised["samples"][task]]

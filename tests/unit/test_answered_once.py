@@ -79,3 +79,21 @@ def test_a_damaged_file_is_skipped(tmp_path, damage):
     store.write([(store.key(GREEDY), GREEDY, {"text": "kept"})])
     (tmp_path / store.folder.rsplit("/", 1)[1] / "part-broken.parquet").write_bytes(damage)
     assert store.lookup({store.key(GREEDY)}) == {store.key(GREEDY): {"text": "kept"}}
+
+
+def test_lookups_at_once_each_find_every_stored_answer(tmp_path):
+    """Shards of one actor look up at once, in threads: none may miss a file another is indexing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.io import answer_store
+
+    store = AnswerStore(str(tmp_path), "{}")
+    bodies = [{**GREEDY, "prompt": f"p{i}"} for i in range(200)]
+    for part in range(20):
+        store.write([(store.key(b), b, {"text": b["prompt"]}) for b in bodies[part::20]])
+    for _ in range(5):  # a fresh process's index each time
+        answer_store._INDEXES.pop(store.folder, None)
+        keys = {store.key(b) for b in bodies}
+        with ThreadPoolExecutor(8) as pool:
+            found = list(pool.map(lambda _: store.lookup(keys), range(8)))
+        assert all(len(f) == 200 for f in found)
