@@ -79,10 +79,15 @@ def copied(answer: tuple[dict | None, dict | None], response_id: str) -> tuple[d
 async def repeated(key: str, body: dict[str, Any], shared: asyncio.Future,
                    counts: Any) -> tuple[dict | None, dict | None]:
     """A row whose request an earlier row of the job asked: that row's answer, its own response id;
-    `counts` (the shard's) counts it."""
+    `counts` (the shard's) counts it. A 500 (a request that kills every engine it reaches, run alone
+    and given up on) is counted as this row's too: retried and failed, as each such row was before
+    repeats were merged, so the summary's failed rows are the rows recorded as 500s."""
     response, error = copied(await asyncio.shield(shared), completion_id(key, body))
     counts.shared += 1
     counts.reused(response)
+    if error is not None and (error.get("code") or 0) >= 500:
+        counts.retried += 1
+        counts.failed += 1
     return response, error
 
 

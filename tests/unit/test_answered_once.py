@@ -97,3 +97,22 @@ def test_lookups_at_once_each_find_every_stored_answer(tmp_path):
         with ThreadPoolExecutor(8) as pool:
             found = list(pool.map(lambda _: store.lookup(keys), range(8)))
         assert all(len(f) == 200 for f in found)
+
+
+def test_a_repeat_of_a_request_given_up_on_is_counted_failed_like_it():
+    from types import SimpleNamespace
+
+    from pipeline.engine.shared_answers import repeated
+
+    async def main():
+        counts = SimpleNamespace(shared=0, retried=0, failed=0, reused=lambda response: None)
+        loop = asyncio.get_running_loop()
+        given_up, answered = loop.create_future(), loop.create_future()
+        given_up.set_result((None, {"code": 500, "message": "kills the engine"}))
+        answered.set_result(({"id": "x", "choices": [], "usage": {}}, None))
+        await repeated("k1", GREEDY, given_up, counts)
+        await repeated("k2", GREEDY, answered, counts)
+        return counts
+
+    counts = asyncio.run(main())
+    assert (counts.shared, counts.retried, counts.failed) == (2, 1, 1)
