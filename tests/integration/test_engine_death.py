@@ -137,12 +137,17 @@ def test_actor_process_killed_mid_job(run_job, tmp_path_factory):
 
     engine_processes: list[psutil.Process] = []
 
+    first_written: list[float] = []
+
     def a_shard_is_written(actor: psutil.Process) -> bool:
-        # kill once the actor has written a shard: some work is kept, some is in flight
+        # kill once the actor has written a shard, 2 s later: some work is kept, and the next wave of
+        # shards (~13 s of generation) is in flight, not yet handed over in the gap between waves
         written = [p for d in Path(tmp_path_factory.getbasetemp()).glob("job*/out/data") for p in d.iterdir()
                    if d.parent.parent not in out_dirs and p.suffix == ".parquet"]
         engine_processes[:] = actor.children(recursive=True)  # its forkserver, engine core and worker
-        return bool(written)
+        if written and not first_written:
+            first_written.append(time.monotonic())
+        return bool(first_written) and time.monotonic() - first_written[0] >= 2.0
 
     for existing in Path(tmp_path_factory.getbasetemp()).glob("job*"):
         out_dirs.append(existing)  # earlier jobs' outputs do not count
