@@ -99,11 +99,12 @@ def _store_keys(job: EngineJob, bodies: list[Any]) -> list[str | None]:
 
 
 def answers_from_store(job: EngineJob, keys: list[str], bodies: list[Any],
-                       counts: Any) -> list[tuple[dict, None] | None]:
-    """Each row's answer from the job's answer store, or None (not there, or no store); `counts` (the
-    shard's) counts them. Blocking: run it in a thread."""
+                       counts: Any) -> tuple[list[tuple[dict, None] | None], list[str | None]]:
+    """Each row's answer from the job's answer store, or None (not there, or no store), and each row's
+    store key (for `store_new_answers`: computed once); `counts` (the shard's) counts them. Blocking:
+    run it in a thread."""
     if job.store is None:
-        return [None] * len(bodies)
+        return [None] * len(bodies), [None] * len(bodies)
     store_keys = _store_keys(job, bodies)
     try:
         found = job.store.lookup({k for k in store_keys if k})
@@ -120,17 +121,17 @@ def answers_from_store(job: EngineJob, keys: list[str], bodies: list[Any],
             answers.append((response, None))
         else:
             answers.append(None)
-    return answers
+    return answers, store_keys
 
 
-def store_new_answers(job: EngineJob, bodies: list[Any], stored: list[Any],
+def store_new_answers(job: EngineJob, store_keys: list[str | None], bodies: list[Any], stored: list[Any],
                       answers: list[tuple[dict | None, dict | None]]) -> None:
     """The engine's new answers to greedy and seeded rows into the answer store, never an error record.
     Blocking: run it in a thread."""
     if job.store is None or job.store.mode != "read_write":
         return
     entries: dict[str, tuple[str, dict, dict]] = {}
-    for store_key, body, was_stored, (response, error) in zip(_store_keys(job, bodies), bodies, stored, answers):
+    for store_key, body, was_stored, (response, error) in zip(store_keys, bodies, stored, answers):
         if store_key is not None and was_stored is None and response is not None and error is None:
             entries.setdefault(store_key, (store_key, body, response))
     try:
