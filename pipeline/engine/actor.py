@@ -47,6 +47,7 @@ class _Retries:
     from_store: int = 0  # rows answered from the answer store
     reused_prompt_tokens: int = 0  # the tokens of both: no engine worked on them
     reused_completion_tokens: int = 0
+    prefix_cached_tokens: int = 0  # prompt tokens the engine read from its prefix cache, not computed
 
     def reused(self, response: dict[str, Any] | None) -> None:
         if response is not None:
@@ -361,6 +362,7 @@ class EngineActor:
                     retries.failed += 1
                 else:
                     retries.recovered += 1
+            retries.prefix_cached_tokens += answer.prefix_cached_tokens
             if answer.response is not None:
                 answer.response["id"] = completion_id(key, row.body)
                 on.meter.answered(answer.response["usage"]["completion_tokens"])

@@ -31,6 +31,10 @@ class BatchCompletionRequest(CompletionRequest):
     """
 
     _max_tokens_defaulted: bool = PrivateAttr(False)
+    # prompt_logprob_reuse.py: read the prefix cache though the request has prompt logprobs; what came of it
+    _read_prefix_cache: bool = PrivateAttr(False)
+    _cached_tokens: int = PrivateAttr(0)  # prompt tokens the engine read from its prefix cache
+    _unfilled: Any = PrivateAttr(None)  # (outputs, arguments) whose cached positions no earlier answer had yet
 
     @model_validator(mode="before")
     @classmethod
@@ -66,6 +70,12 @@ class BatchCompletionRequest(CompletionRequest):
                     parameter="prompt", value="")
         return self
 
+    def to_sampling_params(self, max_tokens: int, default_sampling_params: dict | None = None) -> Any:
+        params = super().to_sampling_params(max_tokens, default_sampling_params)
+        if self._read_prefix_cache and params.prompt_logprobs is not None:
+            params.skip_reading_prefix_cache = False
+        return params
+
     def use_default_max_tokens(self, default: int) -> None:
         self.max_tokens = default
         self._max_tokens_defaulted = True
@@ -87,6 +97,31 @@ class BatchServingCompletion(OpenAIServingCompletion):
     (completions-semantics.md, which wins where the server and NIM's documents disagree) is a 400.
     An omitted max_tokens is a default and is still shortened, never rejected.
     """
+
+    prompt_logprob_memory: Any = None  # prompt_logprob_reuse.PromptLogprobMemory: reuse on
+
+    def request_output_to_completion_response(self, final_res_batch: list, request: Any, *args: Any) -> Any:
+        memory = self.prompt_logprob_memory
+        request._cached_tokens = sum(output.num_cached_tokens or 0 for output in final_res_batch)
+        if memory is not None and getattr(request, "_read_prefix_cache", False):
+            request._unfilled = (final_res_batch, args)
+            return self.filled_response(request)  # None: not yet (CompletionEngine waits, or asks again)
+        if memory is not None:
+            for output in final_res_batch:  # computed whole: later prompts may take its logprobs
+                memory.add(output)
+        return super().request_output_to_completion_response(final_res_batch, request, *args)
+
+    def filled_response(self, request: Any) -> Any:
+        """The response to a request that read the prefix cache, its cached positions' prompt logprobs
+        taken from earlier answers (prompt_logprob_reuse.py); None while no earlier answer has them."""
+        final_res_batch, args = request._unfilled
+        memory = self.prompt_logprob_memory
+        if not all([memory.fill(output) for output in final_res_batch]):
+            return None
+        request._unfilled = None
+        for output in final_res_batch:
+            memory.add(output)
+        return super().request_output_to_completion_response(final_res_batch, request, *args)
 
     async def _check_model(self, request: Any) -> Any:
         error = await super()._check_model(request)

@@ -12,6 +12,7 @@ as values, and engine death raised instead of being recorded as a per-row error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import importlib
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from pipeline.config import EngineConfig
-from pipeline.engine import core_forkserver, cpu_binding, token_text
+from pipeline.engine import core_forkserver, cpu_binding, prompt_logprob_reuse, token_text
 from pipeline.engine.engine_args import engine_args
 from pipeline.engine.sizing import executor, parallel
 from pipeline.engine.prompt_tokens import Key, PromptTokens
@@ -46,6 +47,7 @@ class Answer:
 
     response: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    prefix_cached_tokens: int = 0  # prompt tokens the engine read from its prefix cache, not computed
 
 
 @dataclass
@@ -78,6 +80,7 @@ class CompletionEngine:
         self._request_class = batch_request_class()
         self._prompt_tokens = PromptTokens(engine.renderer, engine.model_config)
         self._adapters_loaded: asyncio.Task | None = None
+        self._prefix_leaders: dict[tuple, asyncio.Future] = {}  # `_prefix_turn`: prefix -> its first request
         self.last_output_at = time.monotonic()
         self._time_outputs(engine.output_processor)
         self.served_name = served_name
@@ -137,6 +140,10 @@ class CompletionEngine:
         serving = batch_serving_class()(engine, models, online_renderer=renderer, request_logger=None)
         serving.create_error_response = naming_param(serving.create_error_response)
         token_text.install()  # each token's text in logprobs decoded once per process, not per position
+        if cfg.prompt_logprob_reuse and cfg.enable_prefix_caching:  # a shared context computed once
+            prompt_logprob_reuse.install()
+            serving.prompt_logprob_memory = prompt_logprob_reuse.PromptLogprobMemory(
+                engine.vllm_config.cache_config.block_size)
         settle_for_serving()
         return cls(engine, serving, served_name, sampling_defaults["max_tokens"], time.monotonic() - t0)
 
@@ -145,6 +152,7 @@ class CompletionEngine:
         request = self._request_class.model_validate(body)
         if body.get("max_tokens") is None:
             request.use_default_max_tokens(self.default_max_tokens)
+        request._read_prefix_cache = self._serving.prompt_logprob_memory is not None
         # A batch has no stream: the record is the complete body (validation above saw `stream`).
         request.stream = False
         return request
@@ -190,7 +198,10 @@ class CompletionEngine:
         try:
             if request is None:
                 request = self._request(body)
-            result = await self._serving.create_completion(request, None)
+            with await self._prefix_turn(body):
+                result = await self._serving.create_completion(request, None)
+            if getattr(request, "_unfilled", None) is not None:
+                request, result = await self._filled(request, body)
         except ValidationError as exc:
             return Answer(error=validation_error_body(exc))
         except VllmEngineDead as exc:
@@ -203,10 +214,57 @@ class CompletionEngine:
                 log.warning("request answered with an error from %s: %s", type(exc).__name__, exc)
             result = naming_param(create_error_response)(exc)
         if isinstance(result, CompletionResponse):
-            return Answer(response=result.model_dump(mode="json"))
+            return Answer(response=result.model_dump(mode="json"), prefix_cached_tokens=getattr(request, "_cached_tokens", 0))
         if self._engine.errored:
             raise EngineDeadError(f"vLLM engine died: {self._engine.dead_error}")
         return Answer(error=param_in_body(result.model_dump(mode="json")["error"], body))
+
+    async def _prefix_turn(self, body: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """For a request with prompt logprobs whose prompt is token ids: wait while another request with
+        the same cacheable prefix (its whole KV blocks) is being answered, so that this one reads that
+        prefix from the prefix cache rather than computing it in the same engine step (vLLM finds only
+        blocks computed in an earlier step). The first of them leads: the context it returns is held
+        while it is answered. A document's choices go into the engine one step after its first."""
+        memory = self._serving.prompt_logprob_memory
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list):
+            prompt = prompt[0]  # one prompt of token ids, as lm-evaluation-harness sends it
+        if memory is None or not body.get("echo") or body.get("logprobs") is None or not isinstance(prompt, list) \
+                or not prompt or not all(isinstance(t, int) for t in prompt):
+            return contextlib.nullcontext()
+        cacheable = (len(prompt) - 1) // memory.block_size * memory.block_size
+        if cacheable == 0:
+            return contextlib.nullcontext()
+        key = tuple(prompt[:cacheable])
+        leader = self._prefix_leaders.get(key)
+        if leader is not None:
+            await asyncio.shield(leader)
+            return contextlib.nullcontext()
+        turn = asyncio.get_running_loop().create_future()
+        self._prefix_leaders[key] = turn
+
+        @contextlib.contextmanager
+        def leading() -> Any:
+            try:
+                yield
+            finally:
+                del self._prefix_leaders[key]
+                turn.set_result(None)
+
+        return leading()
+
+    async def _filled(self, request: Any, body: dict[str, Any]) -> tuple[Any, Any]:
+        """A request that read the prefix cache before any answer with its cached positions' logprobs
+        was in (prompt_logprob_reuse.py): the answers of the same engine step come in one after the
+        other, so it waits for them a moment; failing that, it is asked again with cache reads off."""
+        for delay in REFILL_WAITS_S:
+            await asyncio.sleep(delay)
+            result = self._serving.filled_response(request)
+            if result is not None:
+                return request, result
+        again = self._request(body)
+        again._read_prefix_cache = False
+        return again, await self._serving.create_completion(again, None)
 
     async def load_adapters(self) -> None:
         """Load the adapters into the engine, once, as the server does at start-up; a request waits for it.
@@ -249,6 +307,9 @@ class CompletionEngine:
         self._engine.shutdown()
 
 
+# How long a request whose cached positions' logprobs no answer had yet waits for the other answers of
+# its engine step before it is computed whole: a few turns of the event loop, then a few milliseconds.
+REFILL_WAITS_S = (0, 0, 0, 0, 0.001, 0.005, 0.02)
 HANDLER_STOP_S = 5.0  # how long shutdown waits for the output handler's event loop to cancel it
 
 

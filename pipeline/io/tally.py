@@ -30,6 +30,9 @@ class Tally(BaseModel):
         "The prompt tokens of the shared rows and of those from the store (in prompt_tokens too)."))
     reused_completion_tokens: int = Field(0, description=(
         "Their completion tokens (in completion_tokens too)."))
+    prefix_cached_tokens: int = Field(0, description=(
+        "Prompt tokens an engine read from its prefix cache instead of computing them (in prompt_tokens "
+        "too; docs/evaluation.md#a-shared-context-computed-once)."))
     intervals: list[list[float]] = Field(default_factory=list, description=(
         "[start, end] unix times of the shards' work: busy time, for tokens per second."))
     source: str = Field("", description=(
@@ -39,7 +42,7 @@ class Tally(BaseModel):
     @classmethod
     def of_records(cls, table: pa.Table, *, retried: int = 0, recovered: int = 0, failed: int = 0, shared: int = 0,
                    from_store: int = 0, reused_prompt_tokens: int = 0, reused_completion_tokens: int = 0,
-                   intervals: list[list[float]] = ()) -> "Tally":
+                   prefix_cached_tokens: int = 0, intervals: list[list[float]] = ()) -> "Tally":
         response, error = table.column("response"), table.column("error")
         usage = pc.struct_field(response, "usage")
         choices = pc.list_flatten(pc.struct_field(response, "choices"))
@@ -56,14 +59,14 @@ class Tally(BaseModel):
             completion_tokens=int(pc.sum(pc.struct_field(usage, "completion_tokens")).as_py() or 0),
             rows_retried=retried, rows_recovered=recovered, rows_failed=failed, rows_shared=shared,
             rows_from_store=from_store, reused_prompt_tokens=reused_prompt_tokens,
-            reused_completion_tokens=reused_completion_tokens,
+            reused_completion_tokens=reused_completion_tokens, prefix_cached_tokens=prefix_cached_tokens,
             intervals=list(intervals),
         )
 
     def add(self, other: "Tally") -> None:
         for name in ("rows", "completions", "choices", "prompt_tokens", "completion_tokens", "rows_retried",
                      "rows_recovered", "rows_failed", "rows_shared", "rows_from_store", "reused_prompt_tokens",
-                     "reused_completion_tokens"):
+                     "reused_completion_tokens", "prefix_cached_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.errors_by_type = dict(Counter(self.errors_by_type) + Counter(other.errors_by_type))
         self.finish_reasons = dict(Counter(self.finish_reasons) + Counter(other.finish_reasons))

@@ -132,8 +132,12 @@ class PipelineLM(LocalCompletionsAPI):
                 "doc_id": [o[1] for o in owners], "kind": [kind] * len(owners),
                 "body": [json.dumps({**b, **self._params}, sort_keys=True) for b in bodies]}
         unique = {key: i for i, key in enumerate(rows["id"])}  # a repeated request is answered once
-        table = pa.table({name: [column[i] for i in unique.values()] for name, column in rows.items()},
-                         schema=REQUESTS)
+        # in the order of their prompts (token ids): requests that share a prefix (a document's choices
+        # after its context, documents after the same few-shot examples) are neighbours, so they are in
+        # one shard, on one engine, one after the other, and read what they share from its prefix cache
+        # (engine/prompt_logprob_reuse.py). The harness gets its answers in its own order all the same.
+        order = sorted(unique.values(), key=lambda i: bodies[i]["prompt"])
+        table = pa.table({name: [column[i] for i in order] for name, column in rows.items()}, schema=REQUESTS)
         folder, records = self._run(kind, table)
         missing = [key for key in unique if key not in records]
         failed = [key for key in unique if key in records and records[key]["error"] is not None]

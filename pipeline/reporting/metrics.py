@@ -41,6 +41,7 @@ DESCRIPTIONS = {
     "rows_failed_total": "Retried rows given up on (recorded as 500s).",
     "rows_shared_total": "Rows recorded with an earlier row's answer to the same request (no engine work).",
     "rows_from_store_total": "Rows recorded with an answer from the answer store (no engine work).",
+    "prompt_tokens_cached_total": "Prompt tokens of the rows recorded that an engine read from its prefix cache.",
     "shards_total": "Shards by state: done (written by this run), kept (an earlier run's), failed, redone.",
     "rows_answered_total": "Rows the engines answered with a response (live; a redone shard counts again).",
     "output_tokens_total": "Output tokens of the rows answered (live).",
@@ -105,7 +106,8 @@ def shard_recorded(tags: dict[str, str], tally: Tally) -> None:
                         ("completion_tokens_total", tally.completion_tokens),
                         ("rows_retried_total", tally.rows_retried), ("rows_recovered_total", tally.rows_recovered),
                         ("rows_failed_total", tally.rows_failed), ("rows_shared_total", tally.rows_shared),
-                        ("rows_from_store_total", tally.rows_from_store)):
+                        ("rows_from_store_total", tally.rows_from_store),
+                        ("prompt_tokens_cached_total", tally.prefix_cached_tokens)):
         _record(name, value, tags)
     shards(tags, "done", 1)
 

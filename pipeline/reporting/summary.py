@@ -58,6 +58,12 @@ class JobSummary(BaseModel):
         "without an engine (docs/request-semantics.md#answered-once)."))
     rows_from_store: int = Field(0, description=(
         "Rows of this run answered from the answer store (answers engines gave earlier jobs), without an engine."))
+    prompt_tokens_computed: int = Field(0, description=(
+        "Prompt tokens of this run an engine computed (the rows' prompt tokens less those shared, from "
+        "the store, or read from the prefix cache)."))
+    prompt_tokens_cached: int = Field(0, description=(
+        "Prompt tokens of this run an engine read from its prefix cache instead of computing them "
+        "(docs/evaluation.md#a-shared-context-computed-once)."))
     shards_redone: int = Field(0, description="Shard attempts run again after an engine actor died.")
     shards_changed: int = Field(0, description=(
         "Done shards answered again (or dropped) because their input file changed (input.when_changed: redo)."))
@@ -92,6 +98,8 @@ class JobSummary(BaseModel):
             request_counts=RequestCounts(total=total.rows, completed=total.completions, failed=errors),
             rows_retried=total.rows_retried, rows_recovered=total.rows_recovered, rows_failed=total.rows_failed,
             rows_run=run.rows, rows_shared=run.rows_shared, rows_from_store=run.rows_from_store,
+            prompt_tokens_computed=run.engine_tokens()[0] - run.prefix_cached_tokens,
+            prompt_tokens_cached=run.prefix_cached_tokens,
             run_completion_tokens=run.completion_tokens,
             output_tokens_per_s=round(run.completion_tokens / wall_s, 1) if wall_s else 0.0,
             **fields,
@@ -132,6 +140,8 @@ class JobSummary(BaseModel):
             *([f"answered once:       {self.rows_shared} rows with an earlier row's answer to the same request, "
                f"{self.rows_from_store} from the answer store: no engine work"]
               if self.rows_shared or self.rows_from_store else []),
+            *([f"prompt tokens:       {self.prompt_tokens_computed} computed by the engines, "
+               f"{self.prompt_tokens_cached} read from their prefix caches"] if self.prompt_tokens_cached else []),
             *self._engine_lines(),
             f"wall time:           {self.wall_s:.1f}s",
             f"output tokens/s:     {self.output_tokens_per_s:.0f}",
