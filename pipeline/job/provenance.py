@@ -95,7 +95,9 @@ def store_context(config: JobConfig, prints: dict[str, Any]) -> tuple[str, dict[
     engine, model = config.engine, config.model
     shared = {
         "engine": {**config.identity()["engine"], "device": engine.resolved_device(),
-                   "tensor_parallel_size": engine.tensor_parallel_size},
+                   "tensor_parallel_size": engine.tensor_parallel_size,
+                   # off: each log-likelihood prompt computed whole, bit for bit vLLM's own answer
+                   **({} if engine.prompt_logprob_reuse else {"prompt_logprob_reuse": False})},
         "defaults": config.defaults.sampling_defaults(),
         "versions": {name: version for name, version in versions().items() if name in ("batch-completions", "vllm")},
     }
