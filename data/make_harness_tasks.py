@@ -10,8 +10,9 @@ downloaded from the Hugging Face hub (`--include_path data/harness/tasks`):
 - tiny_qa (generate_until): a question and its short answer, greedy until a newline; exact_match; 2-shot.
 - tiny_text (loglikelihood_rolling): passages of a few hundred tokens (longer than a 256-token context,
   so a passage takes several rolling windows); word and byte perplexity, bits per byte.
-- tiny_mmlu (multiple_choice, MMLU's shape): a passage, a question and options A-D, 5-shot (contexts of
-  700-1,000 tokens), the answer the letter alone (one token); acc and acc_norm.
+- tiny_mmlu (multiple_choice, MMLU's shape): a passage, a question and options A-D, 5-shot with the
+  same five examples first for every document (MMLU's `first_n` sampler; contexts of 700-1,000
+  tokens), the answer the letter alone (one token); acc and acc_norm.
 - tiny_options (multiple_choice): the same kind of documents, the options' texts as the answers
   (several tokens each), 0-shot; tiny_options_5shot the same 5-shot.
 
@@ -107,7 +108,7 @@ YAMLS = {
         "doc_to_text": "{{passage}}\nQuestion: {{question}}\nA. {{choices[0]}}\nB. {{choices[1]}}\n"
                        "C. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
         "doc_to_choice": ["A", "B", "C", "D"], "target_delimiter": "", "doc_to_target": "answer",
-        "num_fewshot": 5, "fewshot_delimiter": "\n\n",
+        "num_fewshot": 5, "fewshot_delimiter": "\n\n", "fewshot_config": {"sampler": "first_n"},  # as MMLU's
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
     },
@@ -120,6 +121,7 @@ YAMLS = {
     "tiny_options_5shot": {  # the same, 5-shot
         "output_type": "multiple_choice", "doc_to_text": "{{passage}}\nQuestion: {{question}}\nAnswer:",
         "doc_to_choice": "choices", "doc_to_target": "answer", "num_fewshot": 5, "fewshot_delimiter": "\n\n",
+        "fewshot_config": {"sampler": "first_n"},
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
     },

@@ -70,6 +70,30 @@ class BatchCompletionRequest(CompletionRequest):
                     parameter="prompt", value="")
         return self
 
+    # what the engine and the handler tell each other about reading the prefix cache
+    def read_prefix_cache(self, on: bool) -> None:
+        self._read_prefix_cache = on
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        return self._read_prefix_cache
+
+    @property
+    def prefix_cached_tokens(self) -> int:
+        return self._cached_tokens
+
+    def answered(self, outputs: list, arguments: tuple) -> None:
+        """vLLM's outputs for this request, their cached positions not yet filled (`unfilled`)."""
+        self._cached_tokens = sum(output.num_cached_tokens or 0 for output in outputs)
+        self._unfilled = (outputs, arguments)
+
+    @property
+    def unfilled(self) -> tuple | None:
+        return self._unfilled
+
+    def filled(self) -> None:
+        self._unfilled = None
+
     def to_sampling_params(self, max_tokens: int, default_sampling_params: dict | None = None) -> Any:
         params = super().to_sampling_params(max_tokens, default_sampling_params)
         if self._read_prefix_cache and params.prompt_logprobs is not None:
@@ -102,9 +126,8 @@ class BatchServingCompletion(OpenAIServingCompletion):
 
     def request_output_to_completion_response(self, final_res_batch: list, request: Any, *args: Any) -> Any:
         memory = self.prompt_logprob_memory
-        request._cached_tokens = sum(output.num_cached_tokens or 0 for output in final_res_batch)
-        if memory is not None and getattr(request, "_read_prefix_cache", False):
-            request._unfilled = (final_res_batch, args)
+        if memory is not None and request.reads_prefix_cache:
+            request.answered(final_res_batch, args)
             return self.filled_response(request)  # None: not yet (CompletionEngine waits, or asks again)
         if memory is not None:
             for output in final_res_batch:  # computed whole: later prompts may take its logprobs
@@ -114,11 +137,11 @@ class BatchServingCompletion(OpenAIServingCompletion):
     def filled_response(self, request: Any) -> Any:
         """The response to a request that read the prefix cache, its cached positions' prompt logprobs
         taken from earlier answers (prompt_logprob_reuse.py); None while no earlier answer has them."""
-        final_res_batch, args = request._unfilled
+        final_res_batch, args = request.unfilled
         memory = self.prompt_logprob_memory
         if not all([memory.fill(output) for output in final_res_batch]):
             return None
-        request._unfilled = None
+        request.filled()
         for output in final_res_batch:
             memory.add(output)
         return super().request_output_to_completion_response(final_res_batch, request, *args)

@@ -152,7 +152,7 @@ class CompletionEngine:
         request = self._request_class.model_validate(body)
         if body.get("max_tokens") is None:
             request.use_default_max_tokens(self.default_max_tokens)
-        request._read_prefix_cache = self._serving.prompt_logprob_memory is not None
+        request.read_prefix_cache(self._serving.prompt_logprob_memory is not None)
         # A batch has no stream: the record is the complete body (validation above saw `stream`).
         request.stream = False
         return request
@@ -200,7 +200,7 @@ class CompletionEngine:
                 request = self._request(body)
             with await self._prefix_turn(body):
                 result = await self._serving.create_completion(request, None)
-            if getattr(request, "_unfilled", None) is not None:
+            if request.unfilled is not None:
                 request, result = await self._filled(request, body)
         except ValidationError as exc:
             return Answer(error=validation_error_body(exc))
@@ -214,7 +214,7 @@ class CompletionEngine:
                 log.warning("request answered with an error from %s: %s", type(exc).__name__, exc)
             result = naming_param(create_error_response)(exc)
         if isinstance(result, CompletionResponse):
-            return Answer(response=result.model_dump(mode="json"), prefix_cached_tokens=getattr(request, "_cached_tokens", 0))
+            return Answer(response=result.model_dump(mode="json"), prefix_cached_tokens=request.prefix_cached_tokens)
         if self._engine.errored:
             raise EngineDeadError(f"vLLM engine died: {self._engine.dead_error}")
         return Answer(error=param_in_body(result.model_dump(mode="json")["error"], body))
@@ -263,7 +263,7 @@ class CompletionEngine:
             if result is not None:
                 return request, result
         again = self._request(body)
-        again._read_prefix_cache = False
+        again.read_prefix_cache(False)
         return again, await self._serving.create_completion(again, None)
 
     async def load_adapters(self) -> None:
