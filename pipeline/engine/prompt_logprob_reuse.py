@@ -102,25 +102,39 @@ _installed = False
 
 
 def install() -> None:
-    """Make the unset positions harmless in this process (once): vLLM leaves the prompt logprobs of
-    cached positions as uninitialized memory (`LogprobsTensors.empty_cpu`), and decodes their token ids
-    before `fill` replaces them; an id outside the vocabulary is decoded as token 0 instead."""
+    """Make the unset positions harmless in this process (once). vLLM leaves the prompt logprobs of
+    cached positions as uninitialized memory (`LogprobsTensors.empty_cpu`) and decodes them before
+    `fill` replaces them: an id there outside the vocabulary is decoded as token 0 instead, and each
+    position's own token (the first column: the prompt's next token, which vLLM reads back as the
+    context that corrects a partial UTF-8 token's text at the positions after) is set from the prompt,
+    so the computed positions' texts are those of the prompt computed whole."""
     global _installed
     if _installed:
         return
+    import torch
     from vllm.v1.engine import logprobs
 
-    update = logprobs.LogprobsProcessor._update_prompt_logprobs
+    processor = logprobs.LogprobsProcessor
+    new_request, update = processor.from_new_request.__func__, processor._update_prompt_logprobs
     sizes: dict[int, int] = {}
 
+    def from_new_request(cls: type, tokenizer: Any, request: Any) -> Any:
+        made = new_request(cls, tokenizer, request)
+        made.prompt_ids_for_reuse = request.prompt_token_ids
+        return made
+
     def _update_prompt_logprobs(self: Any, tensors: Any) -> None:
+        token_ids = tensors[0]
+        prompt = getattr(self, "prompt_ids_for_reuse", None)
+        if prompt is not None and len(prompt) - 1 == token_ids.shape[0]:
+            token_ids[:, 0] = torch.tensor(prompt[1:], dtype=token_ids.dtype)
         if self.tokenizer is not None:
             size = sizes.get(id(self.tokenizer))
             if size is None:
                 size = sizes[id(self.tokenizer)] = len(self.tokenizer)
-            token_ids = tensors[0]
             token_ids.masked_fill_((token_ids < 0) | (token_ids >= size), 0)
         update(self, tensors)
 
-    logprobs.LogprobsProcessor._update_prompt_logprobs = _update_prompt_logprobs
+    processor.from_new_request = classmethod(from_new_request)
+    processor._update_prompt_logprobs = _update_prompt_logprobs
     _installed = True
