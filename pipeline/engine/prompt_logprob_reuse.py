@@ -115,7 +115,8 @@ def install() -> None:
     from vllm.v1.engine import logprobs
 
     processor = logprobs.LogprobsProcessor
-    new_request, update = processor.from_new_request.__func__, processor._update_prompt_logprobs
+    new_request = processor.from_new_request.__func__
+    update = processor._update_prompt_logprobs  # private-internal: vLLM LogprobsProcessor._update_prompt_logprobs
     sizes: dict[int, int] = {}
 
     def from_new_request(cls: type, tokenizer: Any, request: Any) -> Any:
@@ -136,5 +137,5 @@ def install() -> None:
         update(self, tensors)
 
     processor.from_new_request = classmethod(from_new_request)
-    processor._update_prompt_logprobs = _update_prompt_logprobs
+    processor._update_prompt_logprobs = _update_prompt_logprobs  # private-internal: vLLM LogprobsProcessor._update_prompt_logprobs
     _installed = True

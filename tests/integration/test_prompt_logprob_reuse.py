@@ -4,6 +4,8 @@ the prefix cache (engine/prompt_logprob_reuse.py): the same numbers as computing
 Contexts of a whole KV block (128 tokens on the CPU engine: the choices part exactly at a block
 boundary, so no earlier answer has the cached positions' logprobs and the request is computed again),
 of more than two blocks, and shorter than one block; single-token and multi-token continuations.
+It covers the private vLLM method the reuse wraps (`LogprobsProcessor._update_prompt_logprobs`: each
+cached position's own token set from the prompt): top_logprobs' texts equal those computed whole.
 """
 
 from __future__ import annotations

@@ -121,6 +121,8 @@ PRIVATE_INTERNALS = {
     "pipeline.engine.engine_args": ("argparse _actions", "tests/unit/test_vllm_args.py"),
     "pipeline.reporting.metrics": ("ray Counter._record", "tests/unit/test_vllm_metrics.py"),
     "pipeline.job.task_index": ("lm_eval.tasks._index", "tests/unit/test_task_index.py"),
+    "pipeline.engine.prompt_logprob_reuse": ("vLLM LogprobsProcessor._update_prompt_logprobs",
+                                             "tests/integration/test_prompt_logprob_reuse.py"),
 }
 
 
