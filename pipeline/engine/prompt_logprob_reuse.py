@@ -112,6 +112,7 @@ def install() -> None:
     if _installed:
         return
     import torch
+    from vllm.logprobs import Logprob
     from vllm.v1.engine import logprobs
 
     processor = logprobs.LogprobsProcessor
@@ -119,23 +120,39 @@ def install() -> None:
     update = processor._update_prompt_logprobs  # private-internal: vLLM LogprobsProcessor._update_prompt_logprobs
     sizes: dict[int, int] = {}
 
+    update_from_output = processor.update_from_output
+    unset = Logprob(logprob=float("nan"), rank=None, decoded_token=None)  # `fill` replaces every one
+
     def from_new_request(cls: type, tokenizer: Any, request: Any) -> Any:
         made = new_request(cls, tokenizer, request)
         made.prompt_ids_for_reuse = request.prompt_token_ids
         return made
 
+    def update_from_output_(self: Any, output: Any) -> None:
+        stats = getattr(output, "prefill_stats", None)
+        if stats is not None:  # the positions vLLM did not compute: read from its prefix cache
+            self.cached_for_reuse = stats.num_cached_tokens
+        update_from_output(self, output)
+
     def _update_prompt_logprobs(self: Any, tensors: Any) -> None:
         token_ids = tensors[0]
         prompt = getattr(self, "prompt_ids_for_reuse", None)
-        if prompt is not None and len(prompt) - 1 == token_ids.shape[0]:
-            token_ids[:, 0] = torch.tensor(prompt[1:], dtype=token_ids.dtype)
+        if prompt is None or len(prompt) - 1 != token_ids.shape[0]:
+            update(self, tensors)
+            return
+        token_ids[:, 0] = torch.tensor(prompt[1:], dtype=token_ids.dtype)
         if self.tokenizer is not None:
             size = sizes.get(id(self.tokenizer))
             if size is None:
                 size = sizes[id(self.tokenizer)] = len(self.tokenizer)
             token_ids.masked_fill_((token_ids < 0) | (token_ids >= size), 0)
+        cached = min(getattr(self, "cached_for_reuse", 0) or 0, token_ids.shape[0])
+        if cached:  # not decoded: their own token alone (the context later positions read), to be filled
+            self.prompt_logprobs.extend({token: unset} for token in prompt[1:cached + 1])
+            tensors = type(tensors)(*(t[cached:] for t in tensors[:3]))
         update(self, tensors)
 
     processor.from_new_request = classmethod(from_new_request)
+    processor.update_from_output = update_from_output_
     processor._update_prompt_logprobs = _update_prompt_logprobs  # private-internal: vLLM LogprobsProcessor._update_prompt_logprobs
     _installed = True
