@@ -205,7 +205,7 @@ def _prompt_tokens(records: Path) -> dict[str, int]:
         found["prompt_tokens"] += summary["prompt_tokens"]
         found["computed"] += summary.get("prompt_tokens_computed", summary["prompt_tokens"])
         found["cached"] += summary.get("prompt_tokens_cached", 0)
-        requests = pq.read_table(job.parents[1] / "requests.parquet", columns=["body", "doc_id", "task"])
+        requests = pq.read_table(job.parents[1] / "requests", columns=["body", "doc_id", "task"])
         prompts = sorted(json.loads(b)["prompt"] for b in requests.column("body").to_pylist())
         prompts = [p[0] if p and isinstance(p[0], list) else p for p in prompts]
         previous: list[int] = []

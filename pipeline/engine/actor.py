@@ -48,6 +48,7 @@ class _Retries:
     reused_prompt_tokens: int = 0  # the tokens of both: no engine worked on them
     reused_completion_tokens: int = 0
     prefix_cached_tokens: int = 0  # prompt tokens the engine read from its prefix cache, not computed
+    engines: dict[str, None] = field(default_factory=dict)  # the engines that answered rows (`<actor>-<n>`)
 
     def reused(self, response: dict[str, Any] | None) -> None:
         if response is not None:
@@ -363,9 +364,11 @@ class EngineActor:
                 else:
                     retries.recovered += 1
             retries.prefix_cached_tokens += answer.prefix_cached_tokens
+            retries.engines[on.meter.engine_id] = None
             if answer.response is not None:
                 answer.response["id"] = completion_id(key, row.body)
-                on.meter.answered(answer.response["usage"]["completion_tokens"])
+                on.meter.answered(answer.response["usage"]["completion_tokens"], answer.response["usage"]["prompt_tokens"],
+                                  answer.prefix_cached_tokens)
             return answer.response, answer.error
         except EngineUnavailable:
             raise  # no engine: the shard fails, and a rerun answers its rows

@@ -5,6 +5,9 @@ pool does for a job's own actors.
 Several jobs feeding the same actors at once each keep their own `at_once` shards in flight on each
 actor: every job has the same number of shards in each engine, whose rows the engine answers together.
 That is the fair share between jobs (docs/engine-pools.md): with equal shards, equal rows in the engine.
+
+Shards that share a long prompt prefix (`ShardWork.affinity`: an evaluation's documents after the same
+few-shot examples) go to the same actor, whose engine's prefix cache holds that prefix (`Placement`).
 """
 
 from __future__ import annotations
@@ -59,12 +62,12 @@ def _answer_shards(actors: list[Any], key: str, work: list[ShardWork], job: Engi
     import ray
 
     job_ref = ray.put(job)
-    waiting = collections.deque(work)
+    waiting = Placement(work)
     running: dict[Any, tuple[Any, ShardWork]] = {}
     load = {i: 0 for i in range(len(actors))}
     while waiting or running:
         while waiting and (i := next_actor(load, at_once)) is not None:
-            item = waiting.popleft()
+            item = waiting.take(i)
             ref = actors[i].answer_for.remote(key, job_ref, pa.Table.from_pylist([item.as_row()]))
             running[ref] = (i, item)
             load[i] += 1
@@ -87,6 +90,41 @@ def next_actor(load: dict[int, int], at_once: int) -> int | None:
     over every actor rather than filling the first; None when each has `at_once` in flight."""
     i = min(load, key=load.__getitem__)
     return i if load[i] < at_once else None
+
+
+class Placement:
+    """The shards waiting for an actor, and which actor takes which (prefix-aware placement, as vLLM's
+    issue 12080 and BatchLLM (arXiv 2412.03594) place requests: by the prefix they share).
+
+    An actor with room takes the first waiting shard whose affinity it took before (its engine's
+    prefix cache holds what those shards share), else the first whose affinity no actor has taken
+    (it becomes the actor's), else (only other actors' affinities wait) the first waiting shard: an
+    idle engine is worse than a prefix computed twice. Shards without affinity go in order."""
+
+    def __init__(self, work: list[ShardWork]) -> None:
+        self._waiting = collections.deque(work)
+        self._owner: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+    def take(self, actor: int) -> ShardWork:
+        """The shard `actor` answers next (one must be waiting)."""
+        chosen = None
+        for index, item in enumerate(self._waiting):
+            owner = self._owner.get(item.affinity) if item.affinity else None
+            if owner == actor:
+                chosen = index
+                break
+            if chosen is None and owner is None:
+                chosen = index
+                if not item.affinity:
+                    break
+        item = self._waiting[chosen or 0]
+        del self._waiting[chosen or 0]
+        if item.affinity:
+            self._owner.setdefault(item.affinity, actor)
+        return item
 
 
 def _forget(actors: list[Any], key: str) -> None:

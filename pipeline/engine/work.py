@@ -37,12 +37,16 @@ class ShardWork:
     shard: Shard
     variant: str  # the variant's name ("" for a plain job)
     out: str  # `<shard>`, or `variant=<name>/<shard>` in a sweep
+    # shards with the same affinity share a long prompt prefix: they go to the same engine, whose prefix
+    # cache holds it (shard_calls.Placement); "" for none
+    affinity: str = ""
 
     def as_row(self) -> dict[str, Any]:
         """As a row of the tables Ray Data hands the actor."""
-        return {**asdict(self.shard), "variant": self.variant, "out": self.out}
+        return {**asdict(self.shard), "variant": self.variant, "out": self.out, "affinity": self.affinity}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "ShardWork":
-        shard = {k: v for k, v in row.items() if k not in ("variant", "out")}
-        return cls(Shard(**{**shard, "duplicates": tuple(shard["duplicates"])}), row["variant"], row["out"])
+        shard = {k: v for k, v in row.items() if k not in ("variant", "out", "affinity")}
+        return cls(Shard(**{**shard, "duplicates": tuple(shard["duplicates"])}), row["variant"], row["out"],
+                   row.get("affinity") or "")

@@ -4,6 +4,7 @@ resumed job counts earlier runs' shards without reading their records) and summe
 from __future__ import annotations
 
 from collections import Counter
+from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,6 +36,9 @@ class Tally(BaseModel):
         "too; docs/evaluation.md#a-shared-context-computed-once)."))
     intervals: list[list[float]] = Field(default_factory=list, description=(
         "[start, end] unix times of the shards' work: busy time, for tokens per second."))
+    engines: list[str] = Field(default_factory=list, description=(
+        "The engines (`<actor>-<n>`, as the summary's engines) that answered the shard's rows: one, unless "
+        "its engine was replaced while the shard ran. Summed: all of them."))
     source: str = Field("", description=(
         "One shard's input file as it was when the shard was answered (`size:mtime_ns`): a rerun that "
         "finds another redoes the shard or stops (input.when_changed). Not summed."))
@@ -42,7 +46,8 @@ class Tally(BaseModel):
     @classmethod
     def of_records(cls, table: pa.Table, *, retried: int = 0, recovered: int = 0, failed: int = 0, shared: int = 0,
                    from_store: int = 0, reused_prompt_tokens: int = 0, reused_completion_tokens: int = 0,
-                   prefix_cached_tokens: int = 0, intervals: list[list[float]] = ()) -> "Tally":
+                   prefix_cached_tokens: int = 0, engines: Iterable[str] = (),
+                   intervals: list[list[float]] = ()) -> "Tally":
         response, error = table.column("response"), table.column("error")
         usage = pc.struct_field(response, "usage")
         choices = pc.list_flatten(pc.struct_field(response, "choices"))
@@ -60,7 +65,7 @@ class Tally(BaseModel):
             rows_retried=retried, rows_recovered=recovered, rows_failed=failed, rows_shared=shared,
             rows_from_store=from_store, reused_prompt_tokens=reused_prompt_tokens,
             reused_completion_tokens=reused_completion_tokens, prefix_cached_tokens=prefix_cached_tokens,
-            intervals=list(intervals),
+            engines=sorted(engines), intervals=list(intervals),
         )
 
     def add(self, other: "Tally") -> None:
@@ -71,6 +76,7 @@ class Tally(BaseModel):
         self.errors_by_type = dict(Counter(self.errors_by_type) + Counter(other.errors_by_type))
         self.finish_reasons = dict(Counter(self.finish_reasons) + Counter(other.finish_reasons))
         self.intervals = self.intervals + other.intervals
+        self.engines = sorted(set(self.engines) | set(other.engines))
 
     def engine_tokens(self) -> tuple[int, int]:
         """(prompt, completion) tokens an engine worked on: the records' less the reused rows'."""

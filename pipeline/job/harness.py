@@ -12,7 +12,7 @@ truncation, seed, stop sequences), and the answers are parsed by its own `parse_
 `parse_generations`. So the harness's results are those `lm_eval --model local-completions` computes
 against vLLM's server, while the requests and answers are records like any job's:
 
-    <output>/<kind>-<digest>/requests.parquet   one row per request: id, task, doc_id, kind, body
+    <output>/<kind>-<digest>/requests/          one row per request: id, task, doc_id, kind, body (request_groups.py)
     <output>/<kind>-<digest>/records/           the job's output folder (data/, summary.json, ...)
 
 The digest is of the requests themselves, so a stopped evaluation run again with the same arguments

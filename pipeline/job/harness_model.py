@@ -18,10 +18,12 @@ from lm_eval.models.openai_completions import LocalCompletionsAPI
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from pipeline.config import AnswerStoreConfig, InputConfig, JobConfig
+from pipeline.engine import sizing
 from pipeline.io import storage
 from pipeline.io.records import response_body
 from pipeline.job.harness import (MODEL_NAME, REQUESTS, HarnessError, RecordsByRequest, job_config, request_owner,
                                   started_engines, variant_of)
+from pipeline.job import request_groups
 from pipeline.job.run import run
 from pipeline.models.tiny_model import resolve_model
 
@@ -133,12 +135,16 @@ class PipelineLM(LocalCompletionsAPI):
                 "body": [json.dumps({**b, **self._params}, sort_keys=True) for b in bodies]}
         unique = {key: i for i, key in enumerate(rows["id"])}  # a repeated request is answered once
         # in the order of their prompts (token ids): requests that share a prefix (a document's choices
-        # after its context, documents after the same few-shot examples) are neighbours, so they are in
-        # one shard, on one engine, one after the other, and read what they share from its prefix cache
-        # (engine/prompt_logprob_reuse.py). The harness gets its answers in its own order all the same.
+        # after its context, documents after the same few-shot examples) are neighbours, cut into files
+        # (shards) of whole documents that engines with the prefix cached answer (job/request_groups.py).
+        # The harness gets its answers in its own order all the same.
         order = sorted(unique.values(), key=lambda i: bodies[i]["prompt"])
         table = pa.table({name: [column[i] for i in order] for name, column in rows.items()}, schema=REQUESTS)
-        folder, records = self._run(kind, table)
+        documents = list(zip(table.column("task").to_pylist(), table.column("doc_id").to_pylist()))
+        affinities = [request_groups.prefix_affinity(bodies[i]["prompt"]) for i in order]
+        target = sizing.shard_rows(len(order), self._job.engine.actor_range()[1])
+        files = request_groups.cut(documents, affinities, target)
+        folder, records = self._run(kind, table, files)
         missing = [key for key in unique if key not in records]
         failed = [key for key in unique if key in records and records[key]["error"] is not None]
         if missing or failed:
@@ -156,21 +162,30 @@ class PipelineLM(LocalCompletionsAPI):
                 digest.update(value.encode() + b"\0")
         return storage.join(self._records, f"{kind}-{digest.hexdigest()[:16]}")
 
-    def _run(self, kind: str, table: pa.Table) -> tuple[str, dict[str, dict[str, Any]]]:
-        """The folder of the job answering `table`'s requests, and its records by request id."""
+    def _run(self, kind: str, table: pa.Table,
+             files: list[tuple[int, int, str]]) -> tuple[str, dict[str, dict[str, Any]]]:
+        """The folder of the job answering `table`'s requests, written as `files` (request_groups.cut:
+        one shard each), and its records by request id."""
         folder = self._folder(kind, table)
-        requests, out = storage.join(folder, "requests.parquet"), storage.join(folder, "records")
-        if not storage.exists(requests):
-            buffer = io.BytesIO()
-            pq.write_table(table, buffer)
-            storage.write_bytes(requests, buffer.getvalue())
+        requests, out = storage.join(folder, "requests"), storage.join(folder, "records")
+        written = storage.join(requests, "_written")  # once the files are: a rerun reads them as they are
+        if not storage.exists(written):
+            for number, (start, stop, affinity) in enumerate(files):
+                buffer = io.BytesIO()
+                pq.write_table(table.slice(start, stop - start), buffer)
+                storage.write_bytes(storage.join(requests, request_groups.file_name(number, affinity)),
+                                    buffer.getvalue())
+            storage.write_bytes(written, b"")
         job = self._job.model_copy(update={
             "input": InputConfig(path=requests, body_column="body", id_column="id"),
-            "output": self._job.output.model_copy(update={"path": out, "format": "parquet", "columns": None}),
+            "output": self._job.output.model_copy(update={
+                "path": out, "format": "parquet", "columns": None,
+                "rows_per_file": max(stop - start for start, stop, _ in files)}),
         })
         log.info("%s: %d requests -> %s", kind, table.num_rows, storage.redact(out))
         with RecordsByRequest(job.output) as records:
-            summary = run(job, engines=started_engines(), on_written=records.written)
+            summary = run(job, engines=started_engines(), on_written=records.written,
+                          affinity=lambda shard: request_groups.affinity_of(shard.file))
             print(f"{kind}: {summary.rows_out} records in {storage.redact(out)} ({summary.rows_run} answered "
                   f"now, {summary.shards_kept} of {summary.shards} shards kept, {summary.errors} errors, "
                   f"{summary.wall_s:.1f}s)", flush=True)

@@ -32,7 +32,7 @@ from pipeline.evaluation import record_scores
 from pipeline.evaluation.compare import write_comparison
 from pipeline.io import outputs, resume, storage
 from pipeline.io.answer_store import AnswerStore
-from pipeline.io.plan import ROW_KEY, InputError, InputPlan, cut_shards, plan_input
+from pipeline.io.plan import ROW_KEY, InputError, InputPlan, Shard, cut_shards, plan_input
 from pipeline.io.records import VARIANT_PARAMS, output_schema
 from pipeline.io.resume import ResumeState, WorkItem
 from pipeline.io.tally import Tally
@@ -53,11 +53,12 @@ _ray_session: dict[str, str] = {}  # the Ray session this process started or joi
 
 
 def run(config: JobConfig, engines: EarlyEngines | None = None,
-        on_written: Callable[[str], None] | None = None) -> JobSummary:
+        on_written: Callable[[str], None] | None = None, affinity: Callable[[Shard], str] | None = None) -> JobSummary:
     """Run the job (or the part earlier runs left) and return the summary of the whole output.
     `engines`: engine actors started before the job (start_engines), used for their model's shards.
     `on_written(shard)`: called in this process as each shard of this run is written (its name below
-    data/, without the extension), while the others are answered."""
+    data/, without the extension), while the others are answered. `affinity(shard)`: a key shared by
+    shards whose prompts share a long prefix, which `engines` place on one actor (engine/shard_calls.py)."""
     started = time.time()
     config, plan, schema = _plan_job(config)  # the input, shards and records' schema; errors before Ray starts
     if engines is None:  # a standing pool's engines, if the job names one (PoolError: exit 2, no row sent)
@@ -68,7 +69,7 @@ def run(config: JobConfig, engines: EarlyEngines | None = None,
     done = outputs.prepare(config.output, {**config.identity(), "fingerprints": fingerprints}, made_by)
     state = resume.resume_state(config, plan, done)
     groups = _by_model(state.pending)
-    runs = _answer(config, plan, schema, groups, engines, on_written, started)
+    runs = _answer(config, plan, schema, groups, engines, on_written, started, affinity)
     tallies = resume.output_tallies(config, state, done)
     _count_resumed(config, state, runs)
     summary = summarize(config, plan.rows, state, tallies, runs, sizing.accelerators(config.engine), started, made_by)
@@ -124,7 +125,8 @@ def _by_model(pending: list[WorkItem]) -> list[list[WorkItem]]:
 
 
 def _answer(config: JobConfig, plan: InputPlan, schema: pa.Schema, groups: list[list[WorkItem]],
-            engines: EarlyEngines | None, on_written: Callable[[str], None] | None, started: float) -> list[EngineRun]:
+            engines: EarlyEngines | None, on_written: Callable[[str], None] | None, started: float,
+            affinity: Callable[[Shard], str] | None = None) -> list[EngineRun]:
     """Each model's pending shards answered on its engine actors, one model after another."""
     if not groups:
         return []
@@ -133,7 +135,7 @@ def _answer(config: JobConfig, plan: InputPlan, schema: pa.Schema, groups: list[
     runs, answered = [], 0
     for group in groups:
         runs.append(_run_items(config.model_copy(update={"model": group[0].variant.model}), plan, group, schema,
-                               engines, on_written, (answered, job_rows, started)))
+                               engines, on_written, (answered, job_rows, started), affinity))
         answered += sum(i.shard.rows for i in group)
     return runs
 
@@ -263,7 +265,8 @@ def pool_engine_job(config: JobConfig, name: str) -> EngineJob:
 
 def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema,
                engines: EarlyEngines | None = None, on_written: Callable[[str], None] | None = None,
-               job_rows: tuple[int, int, float] | None = None) -> EngineRun:
+               job_rows: tuple[int, int, float] | None = None,
+               affinity: Callable[[Shard], str] | None = None) -> EngineRun:
     """Answer one model's pending work items on its engine actors: Ray Data's, or `engines` (started
     before the job) if they serve this model. `job_rows`: (rows the job's earlier models answered, the
     job's rows, its start), for the progress line of a sweep over several models."""
@@ -274,7 +277,7 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     ray.data.DataContext.get_current().enable_progress_bars = show and console.verbose()  # ours is below
     stats = start_stats()
     rows = sum(i.shard.rows for i in items)
-    work = [ShardWork(i.shard, i.variant.name, i.out) for i in items]
+    work = [ShardWork(i.shard, i.variant.name, i.out, affinity(i.shard) if affinity else "") for i in items]
     # each actor gets its shards from Ray Data, not the whole list
     job = _engine_job(config, plan.for_readers(), schema, {i.variant.name: i.variant for i in items}, stats)
     if engines is not None and engines.serve(config):

@@ -38,6 +38,9 @@ class EngineUse(BaseModel):
     startup_s: float = 0.0
     rows: int = Field(0, description="Rows it answered (a row answered again after a death counts again).")
     completion_tokens: int = 0
+    prompt_tokens_computed: int = Field(0, description="Prompt tokens of its rows it computed.")
+    prompt_tokens_cached: int = Field(0, description=(
+        "Prompt tokens of its rows it read from its prefix cache (docs/evaluation.md#a-shared-context-computed-once)."))
     busy_s: float = Field(0.0, description="Time with at least one row in the engine.")
     hardware: dict[str, Any] = Field(default_factory=dict, description=(
         "What it ran on: GPU model and count, or CPU model and cores (pipeline/engine/sizing.py)."))
@@ -81,7 +84,8 @@ class EngineMeter:
 
     @staticmethod
     def _fresh() -> dict[str, Any]:
-        return {"rows": 0, "completion_tokens": 0, "busy_s": 0.0}
+        return {"rows": 0, "completion_tokens": 0, "prompt_tokens_computed": 0, "prompt_tokens_cached": 0,
+                "busy_s": 0.0}
 
     @property
     def engine_id(self) -> str:
@@ -179,10 +183,14 @@ class EngineMeter:
         with self._lock:
             return self._figures["busy_s"] + (time.time() - self._busy_since if self._busy_since is not None else 0.0)
 
-    def answered(self, completion_tokens: int) -> None:
+    def answered(self, completion_tokens: int, prompt_tokens: int = 0, cached_tokens: int = 0) -> None:
+        """A row the engine answered: its completion tokens, and its prompt tokens, of which
+        `cached_tokens` were read from the prefix cache."""
         with self._lock:
             self._figures["rows"] += 1
             self._figures["completion_tokens"] += completion_tokens
+            self._figures["prompt_tokens_computed"] += prompt_tokens - cached_tokens
+            self._figures["prompt_tokens_cached"] += cached_tokens
 
     def shard_started(self, name: str) -> None:
         self._send("shard_started", name)
@@ -306,6 +314,8 @@ def engine_use(engines: dict[str, dict[str, Any]], end: float) -> list[EngineUse
         used.append(EngineUse(engine=name, node=e.get("node", ""), startup_s=round(e.get("startup_s", 0.0), 3),
                               hardware=e.get("hardware", {}),
                               rows=e.get("rows", 0), completion_tokens=e.get("completion_tokens", 0),
+                              prompt_tokens_computed=e.get("prompt_tokens_computed", 0),
+                              prompt_tokens_cached=e.get("prompt_tokens_cached", 0),
                               busy_s=round(busy, 3), alive_s=round(alive, 3),
                               busy_share=round(busy / alive, 4) if alive else 0.0, pool=e.get("pool", "")))
     return used

@@ -105,6 +105,13 @@ class JobSummary(BaseModel):
             **fields,
         )
 
+    def _per_engine_prompt_tokens(self) -> str:
+        """` (<engine>: computed/cached, ...)` for a run with several engines."""
+        if len(self.engines) < 2:
+            return ""
+        return " (" + ", ".join(f"{e.engine}: {e.prompt_tokens_computed}/{e.prompt_tokens_cached}"
+                                for e in self.engines) + ")"
+
     def _engine_lines(self) -> list[str]:
         pools = sorted({e.pool for e in self.engines if e.pool})
         started = [e for e in self.engines if not e.pool]
@@ -141,7 +148,8 @@ class JobSummary(BaseModel):
                f"{self.rows_from_store} from the answer store: no engine work"]
               if self.rows_shared or self.rows_from_store else []),
             *([f"prompt tokens:       {self.prompt_tokens_computed} computed by the engines, "
-               f"{self.prompt_tokens_cached} read from their prefix caches"] if self.prompt_tokens_cached else []),
+               f"{self.prompt_tokens_cached} read from their prefix caches" + self._per_engine_prompt_tokens()]
+              if self.prompt_tokens_cached else []),
             *self._engine_lines(),
             f"wall time:           {self.wall_s:.1f}s",
             f"output tokens/s:     {self.output_tokens_per_s:.0f}",

@@ -89,7 +89,7 @@ def test_requests_are_records_and_a_stopped_evaluation_resumes(harness):
     assert kinds == ["generate_until", "loglikelihood", "loglikelihood_rolling"]
     assert list((folder / "records" / "answers").rglob("part-*.parquet"))  # the evaluation's answer store
     generations = next((folder / "records").glob("generate_until-*"))
-    requests = pq.read_table(generations / "requests.parquet")
+    requests = pq.read_table(generations / "requests")
     records = pq.read_table(generations / "records" / "data")
     assert requests.num_rows == records.num_rows == len(first["samples"]["tiny_qa"])
     assert set(records.column("task").to_pylist()) == {"tiny_qa"}

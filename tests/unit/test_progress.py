@@ -37,11 +37,12 @@ def test_meter_counts_busy_time_only_with_rows_in_the_engine(monkeypatch):
     meter.enter()  # a second row: still one busy stretch
     meter.leave()
     meter.leave()  # t=15: idle
-    meter.answered(7)
+    meter.answered(7, prompt_tokens=300, cached_tokens=256)
     meter.beat()  # t=20
     method, (engine, figures, at) = sent[-1]
     assert (method, engine, at) == ("beat", "a.1-1", 20.0)
-    assert figures == {"rows": 1, "completion_tokens": 7, "busy_s": 5.0}
+    assert figures == {"rows": 1, "completion_tokens": 7, "prompt_tokens_computed": 44, "prompt_tokens_cached": 256,
+                       "busy_s": 5.0}
 
 
 def test_progress_line_shows_rows_rate_and_eta():
