@@ -269,8 +269,8 @@ class EngineActor:
         stored, store_keys = await asyncio.to_thread(answers_from_store, job, keys, bodies, retries)
         answers = await self._answers(on, list(zip(keys, [s if s is not None else b for b, s in zip(bodies, stored)])),
                                       retries)
-        await asyncio.to_thread(store_new_answers, job, store_keys, bodies, stored, answers)
         response, error = result_arrays(answers)
+        await asyncio.to_thread(store_new_answers, job, store_keys, bodies, stored, answers, response)
         records = table.append_column("response", response).append_column("error", error)
         records = job.score(records)  # a scored job's `score` column
         if VARIANT_PARAMS in job.schema.names:

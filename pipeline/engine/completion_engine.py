@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from pipeline.config import EngineConfig
 from pipeline.engine import core_forkserver, cpu_binding, prompt_logprob_reuse, token_text
 from pipeline.engine.engine_args import engine_args
-from pipeline.engine.sizing import executor, parallel
+from pipeline.engine.sizing import executor, parallel, rows_in_flight
 from pipeline.engine.prompt_tokens import Key, PromptTokens
 from pipeline.engine.serving import (batch_request_class, batch_serving_class, naming_param, online_renderer,
                                      param_in_body, validation_error_body)
@@ -143,7 +143,8 @@ class CompletionEngine:
         if cfg.prompt_logprob_reuse and cfg.enable_prefix_caching:  # a shared context computed once
             prompt_logprob_reuse.install()
             serving.prompt_logprob_memory = prompt_logprob_reuse.PromptLogprobMemory(
-                engine.vllm_config.cache_config.block_size)
+                engine.vllm_config.cache_config.block_size,
+                max(prompt_logprob_reuse.MAX_ANSWERS, 4 * rows_in_flight(cfg)))
         settle_for_serving()
         return cls(engine, serving, served_name, sampling_defaults["max_tokens"], time.monotonic() - t0)
 

@@ -30,7 +30,11 @@ import hashlib
 from array import array
 from typing import Any
 
-MAX_ANSWERS = 4096  # an engine's recent answers whose prompt logprobs later prompts may take
+# An engine's recent answers whose prompt logprobs later prompts may take: at least 4 times the rows in
+# flight (engine.rows_in_flight). A document's later choices wait for its first, then queue behind the
+# rows in flight: the first's answer must still be here when theirs come (with 325 answers and 684 rows
+# in flight, most were not, and the choices were computed again whole: 5.9x the prompt tokens).
+MAX_ANSWERS = 4096
 
 
 def _prefix_keys(adapter: str | None, tokens: Any, lengths: range) -> list[bytes]:

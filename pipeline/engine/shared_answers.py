@@ -27,6 +27,8 @@ import json
 import logging
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline.engine.work import EngineJob
 from pipeline.protocol import completion_id
 
@@ -125,17 +127,19 @@ def answers_from_store(job: EngineJob, keys: list[str], bodies: list[Any],
 
 
 def store_new_answers(job: EngineJob, store_keys: list[str | None], bodies: list[Any], stored: list[Any],
-                      answers: list[tuple[dict | None, dict | None]]) -> None:
-    """The engine's new answers to greedy and seeded rows into the answer store, never an error record.
-    Blocking: run it in a thread."""
+                      answers: list[tuple[dict | None, dict | None]], responses: pa.Array) -> None:
+    """The engine's new answers to greedy and seeded rows into the answer store, never an error record;
+    `responses`: the rows' `response` column (records.result_arrays). Blocking: run it in a thread."""
     if job.store is None or job.store.mode != "read_write":
         return
-    entries: dict[str, tuple[str, dict, dict]] = {}
-    for store_key, body, was_stored, (response, error) in zip(store_keys, bodies, stored, answers):
-        if store_key is not None and was_stored is None and response is not None and error is None:
-            entries.setdefault(store_key, (store_key, body, response))
+    rows: dict[str, int] = {}
+    recorded = responses.is_valid().to_pylist()  # a response Arrow could not hold is recorded as an error
+    for row, (store_key, was_stored, (response, error)) in enumerate(zip(store_keys, stored, answers)):
+        if store_key is not None and was_stored is None and response is not None and error is None and recorded[row]:
+            rows.setdefault(store_key, row)
     try:
-        job.store.write(list(entries.values()))
+        job.store.write(list(rows), [bodies[row] for row in rows.values()],
+                        responses.take(pa.array(list(rows.values()), pa.int64())))
     except Exception as exc:  # noqa: BLE001 - the records are written; the store only saves later work
         log.warning("the answer store could not be written (%s: %s); the records are not affected",
                     type(exc).__name__, exc)

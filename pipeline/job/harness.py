@@ -132,8 +132,12 @@ class RecordsByRequest:
     while the engines answer the others (8,048 log-likelihood records took 2-3 s to read after the job
     on the 2-core development machine), and at the end those an earlier run wrote."""
 
-    def __init__(self, output: OutputConfig) -> None:
+    def __init__(self, output: OutputConfig, keep_from: dict[str, int] | None = None) -> None:
+        """`keep_from`: request id -> the first position of its logprobs lists the caller reads (a
+        log-likelihood's context is read by nobody: its records hold it, the harness reads the
+        continuation); the records' lists are cut there before they become Python objects."""
         self._output = output
+        self._keep_from = keep_from
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="records")
         self._shards: dict[str, concurrent.futures.Future] = {}
 
@@ -150,6 +154,8 @@ class RecordsByRequest:
     def _read(self, shard: str) -> dict[str, dict[str, Any]]:
         fs, path = storage.filesystem(outputs.data_path(self._output, shard))
         table = pq.read_table(path, filesystem=fs, columns=[ROW_KEY, "response", "error"])
+        if self._keep_from:
+            table = logprobs_from(table, self._keep_from)
         return {row[ROW_KEY]: row for row in table.to_pylist()}
 
     def all(self) -> dict[str, dict[str, Any]]:
@@ -160,6 +166,37 @@ class RecordsByRequest:
         for read in self._shards.values():
             records.update(read.result())
         return records
+
+
+def logprobs_from(table: pa.Table, keep_from: dict[str, int]) -> pa.Table:
+    """`table`'s records (ROW_KEY, response, ...) with each choice's logprobs lists (text_offset,
+    token_logprobs, tokens, top_logprobs) starting at position `keep_from[row key]` (0 for a row not in
+    it), in Arrow: a 5-shot context's 1,000 positions never become Python objects."""
+    import numpy as np
+
+    response = table.column("response").combine_chunks()
+    rows = table.column(ROW_KEY).to_pylist()
+    choices = response.field("choices")
+    choice = choices.values  # every row's choices, one after another (offsets: choices.offsets)
+    row_of_choice = np.repeat(np.arange(len(rows)), np.diff(choices.offsets.to_numpy()))
+    start = np.array([keep_from.get(key, 0) for key in rows], dtype=np.int64)[row_of_choice]
+    logprobs = choice.field("logprobs")
+    first = logprobs.field("tokens").offsets.to_numpy()  # the four lists have the same lengths
+    begin = np.minimum(first[:-1] + start, first[1:])
+    lengths = first[1:] - begin
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    positions = np.repeat(begin - offsets[:-1], lengths) + np.arange(offsets[-1])
+    lists = [pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), logprobs.field(name).values.take(positions),
+                                      mask=logprobs.field(name).is_null())
+             for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs")]
+    logprobs = pa.StructArray.from_arrays(lists, fields=list(logprobs.type), mask=logprobs.is_null())
+    choice = pa.StructArray.from_arrays([logprobs if f.name == "logprobs" else choice.field(f.name)
+                                         for f in choice.type], fields=list(choice.type), mask=choice.is_null())
+    choices = pa.ListArray.from_arrays(choices.offsets, choice, mask=choices.is_null())
+    response = pa.StructArray.from_arrays([choices if f.name == "choices" else response.field(f.name)
+                                           for f in response.type], fields=list(response.type),
+                                          mask=response.is_null())
+    return table.set_column(table.schema.get_field_index("response"), "response", response)
 
 
 def request_owner(request: Any) -> tuple[str, int, str]:

@@ -91,10 +91,13 @@ class PipelineLM(LocalCompletionsAPI):
                   for tokens in inputs]
         kind = "loglikelihood" if cache_keys and cache_keys[0] is not None else "loglikelihood_rolling"
         owners, self._owners = self._owners, []
+        # the harness reads the positions from ctxlen on (parse_logprobs: [ctxlen:-1]); the records are
+        # read from the position before, so parse_logprobs sees the same values at ctxlen 1
+        skip = [max(ctxlen - 1, 0) for ctxlen in ctxlens]
+        answers = self._answers(kind, bodies, owners, {owner[2]: n for owner, n in zip(owners, skip)})
         results = []
-        for answer, tokens, ctxlen, cache_key in zip(self._answers(kind, bodies, owners), inputs, ctxlens,
-                                                     cache_keys):
-            result = self.parse_logprobs(outputs=[answer], tokens=[tokens], ctxlens=[ctxlen])[0]
+        for answer, tokens, ctxlen, cache_key, skipped in zip(answers, inputs, ctxlens, cache_keys, skip):
+            result = self.parse_logprobs(outputs=[answer], tokens=[tokens], ctxlens=[ctxlen - skipped])[0]
             if cache_key is not None:
                 self.cache_hook.add_partial("loglikelihood", cache_key, result)
             results.append(result)
@@ -123,10 +126,11 @@ class PipelineLM(LocalCompletionsAPI):
 
     # -- answering: one pipeline job per call ----------------------------------------------------
 
-    def _answers(self, kind: str, bodies: list[dict[str, Any]],
-                 owners: list[tuple[str, int, str]]) -> list[dict[str, Any]]:
+    def _answers(self, kind: str, bodies: list[dict[str, Any]], owners: list[tuple[str, int, str]],
+                 keep_from: dict[str, int] | None = None) -> list[dict[str, Any]]:
         """The response body of each request (the (task, doc_id, id) of each in `owners`), answered
-        by a pipeline job over all of them."""
+        by a pipeline job over all of them; `keep_from`: by id, the first position of its logprobs
+        lists the caller reads (harness.RecordsByRequest)."""
         assert len(owners) == len(bodies), "one owner per request"
         if not bodies:
             return []
@@ -142,9 +146,10 @@ class PipelineLM(LocalCompletionsAPI):
         table = pa.table({name: [column[i] for i in order] for name, column in rows.items()}, schema=REQUESTS)
         documents = list(zip(table.column("task").to_pylist(), table.column("doc_id").to_pylist()))
         affinities = [request_groups.prefix_affinity(bodies[i]["prompt"]) for i in order]
-        target = sizing.shard_rows(len(order), self._job.engine.actor_range()[1])
+        # shards of at most an engine step's rows: while an engine answers one, the shard before is written
+        target = min(sizing.shard_rows(len(order), self._job.engine.actor_range()[1]), self._job.engine.max_num_seqs)
         files = request_groups.cut(documents, affinities, target)
-        folder, records = self._run(kind, table, files)
+        folder, records = self._run(kind, table, files, keep_from)
         missing = [key for key in unique if key not in records]
         failed = [key for key in unique if key in records and records[key]["error"] is not None]
         if missing or failed:
@@ -162,8 +167,8 @@ class PipelineLM(LocalCompletionsAPI):
                 digest.update(value.encode() + b"\0")
         return storage.join(self._records, f"{kind}-{digest.hexdigest()[:16]}")
 
-    def _run(self, kind: str, table: pa.Table,
-             files: list[tuple[int, int, str]]) -> tuple[str, dict[str, dict[str, Any]]]:
+    def _run(self, kind: str, table: pa.Table, files: list[tuple[int, int, str]],
+             keep_from: dict[str, int] | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
         """The folder of the job answering `table`'s requests, written as `files` (request_groups.cut:
         one shard each), and its records by request id."""
         folder = self._folder(kind, table)
@@ -183,7 +188,7 @@ class PipelineLM(LocalCompletionsAPI):
                 "rows_per_file": max(stop - start for start, stop, _ in files)}),
         })
         log.info("%s: %d requests -> %s", kind, table.num_rows, storage.redact(out))
-        with RecordsByRequest(job.output) as records:
+        with RecordsByRequest(job.output, keep_from) as records:
             summary = run(job, engines=started_engines(), on_written=records.written,
                           affinity=lambda shard: request_groups.affinity_of(shard.file))
             print(f"{kind}: {summary.rows_out} records in {storage.redact(out)} ({summary.rows_run} answered "

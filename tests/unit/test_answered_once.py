@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.engine.shared_answers import SharedAnswers, copied, share_key
 from pipeline.io.answer_store import AnswerStore
+from pipeline.io.records import result_arrays
 
 GREEDY = {"model": "tiny-llama", "prompt": "Once", "temperature": 0}
 
@@ -46,13 +47,30 @@ def test_a_copy_is_the_leaders_answer_with_its_own_id():
     assert answer[0]["choices"][0]["text"] == "x"  # not shared: a copy
 
 
+def answer(text: str) -> dict:
+    """A response body as the engine gives it (the fields the records keep)."""
+    return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m", "system_fingerprint": None,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+
+
+def store_answers(store: AnswerStore, bodies: list[dict], texts: list[str]) -> None:
+    """Write (store.key(body), body, answer(text)) entries, as store_new_answers does: the records' array."""
+    responses, _ = result_arrays([(answer(t), None) for t in texts])
+    store.write([store.key(b) for b in bodies], bodies, responses)
+
+
+def text(response: dict) -> str:
+    return response["choices"][0]["text"]
+
+
 def test_the_store_keys_the_context_too(tmp_path):
     one, other = AnswerStore(str(tmp_path), '{"model": 1}'), AnswerStore(str(tmp_path), '{"model": 2}')
     assert one.key(GREEDY) != other.key(GREEDY) and one.folder != other.folder
-    one.write([(one.key(GREEDY), GREEDY, {"choices": [{"text": "x"}]})])
-    assert one.lookup({one.key(GREEDY)}) == {one.key(GREEDY): {"choices": [{"text": "x"}]}}
+    store_answers(one, [GREEDY], ["x"])
+    assert one.lookup({one.key(GREEDY)}) == {one.key(GREEDY): answer("x")}  # the body, field for field
     assert other.lookup({other.key(GREEDY)}) == {}
-    AnswerStore(str(tmp_path), '{"model": 1}', mode="read").write([("k", GREEDY, {})])  # read-only: nothing
+    store_answers(AnswerStore(str(tmp_path), '{"model": 1}', mode="read"), [GREEDY], ["y"])  # read-only: nothing
     assert len(list(tmp_path.rglob("part-*.parquet"))) == 1
 
 
@@ -62,7 +80,7 @@ def test_writers_at_once_leave_a_readable_store(tmp_path):
 
     def write(part):
         for body in part:
-            store.write([(store.key(body), body, {"text": body["prompt"]})])
+            store_answers(store, [body], [body["prompt"]])
 
     threads = [threading.Thread(target=write, args=(bodies[i::4],)) for i in range(4)]
     for t in threads:
@@ -70,15 +88,15 @@ def test_writers_at_once_leave_a_readable_store(tmp_path):
     for t in threads:
         t.join()
     found = AnswerStore(str(tmp_path), "{}").lookup({store.key(b) for b in bodies})
-    assert sorted(r["text"] for r in found.values()) == sorted(b["prompt"] for b in bodies)
+    assert sorted(text(r) for r in found.values()) == sorted(b["prompt"] for b in bodies)
 
 
 @pytest.mark.parametrize("damage", [b"", b"PAR1 not really"])
 def test_a_damaged_file_is_skipped(tmp_path, damage):
     store = AnswerStore(str(tmp_path), '{"d": 1}')
-    store.write([(store.key(GREEDY), GREEDY, {"text": "kept"})])
+    store_answers(store, [GREEDY], ["kept"])
     (tmp_path / store.folder.rsplit("/", 1)[1] / "part-broken.parquet").write_bytes(damage)
-    assert store.lookup({store.key(GREEDY)}) == {store.key(GREEDY): {"text": "kept"}}
+    assert store.lookup({store.key(GREEDY)}) == {store.key(GREEDY): answer("kept")}
 
 
 def test_lookups_at_once_each_find_every_stored_answer(tmp_path):
@@ -90,7 +108,7 @@ def test_lookups_at_once_each_find_every_stored_answer(tmp_path):
     store = AnswerStore(str(tmp_path), "{}")
     bodies = [{**GREEDY, "prompt": f"p{i}"} for i in range(200)]
     for part in range(20):
-        store.write([(store.key(b), b, {"text": b["prompt"]}) for b in bodies[part::20]])
+        store_answers(store, bodies[part::20], [b["prompt"] for b in bodies[part::20]])
     for _ in range(5):  # a fresh process's index each time
         answer_store._INDEXES.pop(store.folder, None)
         keys = {store.key(b) for b in bodies}
@@ -116,3 +134,20 @@ def test_a_repeat_of_a_request_given_up_on_is_counted_failed_like_it():
 
     counts = asyncio.run(main())
     assert (counts.shared, counts.retried, counts.failed) == (2, 1, 1)
+
+
+def test_a_store_written_before_as_json_is_still_read(tmp_path):
+    """Stores written before 2026-12-05 hold each response as a JSON string."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = AnswerStore(str(tmp_path), "{}")
+    folder = tmp_path / store.folder.rsplit("/", 1)[1]
+    folder.mkdir()
+    pq.write_table(pa.table({"key": [store.key(GREEDY)], "response": [json.dumps(answer("old"))],
+                             "body": [json.dumps(GREEDY)], "stored_at": [1.0]}), folder / "part-old.parquet")
+    store_answers(store, [{**GREEDY, "prompt": "new"}], ["new"])
+    found = store.lookup({store.key(GREEDY), store.key({**GREEDY, "prompt": "new"})})
+    assert sorted(text(r) for r in found.values()) == ["new", "old"]

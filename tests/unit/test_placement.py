@@ -63,3 +63,42 @@ def test_a_file_name_carries_its_affinity():
     assert request_groups.prefix_affinity("a" * 600) == request_groups.prefix_affinity("a" * 512 + "b")
     assert request_groups.affinity_of("/in/part-0.parquet") == "0"  # not the harness's: a stable key all the same
     assert request_groups.affinity_of("/in/data.parquet") == ""
+
+
+def test_records_read_from_a_position_hold_the_same_values_from_there():
+    """harness.logprobs_from: what the harness reads of a log-likelihood record, cut in Arrow."""
+    import pyarrow as pa
+
+    from pipeline.io.plan import ROW_KEY
+    from pipeline.io.records import response_body, result_arrays
+    from pipeline.job.harness import logprobs_from
+
+    def response(positions: int, n: int = 1, logprobs: bool = True) -> dict:
+        lists = {"text_offset": list(range(positions)), "token_logprobs": [None] + [-0.5 * p for p in range(1, positions)],
+                 "tokens": [f"t{p}" for p in range(positions)],
+                 "top_logprobs": [None] + [{f"t{p}": -0.5 * p, "x": -9.0} for p in range(1, positions)]}
+        return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m", "system_fingerprint": None,
+                "choices": [{"index": i, "text": "t", "logprobs": lists if logprobs else None, "finish_reason": "length",
+                             "stop_reason": None} for i in range(n)],
+                "usage": {"prompt_tokens": positions, "completion_tokens": 1, "total_tokens": positions + 1}}
+
+    answers = [(response(9), None), (response(5, n=2), None), (None, {"message": "no", "type": "BadRequestError",
+                                                                       "param": None, "code": 400}),
+               (response(4, logprobs=False), None), (response(3), None)]
+    responses, errors = result_arrays(answers)
+    keys = ["a", "b", "c", "d", "e"]
+    table = pa.table({ROW_KEY: keys, "response": responses, "error": errors})
+    keep = {"a": 6, "b": 2, "c": 3, "d": 1, "e": 10}  # e: past its end, so nothing is kept
+    cut = {row[ROW_KEY]: row for row in logprobs_from(table, keep).to_pylist()}
+    for key, (whole, error) in zip(keys, answers):
+        if whole is None:
+            assert cut[key]["response"] is None and cut[key]["error"] == error
+            continue
+        body = response_body(cut[key]["response"])
+        assert body["usage"] == whole["usage"] and len(body["choices"]) == len(whole["choices"])
+        for mine, theirs in zip(body["choices"], whole["choices"]):
+            if theirs["logprobs"] is None:
+                assert mine["logprobs"] is None
+                continue
+            for name, values in theirs["logprobs"].items():
+                assert mine["logprobs"][name] == values[keep[key]:], (key, name)
