@@ -1,7 +1,8 @@
-"""lm-evaluation-harness tasks end to end, three ways, on one CPU engine with the same model and settings.
+"""lm-evaluation-harness tasks end to end, several ways, on one CPU engine with the same model and settings.
 
-    .venv/bin/python bench/harness_speed.py                          # all tasks, contenders a, b, c, 3 rounds
+    .venv/bin/python bench/harness_speed.py                          # all tasks, contenders a, b, c, d, 3 rounds
     .venv/bin/python bench/harness_speed.py --tasks tiny_choice --contenders a c --rounds 5
+    .venv/bin/python bench/harness_speed.py --tasks tiny_mmlu --contenders a c d   # a shared context computed once
 
   a  the harness's own vLLM backend, `lm_eval --model vllm`: one process, one engine (`simple_evaluate`
      with model "vllm" and the same engine arguments as c's engine).
@@ -12,9 +13,18 @@
      harness's index of its built-in tasks between evaluations (pipeline/job/task_index.py); the
      benchmark builds that index once before the rounds, as a first evaluation on the machine would.
 
+  d  c with `engine.prompt_logprob_reuse: false`: every log-likelihood prompt computed whole, as vLLM
+     does (docs/evaluation.md#a-shared-context-computed-once): a/d against a/c is what the reuse buys.
+
 The tasks are data/make_harness_tasks.py's, grown: tiny_choice (multiple choice: `--choice-docs`,
 default 2,000 documents, about 7,000 log-likelihood requests, 2-shot), tiny_qa (generation:
-`--qa-docs`, default 400, 2-shot, greedy), tiny_text (perplexity: `--text-docs`, default 200 passages).
+`--qa-docs`, default 400, 2-shot, greedy), tiny_text (perplexity: `--text-docs`, default 200 passages),
+and the MMLU-shaped ones (`--mmlu-docs`, default 2,000 each): tiny_mmlu (5-shot, MMLU's `first_n`
+examples, lettered options, one-token answers), tiny_options (the options' texts as the answers,
+0-shot) and tiny_options_5shot. For c and d it also reports the prompt tokens per document: all of
+them (what lm-eval's vLLM backend computes: vLLM reads no prefix cache for a request with prompt
+logprobs), those the engine computed and read from its cache (the jobs' summaries), and the distinct
+ones (the requests' prompts as a tree of token prefixes, each prefix once).
 Each contender runs each task in its own process; the rounds take turns (a, b, c, then again), and the
 table gives each contender's median wall time per task (process start to exit, so imports, engine
 start-up and Ray count) and the speed-ups a/c and b/c (above 1: c is faster). It also says whether
