@@ -161,7 +161,9 @@ class PipelineLM(LocalCompletionsAPI):
         return [response_body(records[key]["response"]) for key in rows["id"]]
 
     def _folder(self, kind: str, table: pa.Table) -> str:
-        digest = hashlib.sha256()
+        # the layout too: a job of request files (request_groups.py) is not resumed in a folder an earlier
+        # version wrote (one requests.parquet, other shards), whose answers its answer store still holds
+        digest = hashlib.sha256(b"request files\0")
         for column in ("id", "body"):
             for value in table.column(column).to_pylist():
                 digest.update(value.encode() + b"\0")
