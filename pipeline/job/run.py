@@ -69,7 +69,7 @@ def run(config: JobConfig, engines: EarlyEngines | None = None,
     done = outputs.prepare(config.output, {**config.identity(), "fingerprints": fingerprints}, made_by)
     state = resume.resume_state(config, plan, done)
     groups = _by_model(state.pending)
-    runs = _answer(config, plan, schema, groups, engines, on_written, started, affinity)
+    runs = _answer(config, plan, schema, groups, engines, on_written, started, affinity, fingerprints)
     tallies = resume.output_tallies(config, state, done)
     _count_resumed(config, state, runs)
     summary = summarize(config, plan.rows, state, tallies, runs, sizing.accelerators(config.engine), started, made_by)
@@ -126,7 +126,8 @@ def _by_model(pending: list[WorkItem]) -> list[list[WorkItem]]:
 
 def _answer(config: JobConfig, plan: InputPlan, schema: pa.Schema, groups: list[list[WorkItem]],
             engines: EarlyEngines | None, on_written: Callable[[str], None] | None, started: float,
-            affinity: Callable[[Shard], str] | None = None) -> list[EngineRun]:
+            affinity: Callable[[Shard], str] | None = None,
+            fingerprints: dict[str, Any] | None = None) -> list[EngineRun]:
     """Each model's pending shards answered on its engine actors, one model after another."""
     if not groups:
         return []
@@ -135,7 +136,7 @@ def _answer(config: JobConfig, plan: InputPlan, schema: pa.Schema, groups: list[
     runs, answered = [], 0
     for group in groups:
         runs.append(_run_items(config.model_copy(update={"model": group[0].variant.model}), plan, group, schema,
-                               engines, on_written, (answered, job_rows, started), affinity))
+                               engines, on_written, (answered, job_rows, started), affinity, fingerprints))
         answered += sum(i.shard.rows for i in group)
     return runs
 
@@ -219,22 +220,25 @@ def _record_schema(config: JobConfig, plan: InputPlan) -> pa.Schema:
 
 
 def _engine_job(config: JobConfig, plan: InputPlan | None, schema: pa.Schema | None,
-                variants: dict[str, Variant], stats: Any) -> EngineJob:
-    """What the engine actors of a job are handed (`stats`: the job's stats actor, or None)."""
+                variants: dict[str, Variant], stats: Any, fingerprints: dict[str, Any] | None = None) -> EngineJob:
+    """What the engine actors of a job are handed (`stats`: the job's stats actor, or None;
+    `fingerprints`: the job's, provenance.fingerprints, when run() has them already)."""
     return EngineJob(config=config, plan=plan, builder=request_builder(config, plan.format if plan else "parquet"),
                      schema=schema, variants=variants,
                      score=functools.partial(record_scores.with_scores, config.scoring),
                      meter=functools.partial(EngineMeter, stats, labels=_metric_labels(config)),
-                     store=_answer_store(config) if plan is not None else None)
+                     store=_answer_store(config, fingerprints) if plan is not None else None)
 
 
-def _answer_store(config: JobConfig) -> AnswerStore | None:
-    """The job's answer store for its model (config.model), or None when it is off."""
+def _answer_store(config: JobConfig, fingerprints: dict[str, Any] | None = None) -> AnswerStore | None:
+    """The job's answer store for its model (config.model), or None when it is off. `fingerprints`:
+    the job's (by served name, run() computed them), else this model's are computed here."""
     store = config.answer_store
     if store.mode == "off":
         return None
-    shared, models, other = provenance.store_context(
-        config, provenance.fingerprints(config.model_copy(update={"sweep": None})))
+    if fingerprints is None or config.model.resolved_served_name() not in fingerprints:
+        fingerprints = provenance.fingerprints(config.model_copy(update={"sweep": None}))
+    shared, models, other = provenance.store_context(config, fingerprints)
     return AnswerStore(store.path or storage.join(config.output.path, "answers"), shared, store.mode, models, other)
 
 
@@ -266,7 +270,8 @@ def pool_engine_job(config: JobConfig, name: str) -> EngineJob:
 def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema: pa.Schema,
                engines: EarlyEngines | None = None, on_written: Callable[[str], None] | None = None,
                job_rows: tuple[int, int, float] | None = None,
-               affinity: Callable[[Shard], str] | None = None) -> EngineRun:
+               affinity: Callable[[Shard], str] | None = None,
+               fingerprints: dict[str, Any] | None = None) -> EngineRun:
     """Answer one model's pending work items on its engine actors: Ray Data's, or `engines` (started
     before the job) if they serve this model. `job_rows`: (rows the job's earlier models answered, the
     job's rows, its start), for the progress line of a sweep over several models."""
@@ -279,7 +284,8 @@ def _run_items(config: JobConfig, plan: InputPlan, items: list[WorkItem], schema
     rows = sum(i.shard.rows for i in items)
     work = [ShardWork(i.shard, i.variant.name, i.out, affinity(i.shard) if affinity else "") for i in items]
     # each actor gets its shards from Ray Data, not the whole list
-    job = _engine_job(config, plan.for_readers(), schema, {i.variant.name: i.variant for i in items}, stats)
+    job = _engine_job(config, plan.for_readers(), schema, {i.variant.name: i.variant for i in items}, stats,
+                      fingerprints)
     if engines is not None and engines.serve(config):
         batches = engines.answer(work, job, sizing.shards_at_once(config.engine, rows / len(items)))
     else:
